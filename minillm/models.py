@@ -1,0 +1,48 @@
+"""Architecture registry: name -> model module, and building a full config from defaults + overrides.
+
+A model module offers DEFAULTS (its own config keys), init(config, rng), forward(params, idx, config),
+backward(dlogits, cache), init_state(params, config, batch), step(params, tokens, state) and optionally
+aux_loss(cache) and stats(cache).
+"""
+
+import importlib
+
+ARCHITECTURES = {
+    "gpt": "minillm.gpt",
+    "moe": "minillm.moe",
+    "mamba": "minillm.mamba",
+    "rwkv": "minillm.rwkv",
+}
+
+# Keys every architecture shares; each module's DEFAULTS adds its own.
+BASE_DEFAULTS = {
+    "vocab_size": 2048,
+    "context": 64,
+    "n_layer": 4,
+    "n_head": 4,
+    "d_model": 128,
+    "dtype": "float32",
+    "ternary": False,
+}
+
+
+def get_model(arch):
+    """The module implementing architecture `arch` ('gpt', 'moe', 'mamba', 'rwkv')."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return importlib.import_module(ARCHITECTURES[arch])
+
+
+def build_config(arch, **overrides):
+    """Defaults of `arch` updated by the overrides that are not None -> a JSON-able config dict."""
+    module = get_model(arch)
+    config = {"arch": arch, **BASE_DEFAULTS, **getattr(module, "DEFAULTS", {})}
+    for key, value in overrides.items():
+        if value is not None:
+            config[key] = value
+    if config["d_model"] % config["n_head"]:
+        raise ValueError(f"--d-model {config['d_model']} is not divisible by --heads {config['n_head']}")
+    for key in ("vocab_size", "context", "n_layer", "n_head", "d_model"):
+        if int(config[key]) < 1:
+            raise ValueError(f"{key} must be positive, got {config[key]}")
+    return config
