@@ -18,7 +18,129 @@ def cli():
 
 
 # --- tokenizer commands ---
+@cli.group("tokenizer")
+def tokenizer_group():
+    """Train a byte-level BPE tokenizer; encode and decode with one."""
+
+
+def _text_arg(text):
+    """TEXT itself, or standard input when TEXT is '-' or missing."""
+    return click.get_text_stream("stdin").read() if text in (None, "-") else text
+
+
+@tokenizer_group.command("train")
+@click.argument("file", type=click.Path())
+@click.option("--vocab-size", type=int, required=True, help="Vocabulary size, special tokens included.")
+@click.option("--out", required=True, type=click.Path(), help="Where to write the tokenizer JSON.")
+@click.option("--min-frequency", type=int, default=2, show_default=True,
+              help="Stop merging when the best pair occurs fewer times.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def tokenizer_train(file, vocab_size, out, min_frequency, quiet):
+    """Learn BPE merges from the UTF-8 text FILE and write the tokenizer to --out."""
+    from minillm.tokenizer import Tokenizer, read_text_file
+
+    text = read_text_file(file)
+    tok = Tokenizer.train(text, vocab_size, progress=not quiet, min_frequency=min_frequency)
+    tok.save(out)
+    note = "" if tok.vocab_size == vocab_size else " (the text has no more frequent pairs)"
+    click.echo(f"wrote {out}: {tok.vocab_size} tokens{note}", err=True)
+
+
+@tokenizer_group.command("encode")
+@click.option("--tokenizer", "path", required=True, type=click.Path(), help="Tokenizer JSON file.")
+@click.option("--allow-special", is_flag=True, help="Read special-token text such as <|endoftext|> "
+              "as the special token (default: as plain text).")
+@click.argument("text", required=False)
+def tokenizer_encode(path, allow_special, text):
+    """Print the token ids of TEXT (or of standard input with '-' or no TEXT), space-separated."""
+    from minillm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(path)
+    ids = tok.encode(_text_arg(text), allowed_special="all" if allow_special else ())
+    click.echo(" ".join(map(str, ids)))
+
+
+@tokenizer_group.command("decode")
+@click.option("--tokenizer", "path", required=True, type=click.Path(), help="Tokenizer JSON file.")
+@click.argument("ids", nargs=-1)
+def tokenizer_decode(path, ids):
+    """Print the text of the token IDS (or of the ids read from standard input with '-' or none)."""
+    from minillm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(path)
+    words = _text_arg(None).split() if ids in ((), ("-",)) else ids
+    try:
+        values = [int(w) for w in words]
+    except ValueError:
+        bad = next(w for w in words if not w.lstrip("-").isdigit())
+        raise UserError(f"not a token id: {bad!r}") from None
+    click.echo(tok.decode(values), nl=False)
 # --- end tokenizer commands ---
+
+# --- train and sample ---
+ARCH_CHOICES = click.Choice(["gpt", "moe", "mamba", "rwkv"])
+
+
+@cli.command()
+@click.argument("file", type=click.Path())
+@click.option("--arch", type=ARCH_CHOICES, default="gpt", show_default=True, help="Model architecture.")
+@click.option("--steps", type=click.IntRange(1), default=1500, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--context", type=click.IntRange(1), default=None, help="Sequence length [64].")
+@click.option("--layers", "n_layer", type=click.IntRange(1), default=None, help="Number of blocks [4].")
+@click.option("--heads", "n_head", type=click.IntRange(1), default=None, help="Attention heads [4].")
+@click.option("--d-model", type=click.IntRange(1), default=None, help="Model width [128].")
+@click.option("--vocab-size", type=click.IntRange(1), default=None, help="BPE vocabulary incl. specials [2048].")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(), default=None,
+              help="Reuse this tokenizer.json instead of training one on FILE.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, show_default=True, help="Peak learning rate.")
+@click.option("--warmup", type=click.IntRange(0), default=100, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(0), default=0.1, show_default=True)
+@click.option("--grad-clip", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=1337, show_default=True)
+@click.option("--eval-every", type=click.IntRange(1), default=250, show_default=True)
+@click.option("--out", default="out", show_default=True, help="Checkpoint directory.")
+@click.option("--resume", is_flag=True, help="Continue the run saved in --out.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None, help="[float32]")
+@click.option("--ternary", is_flag=True, default=None, help="BitNet b1.58 ternary weights in every block linear.")
+@click.option("--experts", "n_experts", type=click.IntRange(1), default=None, help="moe: experts per layer [8].")
+@click.option("--top-k", "top_k", type=click.IntRange(1), default=None, help="moe: experts per token [2].")
+@click.option("--aux-loss-coef", type=click.FloatRange(0), default=None, help="moe: load-balancing loss weight.")
+@click.option("--d-state", type=click.IntRange(1), default=None, help="mamba: SSM state size [16].")
+@click.option("--d-conv", type=click.IntRange(1), default=None, help="mamba: conv kernel width [4].")
+@click.option("--expand", type=click.IntRange(1), default=None, help="mamba: inner width factor [2].")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(file, steps, batch_size, tokenizer_path, lr, warmup, weight_decay, grad_clip, seed, eval_every,
+          out, resume, quiet, **config):
+    """Train a language model on FILE (one document per line), writing a checkpoint to --out."""
+    from minillm.train import TrainOptions, train as run
+
+    opts = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, warmup=min(warmup, steps),
+                        weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, eval_every=eval_every,
+                        out=out, resume=resume, progress=not quiet)
+    if config["arch"] != "moe" and any(config[k] is not None for k in ("n_experts", "top_k", "aux_loss_coef")):
+        raise UserError("--experts/--top-k/--aux-loss-coef only apply to --arch moe")
+    if config["arch"] != "mamba" and any(config[k] is not None for k in ("d_state", "d_conv", "expand")):
+        raise UserError("--d-state/--d-conv/--expand only apply to --arch mamba")
+    run(file, opts, config, tokenizer_path=tokenizer_path, log=lambda m: click.echo(m, err=True))
+
+
+@cli.command()
+@click.option("--checkpoint", default="out", show_default=True, help="Checkpoint directory.")
+@click.option("-n", "num", type=click.IntRange(1), default=10, show_default=True, help="How many samples.")
+@click.option("--prompt", default="", help="Text every sample starts with.")
+@click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=0.8, show_default=True)
+@click.option("--top-k", type=click.IntRange(1), default=None)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+def sample(checkpoint, num, prompt, max_tokens, temperature, top_k, top_p, seed):
+    """Print -n samples from a trained checkpoint, one per line."""
+    from minillm.generate import sample_lines
+
+    for line in sample_lines(checkpoint, num, prompt, max_tokens, temperature, top_k, top_p, seed):
+        click.echo(line)
+# --- end train and sample ---
 
 
 def main(argv=None):

@@ -92,4 +92,5 @@ def sample_lines(checkpoint_dir, num, prompt="", max_tokens=64, temperature=0.8,
     rng = np.random.default_rng(seed)
     new = generate(model, ckpt.params, ckpt.config, [start] * num, max_tokens, rng, tokenizer.eot_id,
                    temperature, top_k, top_p)
-    return [prompt + tokenizer.decode(ids) for ids in new]
+    # One sample per line: a line break inside a sample (possible from an undertrained model) becomes a space.
+    return [" ".join((prompt + tokenizer.decode(ids)).splitlines()) for ids in new]

@@ -1,0 +1,184 @@
+"""The training loop: data, model, AdamW, progress bar, evaluation, checkpoints and resuming.
+
+`train(text_path, options, config_overrides)` is what `minillm train` runs; `fit(...)` is the loop itself,
+shared with LoRA fine-tuning (which passes the set of trainable names).
+"""
+
+import dataclasses
+import lzma
+import math
+import os
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from minillm import checkpoint, data, models, ops, optim
+from minillm.tokenizer import Tokenizer, read_text_file
+from minillm.tree import flatten
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    eval_batches: int = 8
+    val_fraction: float = 0.05
+    seed: int = 1337
+    out: str = "out"
+    resume: bool = False
+    progress: bool = True
+
+
+def evaluate(model, params, config, batches):
+    """Mean cross-entropy (nats/token) over the given (x, y) batches, weighted by token count."""
+    total, count = 0.0, 0
+    for x, y in batches:
+        logits, _ = model.forward(params, x, config)
+        loss, _ = ops.cross_entropy_forward(logits, y)
+        total += loss * y.size
+        count += y.size
+    return total / count
+
+
+def bits_per_byte(nats_per_token, n_tokens, n_bytes):
+    """Convert a per-token loss to bits per byte of the text those tokens encode."""
+    return nats_per_token * n_tokens / (n_bytes * math.log(2))
+
+
+def val_text_bytes(ids, tokenizer):
+    """The text `ids` encode, with each <|endoftext|> counted as the one newline it stands for."""
+    ids = np.asarray(ids)
+    cuts = np.flatnonzero(ids == tokenizer.eot_id)
+    pieces = np.split(ids, cuts)
+    return b"\n".join(tokenizer.decode_bytes([int(t) for t in p if t != tokenizer.eot_id]) for p in pieces)
+
+
+def xz_bits_per_byte(text_bytes):
+    """Size of `xz -9` output (LZMA2 preset 9, .xz container) in bits per input byte."""
+    return 8 * len(lzma.compress(text_bytes, preset=9)) / len(text_bytes)
+
+
+def fit(model, params, config, train_ids, val_ids, opts, log=print,
+        trainable=None, opt_state=None, start_step=0, rng_state=None, save=None):
+    """Train `params` in place for steps start_step..opts.steps-1; -> final validation loss (nats/token).
+
+    save(params, opt_state, trainer_state) writes a checkpoint; it runs at every evaluation and at the end.
+    """
+    rng = np.random.default_rng(opts.seed) if rng_state is None else checkpoint.rng_from_state(rng_state)
+    flat = flatten(params)
+    mask = optim.decay_mask(flat)
+    if opt_state is None:
+        opt_state = optim.adamw_init(params, trainable)
+    val_batches = data.eval_batches(val_ids, opts.batch_size, config["context"], opts.eval_batches)
+    tokens_per_step = opts.batch_size * config["context"]
+    val_loss = None
+
+    def checkpoint_now(step):
+        nonlocal val_loss
+        val_loss = evaluate(model, params, config, val_batches)
+        log(f"step {step}: val loss {val_loss:.4f}")
+        if save is not None:
+            save(params, opt_state, {"step": step, "rng_state": checkpoint.rng_state(rng),
+                                     "val_loss": val_loss})
+
+    bar = tqdm(range(start_step, opts.steps), initial=start_step, total=opts.steps, desc="train",
+               unit="step", disable=not opts.progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    for step in bar:
+        x, y = data.get_batch(train_ids, opts.batch_size, config["context"], rng)
+        logits, cache = model.forward(params, x, config)
+        loss, loss_cache = ops.cross_entropy_forward(logits, y)
+        aux = model.aux_loss(cache) if hasattr(model, "aux_loss") else 0.0
+        if not math.isfinite(loss + aux):
+            raise ValueError(f"the loss became {loss + aux} at step {step}; stopped without saving "
+                             f"(the last good checkpoint in {opts.out!r} is kept); try a lower --lr")
+        grads = model.backward(ops.cross_entropy_backward(1.0, loss_cache), cache)
+        optim.clip_grad_norm(grads, opts.grad_clip)
+        lr = optim.lr_at(step, opts.lr, opts.warmup, opts.steps, opts.min_lr_ratio)
+        optim.adamw_step(params, grads, opt_state, lr, weight_decay=opts.weight_decay, mask=mask,
+                         trainable=trainable)
+        done = step + 1 - start_step
+        postfix = {"loss": f"{loss:.3f}", "tok/s": f"{done * tokens_per_step / (time.perf_counter() - started):.0f}"}
+        if aux:
+            postfix["aux"] = f"{aux:.3f}"
+        if hasattr(model, "stats"):
+            postfix.update({k: " ".join(str(int(c)) for c in np.ravel(v)) for k, v in model.stats(cache).items()})
+        bar.set_postfix(postfix, refresh=False)
+        if (step + 1) % opts.eval_every == 0 and step + 1 < opts.steps:
+            bar.clear()
+            checkpoint_now(step + 1)
+    bar.close()
+    checkpoint_now(opts.steps)
+    return val_loss
+
+
+def _prepare_tokens(text, tokenizer, opts, context):
+    ids = data.load_tokens(text, tokenizer, cache_dir=os.path.join(opts.out, "cache"), progress=opts.progress)
+    train_ids, val_ids = data.split(ids, opts.val_fraction)
+    data.check_enough(train_ids, context, "training")
+    data.check_enough(val_ids, context, "validation")
+    return train_ids, val_ids
+
+
+def _check_resume_config(saved, requested):
+    for key, value in requested.items():
+        if value is not None and key in saved and saved[key] != value:
+            raise ValueError(f"--resume: the checkpoint has {key}={saved[key]!r} but {value!r} was asked for; "
+                             "drop the flag or start a new --out")
+
+
+def train(text_path, opts, config_overrides, tokenizer_path=None, log=print):
+    """Train a model on the text file at `text_path`; writes a checkpoint to opts.out. -> summary dict."""
+    arch = config_overrides.pop("arch", None) or "gpt"
+    text = read_text_file(text_path)  # validates early: missing, empty, binary, non-UTF-8
+    trainer_state, opt_state, params = {}, None, None
+    if opts.resume:
+        ckpt = checkpoint.load_checkpoint(opts.out, arch=arch)
+        _check_resume_config(ckpt.config, config_overrides)
+        config = ckpt.config
+        expected = checkpoint.expected_from(models.get_model(arch).init(config, np.random.default_rng(0)))
+        ckpt = checkpoint.load_checkpoint(opts.out, expected=expected, arch=arch)
+        tokenizer = Tokenizer.load(ckpt.tokenizer_path)
+        params, opt_state, trainer_state = ckpt.params, ckpt.optimizer_state, ckpt.trainer_state or {}
+        if opt_state is None:
+            raise ValueError(f"{opts.out!r} has no optimizer state to resume from")
+    else:
+        config = models.build_config(arch, **config_overrides)
+        if tokenizer_path:
+            tokenizer = Tokenizer.load(tokenizer_path)
+        else:
+            log(f"training a {config['vocab_size']}-token BPE tokenizer on {text_path}")
+            tokenizer = Tokenizer.train(data.documents(text), config["vocab_size"],
+                                        progress=opts.progress)
+        config["vocab_size"] = tokenizer.vocab_size
+    model = models.get_model(config["arch"])
+    train_ids, val_ids = _prepare_tokens(text, tokenizer, opts, config["context"])
+    if params is None:
+        params = model.init(config, np.random.default_rng(opts.seed))
+    n_params = sum(p.size for p in flatten(params).values())
+    log(f"{config['arch']}: {n_params / 1e6:.2f}M parameters, {len(train_ids)} training and "
+        f"{len(val_ids)} validation tokens")
+
+    def save(params_, opt_state_, state):
+        checkpoint.save_checkpoint(opts.out, params_, config, tokenizer=tokenizer,
+                                   optimizer_state=opt_state_, trainer_state=state)
+
+    start = int(trainer_state.get("step", 0))
+    fit(model, params, config, train_ids, val_ids, opts, log=log, opt_state=opt_state,
+        start_step=start, rng_state=trainer_state.get("rng_state"), save=save)
+    # The final report covers the whole validation split, not just the sampled eval batches.
+    full = data.eval_batches(val_ids, opts.batch_size, config["context"], max_batches=10**9)
+    val_loss = evaluate(model, params, config, full)
+    val_text = val_text_bytes(val_ids, tokenizer)
+    bpb = bits_per_byte(val_loss, len(val_ids), len(val_text))
+    xz = xz_bits_per_byte(val_text)
+    log(f"validation: {val_loss:.4f} nats/token, {bpb:.3f} bits/byte (xz -9 on the same text: {xz:.3f} bits/byte)")
+    log(f"checkpoint written to {opts.out}/")
+    return {"val_loss": val_loss, "bits_per_byte": bpb, "xz_bits_per_byte": xz}

@@ -1,0 +1,105 @@
+"""The command line: train and sample end to end, and every bad input gives one line and exit 1."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from minillm import cli
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HEADLINES = os.path.join(HERE, "..", "data", "headlines.txt")
+TINY = ["--vocab-size", "300", "--context", "16", "--layers", "1", "--heads", "2", "--d-model", "16",
+        "--batch-size", "4", "--quiet"]
+
+
+def minillm(capsys, *args):
+    """Run the CLI in-process -> (exit code, stdout, stderr). A traceback would fail the test."""
+    try:
+        cli.main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(capsys, *args, match):
+    code, out, err = minillm(capsys, *args)
+    assert code != 0, f"expected a failure, got {out!r} {err!r}"
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(("error", "Error"))]
+    assert len(errors) == 1 and errors[0] == lines[-1] and match in errors[0].lower(), lines
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    with open(HEADLINES, encoding="utf-8") as f:
+        path.write_text("".join(f.readlines()[:500]), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(small_corpus, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run") / "out")
+    cli.main(["train", small_corpus, "--steps", "4", "--eval-every", "2", "--out", out, *TINY])
+    return out
+
+
+def test_sample_prints_n_lines_and_is_seeded(capsys, trained):
+    code, out, _ = minillm(capsys, "sample", "--checkpoint", trained, "-n", "5", "--seed", "3", "--max-tokens", "8")
+    assert code == 0 and len(out.splitlines()) == 5
+    assert minillm(capsys, "sample", "--checkpoint", trained, "-n", "5", "--seed", "3", "--max-tokens", "8")[1] == out
+    code, out2, _ = minillm(capsys, "sample", "--checkpoint", trained, "-n", "2", "--prompt", "police",
+                            "--top-k", "5", "--top-p", "0.9", "--temperature", "1.2")
+    assert code == 0 and all(line.startswith("police") for line in out2.splitlines())
+
+
+@pytest.mark.parametrize("content, match", [(b"", "empty"), (b"\x00\x01\x02binary\x00", "binary"),
+                                            (b"caf\xe9 au lait\n", "utf-8")])
+def test_train_rejects_bad_files(capsys, tmp_path, content, match):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    one_error_line(capsys, "train", str(path), "--out", str(tmp_path / "o"), *TINY, match=match)
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_train_rejects_missing_paths_and_directories(capsys, tmp_path):
+    one_error_line(capsys, "train", str(tmp_path / "nope.txt"), *TINY, match="nope.txt")
+    one_error_line(capsys, "train", str(tmp_path), *TINY, match="directory")
+
+
+def test_train_rejects_text_too_short(capsys, tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("a headline\n" * 5)
+    one_error_line(capsys, "train", str(path), "--out", str(tmp_path / "o"), *TINY, match="too short")
+
+
+def test_sample_rejects_missing_and_corrupt_checkpoints(capsys, tmp_path, trained):
+    one_error_line(capsys, "sample", "--checkpoint", str(tmp_path / "none"), match="none")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in os.listdir(trained):
+        if os.path.isfile(os.path.join(trained, name)):
+            (broken / name).write_bytes(open(os.path.join(trained, name), "rb").read())
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    one_error_line(capsys, "sample", "--checkpoint", str(broken), match="model.safetensors")
+
+
+def test_resume_of_another_architecture_is_refused(capsys, small_corpus, trained):
+    one_error_line(capsys, "train", small_corpus, "--arch", "rwkv", "--resume", "--out", trained, *TINY[:-1],
+                   match="gpt")
+
+
+def test_arch_specific_flags_are_checked(capsys, small_corpus, tmp_path):
+    one_error_line(capsys, "train", small_corpus, "--experts", "4", "--out", str(tmp_path), match="--arch moe")
+
+
+def test_python_dash_m_and_no_traceback_in_a_real_process(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "minillm", "train", str(tmp_path / "missing.txt")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("error:")

@@ -1,0 +1,81 @@
+"""The training loop end to end on a small slice of the headlines: determinism, resume, errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from minillm import checkpoint, train
+from minillm.tree import flatten
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HEADLINES = os.path.join(HERE, "..", "data", "headlines.txt")
+SMALL = dict(arch="gpt", vocab_size=300, context=16, n_layer=2, n_head=2, d_model=32)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    with open(HEADLINES, encoding="utf-8") as f:
+        path.write_text("".join(f.readlines()[:600]), encoding="utf-8")
+    return str(path)
+
+
+def run(corpus, out, steps=6, resume=False, **overrides):
+    opts = train.TrainOptions(steps=steps, batch_size=4, lr=1e-3, warmup=2, eval_every=3, eval_batches=2,
+                              out=str(out), resume=resume, progress=False)
+    return train.train(corpus, opts, {**SMALL, **overrides}, log=lambda m: None)
+
+
+def model_bytes(out):
+    with open(os.path.join(out, "model.safetensors"), "rb") as f:
+        return f.read()
+
+
+def test_same_seed_gives_bit_identical_checkpoints(corpus, tmp_path):
+    summary = run(corpus, tmp_path / "a")
+    run(corpus, tmp_path / "b")
+    assert model_bytes(tmp_path / "a") == model_bytes(tmp_path / "b")
+    assert np.isfinite(summary["val_loss"]) and summary["bits_per_byte"] > 0 and summary["xz_bits_per_byte"] > 0
+    for name in ("config.json", "tokenizer.json", "optimizer.safetensors", "trainer_state.json"):
+        assert (tmp_path / "a" / name).exists()
+    assert json.loads((tmp_path / "a" / "trainer_state.json").read_text())["step"] == 6
+
+
+def test_training_lowers_the_loss(corpus, tmp_path):
+    first = run(corpus, tmp_path / "short", steps=2)["val_loss"]
+    later = run(corpus, tmp_path / "long", steps=40)["val_loss"]
+    assert later < first - 0.3
+
+
+def test_resume_continues_exactly(corpus, tmp_path):
+    run(corpus, tmp_path / "straight", steps=6)
+    run(corpus, tmp_path / "resumed", steps=3)
+    run(corpus, tmp_path / "resumed", steps=6, resume=True)
+    a = checkpoint.load_checkpoint(str(tmp_path / "straight")).params
+    b = checkpoint.load_checkpoint(str(tmp_path / "resumed")).params
+    for name, x in flatten(a).items():
+        np.testing.assert_array_equal(x, flatten(b)[name], err_msg=name)
+
+
+def test_resume_with_changed_shapes_is_refused(corpus, tmp_path):
+    run(corpus, tmp_path / "c", steps=2)
+    with pytest.raises(ValueError, match="d_model"):
+        run(corpus, tmp_path / "c", steps=4, resume=True, d_model=64)
+
+
+def test_nan_loss_stops_without_overwriting_the_checkpoint(corpus, tmp_path, monkeypatch):
+    run(corpus, tmp_path / "d", steps=2)
+    before = model_bytes(tmp_path / "d")
+    monkeypatch.setattr(train.ops, "cross_entropy_forward", lambda logits, y: (float("nan"), None))
+    with pytest.raises(ValueError, match="nan"):
+        run(corpus, tmp_path / "d", steps=4)
+    assert model_bytes(tmp_path / "d") == before
+
+
+def test_text_too_short_for_one_batch(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("one short headline\n" * 3)
+    with pytest.raises(ValueError, match="too short"):
+        run(str(path), tmp_path / "e", vocab_size=260)
