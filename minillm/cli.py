@@ -25,7 +25,7 @@ def tokenizer_group():
 
 def _text_arg(text):
     """TEXT itself, or standard input when TEXT is '-' or missing."""
-    return click.get_text_stream("stdin").read() if text in (None, "-") else text
+    return sys.stdin.read() if text in (None, "-") else text
 
 
 @tokenizer_group.command("train")
@@ -81,11 +81,46 @@ def tokenizer_decode(path, ids):
 ARCH_CHOICES = click.Choice(["gpt", "moe", "mamba", "rwkv"])
 
 
+def loop_options(steps, lr, warmup, eval_every, out="out"):
+    """The flags of the training loop that `train` and `finetune` share (with per-command defaults)."""
+    flags = [
+        click.option("--steps", type=click.IntRange(1), default=steps, show_default=True),
+        click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True),
+        click.option("--lr", type=click.FloatRange(0, min_open=True), default=lr, show_default=True,
+                     help="Peak learning rate (warmup, then cosine decay to 10%)."),
+        click.option("--warmup", type=click.IntRange(0), default=warmup, show_default=True),
+        click.option("--weight-decay", type=click.FloatRange(0), default=0.1, show_default=True),
+        click.option("--grad-clip", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True),
+        click.option("--seed", type=int, default=1337, show_default=True),
+        click.option("--eval-every", type=click.IntRange(1), default=eval_every, show_default=True),
+        click.option("--out", default=out, show_default=True, help="Output directory."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+
+    def decorate(f):
+        for flag in reversed(flags):
+            f = flag(f)
+        return f
+
+    return decorate
+
+
+def make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, eval_every, out, quiet,
+                 resume=False):
+    from minillm.train import TrainOptions
+
+    return TrainOptions(steps=steps, batch_size=batch_size, lr=lr, warmup=min(warmup, steps),
+                        weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, eval_every=eval_every,
+                        out=out, resume=resume, progress=not quiet)
+
+
+def log(message):
+    click.echo(message, err=True)
+
+
 @cli.command()
 @click.argument("file", type=click.Path())
 @click.option("--arch", type=ARCH_CHOICES, default="gpt", show_default=True, help="Model architecture.")
-@click.option("--steps", type=click.IntRange(1), default=1500, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--context", type=click.IntRange(1), default=None, help="Sequence length [64].")
 @click.option("--layers", "n_layer", type=click.IntRange(1), default=None, help="Number of blocks [4].")
 @click.option("--heads", "n_head", type=click.IntRange(1), default=None, help="Attention heads [4].")
@@ -93,14 +128,6 @@ ARCH_CHOICES = click.Choice(["gpt", "moe", "mamba", "rwkv"])
 @click.option("--vocab-size", type=click.IntRange(1), default=None, help="BPE vocabulary incl. specials [2048].")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(), default=None,
               help="Reuse this tokenizer.json instead of training one on FILE.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, show_default=True, help="Peak learning rate.")
-@click.option("--warmup", type=click.IntRange(0), default=100, show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(0), default=0.1, show_default=True)
-@click.option("--grad-clip", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=1337, show_default=True)
-@click.option("--eval-every", type=click.IntRange(1), default=250, show_default=True)
-@click.option("--out", default="out", show_default=True, help="Checkpoint directory.")
-@click.option("--resume", is_flag=True, help="Continue the run saved in --out.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None, help="[float32]")
 @click.option("--ternary", is_flag=True, default=None, help="BitNet b1.58 ternary weights in every block linear.")
 @click.option("--experts", "n_experts", type=click.IntRange(1), default=None, help="moe: experts per layer [8].")
@@ -109,24 +136,55 @@ ARCH_CHOICES = click.Choice(["gpt", "moe", "mamba", "rwkv"])
 @click.option("--d-state", type=click.IntRange(1), default=None, help="mamba: SSM state size [16].")
 @click.option("--d-conv", type=click.IntRange(1), default=None, help="mamba: conv kernel width [4].")
 @click.option("--expand", type=click.IntRange(1), default=None, help="mamba: inner width factor [2].")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(file, steps, batch_size, tokenizer_path, lr, warmup, weight_decay, grad_clip, seed, eval_every,
-          out, resume, quiet, **config):
+@click.option("--resume", is_flag=True, help="Continue the run saved in --out.")
+@loop_options(steps=1500, lr=3e-3, warmup=100, eval_every=250)
+def train(file, tokenizer_path, resume, steps, batch_size, lr, warmup, weight_decay, grad_clip, seed,
+          eval_every, out, quiet, **config):
     """Train a language model on FILE (one document per line), writing a checkpoint to --out."""
-    from minillm.train import TrainOptions, train as run
+    from minillm.train import train as run
 
-    opts = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, warmup=min(warmup, steps),
-                        weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, eval_every=eval_every,
-                        out=out, resume=resume, progress=not quiet)
     if config["arch"] != "moe" and any(config[k] is not None for k in ("n_experts", "top_k", "aux_loss_coef")):
         raise UserError("--experts/--top-k/--aux-loss-coef only apply to --arch moe")
     if config["arch"] != "mamba" and any(config[k] is not None for k in ("d_state", "d_conv", "expand")):
         raise UserError("--d-state/--d-conv/--expand only apply to --arch mamba")
-    run(file, opts, config, tokenizer_path=tokenizer_path, log=lambda m: click.echo(m, err=True))
+    opts = make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, eval_every, out, quiet,
+                        resume)
+    run(file, opts, config, tokenizer_path=tokenizer_path, log=log)
+
+
+@cli.command()
+@click.argument("base", type=click.Path())
+@click.argument("file", type=click.Path())
+@click.option("--lora-rank", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--lora-alpha", type=click.FloatRange(0, min_open=True), default=None, help="Scale numerator: the update is (alpha / rank) x A B [rank].")
+@click.option("--lora-targets", multiple=True,
+              help="Dense layers to adapt: name patterns (fnmatch, 're:<regex>' or 'all'); default: attention.")
+@loop_options(steps=300, lr=1e-3, warmup=20, eval_every=100, out="out-lora")
+def finetune(base, file, lora_rank, lora_alpha, lora_targets, steps, batch_size, lr, warmup, weight_decay,
+             grad_clip, seed, eval_every, out, quiet):
+    """Fine-tune LoRA adapters on FILE on top of the checkpoint BASE; writes an adapter to --out."""
+    from minillm import finetune as ft
+
+    opts = make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, eval_every, out, quiet)
+    ft.finetune(base, file, opts, rank=lora_rank, alpha=lora_alpha,
+                targets=",".join(lora_targets) or None, log=log)
+
+
+@cli.command()
+@click.argument("base", type=click.Path())
+@click.argument("adapter", type=click.Path())
+@click.option("--out", required=True, help="Where to write the merged checkpoint.")
+def merge(base, adapter, out):
+    """Fold the LoRA ADAPTER into its BASE checkpoint and write a plain checkpoint."""
+    from minillm import finetune as ft
+
+    ft.merge_checkpoint(base, adapter, out)
+    log(f"merged checkpoint written to {out}/")
 
 
 @cli.command()
 @click.option("--checkpoint", default="out", show_default=True, help="Checkpoint directory.")
+@click.option("--adapter", default=None, help="A LoRA adapter directory to apply to the checkpoint.")
 @click.option("-n", "num", type=click.IntRange(1), default=10, show_default=True, help="How many samples.")
 @click.option("--prompt", default="", help="Text every sample starts with.")
 @click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True)
@@ -134,11 +192,12 @@ def train(file, steps, batch_size, tokenizer_path, lr, warmup, weight_decay, gra
 @click.option("--top-k", type=click.IntRange(1), default=None)
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
-def sample(checkpoint, num, prompt, max_tokens, temperature, top_k, top_p, seed):
+def sample(checkpoint, adapter, num, prompt, max_tokens, temperature, top_k, top_p, seed):
     """Print -n samples from a trained checkpoint, one per line."""
     from minillm.generate import sample_lines
 
-    for line in sample_lines(checkpoint, num, prompt, max_tokens, temperature, top_k, top_p, seed):
+    for line in sample_lines(checkpoint, num, prompt, max_tokens, temperature, top_k, top_p, seed,
+                             adapter=adapter):
         click.echo(line)
 # --- end train and sample ---
 

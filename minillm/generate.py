@@ -76,8 +76,9 @@ def generate(model, params, config, prompts, max_new_tokens, rng, stop_id=None,
 
 
 def sample_lines(checkpoint_dir, num, prompt="", max_tokens=64, temperature=0.8, top_k=None, top_p=None,
-                 seed=0):
-    """Load a checkpoint and return `num` samples as text lines, each starting with `prompt`.
+                 seed=0, adapter=None):
+    """Load a checkpoint (and optionally a LoRA adapter for it) and return `num` samples as text lines,
+    each starting with `prompt`.
 
     Every sample starts from <|endoftext|> (a document boundary) followed by the prompt's tokens,
     and stops at the next <|endoftext|> or after `max_tokens` new tokens.
@@ -85,7 +86,12 @@ def sample_lines(checkpoint_dir, num, prompt="", max_tokens=64, temperature=0.8,
     from minillm import checkpoint, models
     from minillm.tokenizer import Tokenizer
 
-    ckpt = checkpoint.load_checkpoint(checkpoint_dir)
+    if adapter is None:
+        ckpt = checkpoint.load_checkpoint(checkpoint_dir)
+    else:
+        from minillm.finetune import load_with_adapter
+
+        ckpt = load_with_adapter(checkpoint_dir, adapter)
     tokenizer = Tokenizer.load(ckpt.tokenizer_path)
     model = models.get_model(ckpt.config["arch"])
     start = [tokenizer.eot_id] + tokenizer.encode(prompt)

@@ -103,3 +103,20 @@ def test_python_dash_m_and_no_traceback_in_a_real_process(tmp_path):
     r = subprocess.run([sys.executable, "-m", "minillm", "train", str(tmp_path / "missing.txt")],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("error:")
+
+
+def test_finetune_sample_with_adapter_and_merge(capsys, trained, small_corpus, tmp_path):
+    base_bytes = open(os.path.join(trained, "model.safetensors"), "rb").read()
+    adapter = str(tmp_path / "lora")
+    code, _, err = minillm(capsys, "finetune", trained, small_corpus, "--lora-rank", "2", "--lora-alpha", "4",
+                           "--steps", "3", "--batch-size", "4", "--out", adapter, "--quiet")
+    assert code == 0, err
+    assert "trainable" in err.lower()
+    assert open(os.path.join(trained, "model.safetensors"), "rb").read() == base_bytes
+    args = ["-n", "3", "--seed", "1", "--max-tokens", "6", "--temperature", "0"]
+    code, with_adapter, _ = minillm(capsys, "sample", "--checkpoint", trained, "--adapter", adapter, *args)
+    assert code == 0 and len(with_adapter.splitlines()) == 3
+    merged = str(tmp_path / "merged")
+    assert minillm(capsys, "merge", trained, adapter, "--out", merged)[0] == 0
+    assert minillm(capsys, "sample", "--checkpoint", merged, *args)[1] == with_adapter
+    one_error_line(capsys, "sample", "--checkpoint", trained, "--adapter", str(tmp_path / "missing"), match="missing")

@@ -1,0 +1,178 @@
+"""LoRA fine-tuning at the checkpoint level: adapter directories, `finetune`, `merge_checkpoint`.
+
+An adapter directory holds
+    adapter_model.safetensors   only the lora_A / lora_B tensors, dotted names
+                                ("transformer.h.0.attn.c_attn.lora_A", ...)
+    adapter_config.json         {"format": "minillm-lora", "minillm_version", "base": the base
+                                checkpoint as given, "base_config": its config, "lora": {"rank",
+                                "alpha", "targets", "dropout"}, "layers": [adapted layer names]}
+Both are written to temporary names and os.replace'd. Loading checks the adapter against the base
+model (architecture, sizes, layer names, shapes) and says what does not fit.
+"""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from minillm import __version__, checkpoint, lora, models
+from minillm.tree import flatten, unflatten
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+FORMAT = "minillm-lora"
+
+
+def _atomic_write(path, write):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else a
+
+
+def save_adapter(out_dir, params, config, base=None):
+    """Write the adapters of `params` (and an adapter config naming `base`) to out_dir."""
+    from safetensors.numpy import save_file
+
+    _, adapters = lora.split_adapters(params)
+    flat = {n: np.ascontiguousarray(_host(a)) for n, a in flatten(adapters).items()}
+    if not flat:
+        raise ValueError("save_adapter: the parameters hold no LoRA adapters")
+    if not all(np.isfinite(a).all() for a in flat.values()):
+        raise ValueError("refusing to save adapters with NaN/inf values")
+    meta = {"format": FORMAT, "minillm_version": __version__, "base": base,
+            "base_config": {k: v for k, v in config.items() if k != "lora"},
+            "lora": {k: v for k, v in config["lora"].items() if k != "dropout_rng"},
+            "layers": sorted({n.rsplit(".", 1)[0] for n in flat})}
+    text = json.dumps(meta, indent=2) + "\n"
+    os.makedirs(out_dir, exist_ok=True)
+    _atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS), lambda p: save_file(flat, p))
+    _atomic_write(os.path.join(out_dir, ADAPTER_CONFIG), lambda p: open(p, "w").write(text))
+    return out_dir
+
+
+def load_adapter(adapter_dir):
+    """-> (flat adapters {dotted name: array}, adapter config dict) as written by save_adapter."""
+    from safetensors.numpy import load_file
+
+    wpath = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    cpath = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    for p in (wpath, cpath):
+        if not os.path.isfile(p):
+            raise ValueError(f"{adapter_dir!r} is not a LoRA adapter directory: {p} is missing")
+    try:
+        with open(cpath) as f:
+            meta = json.load(f)
+        adapters = load_file(wpath)
+    except Exception as e:  # OSError, bad JSON / UTF-8, safetensors' own errors
+        raise ValueError(f"cannot read the adapter in {adapter_dir!r}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "lora" not in meta:
+        raise ValueError(f"{cpath} is not a minillm LoRA adapter config")
+    return adapters, meta
+
+
+def attach(params, config, adapters, meta):
+    """Base params/config + a loaded adapter -> (params with adapters, config with "lora").
+
+    ValueError when the adapter was trained on another architecture or model size, or its layers
+    do not exist in / fit the base model."""
+    bc = meta.get("base_config") or {}
+    if bc.get("arch") != config.get("arch"):
+        raise ValueError(f"the adapter was trained on architecture {bc.get('arch')!r}, the base "
+                         f"model is {config.get('arch')!r}")
+    keys = ("vocab_size", "n_layer", "n_head", "d_model")
+    diff = [f"{k} {bc[k]} vs {config.get(k)}" for k in keys if k in bc and bc[k] != config.get(k)]
+    if diff:
+        raise ValueError("the adapter was trained on a different base model (adapter vs base): "
+                         + ", ".join(diff))
+    lc = meta["lora"]
+    config = {**config, "lora": lora.lora_config(lc.get("rank"), lc.get("alpha"), lc.get("targets"),
+                                                 lc.get("dropout", 0.0))}
+    return lora.join(params, adapters, config), config
+
+
+def _load_base(base_dir):
+    ckpt = checkpoint.load_checkpoint(base_dir)
+    model = models.get_model(ckpt.config["arch"])
+    expected = checkpoint.expected_from(model.init(ckpt.config, np.random.default_rng(0)))
+    return checkpoint.load_checkpoint(base_dir, expected=expected), model
+
+
+def load_with_adapter(base_dir, adapter_dir):
+    """-> checkpoint.Checkpoint of the base whose params / config carry the adapter (for sampling)."""
+    ckpt, _ = _load_base(base_dir)
+    params, config = attach(ckpt.params, ckpt.config, *load_adapter(adapter_dir))
+    return dataclasses.replace(ckpt, params=params, config=config, optimizer_state=None,
+                               trainer_state=None)
+
+
+def merge_checkpoint(base_dir, adapter_dir, out_dir):
+    """Fold an adapter into its base and write a plain checkpoint (base tokenizer copied)."""
+    ckpt = load_with_adapter(base_dir, adapter_dir)
+    merged = lora.merge(ckpt.params, ckpt.config)
+    config = {k: v for k, v in ckpt.config.items() if k != "lora"}
+    return checkpoint.save_checkpoint(out_dir, merged, config, tokenizer=ckpt.tokenizer_path)
+
+
+class _AdapterGradsOnly:
+    """The model with a backward that returns only the adapter gradients, so that the trainer's
+    gradient clipping measures the trainable parameters only (as torch does with peft)."""
+
+    def __init__(self, model, params):
+        self._model, self._params = model, params
+        for name in ("aux_loss", "stats"):
+            if hasattr(model, name):
+                setattr(self, name, getattr(model, name))
+
+    def forward(self, params, idx, config):
+        return self._model.forward(params, idx, config)
+
+    def backward(self, dlogits, cache):
+        return unflatten(lora.adapter_grads(self._model.backward(dlogits, cache), self._params))
+
+
+def finetune(base_dir, text_path, opts, rank, alpha=None, targets=None, log=print):
+    """Train LoRA adapters on the text file at text_path on top of the checkpoint base_dir; the
+    base weights stay bit-identical. opts: train.TrainOptions (opts.out is the adapter directory).
+    -> {"params", "config", "val_loss", "trainable", "total", "fraction", "adapter_bytes",
+    "base_bytes"}."""
+    from minillm import data, train
+    from minillm.tokenizer import Tokenizer, read_text_file
+
+    if opts.resume:
+        raise ValueError("finetune does not resume; start again with a new --out")
+    text = read_text_file(text_path)
+    ckpt, model = _load_base(base_dir)
+    if ckpt.tokenizer_path is None:
+        raise ValueError(f"base checkpoint {base_dir!r} has no tokenizer.json")
+    tokenizer = Tokenizer.load(ckpt.tokenizer_path)
+    config = {**ckpt.config, "lora": lora.lora_config(rank, alpha, targets)}
+    params = lora.add_adapters(ckpt.params, config, np.random.default_rng(opts.seed))
+    trainable = lora.adapter_names(params)
+    summary = lora.trainable_summary(params)
+    log(lora.format_summary(params))
+    ids = data.load_tokens(text, tokenizer, cache_dir=os.path.join(opts.out, "cache"),
+                           progress=opts.progress)
+    train_ids, val_ids = data.split(ids, opts.val_fraction)
+    data.check_enough(train_ids, config["context"], "training")
+    data.check_enough(val_ids, config["context"], "validation")
+
+    def save(params_, _opt_state, _trainer_state):
+        save_adapter(opts.out, params_, config, base=str(base_dir))
+
+    val_loss = train.fit(_AdapterGradsOnly(model, params), params, config, train_ids, val_ids, opts,
+                         log=log, trainable=trainable, save=save)
+    sizes = {k: os.path.getsize(p) for k, p in
+             (("adapter_bytes", os.path.join(opts.out, ADAPTER_WEIGHTS)),
+              ("base_bytes", os.path.join(base_dir, checkpoint.MODEL_FILE)))}
+    log(f"adapter written to {opts.out}/: {sizes['adapter_bytes']:,} bytes "
+        f"(base model.safetensors {sizes['base_bytes']:,} bytes)")
+    return {"params": params, "config": config, "val_loss": val_loss, **summary, **sizes}
