@@ -202,6 +202,13 @@ def sample(checkpoint, adapter, num, prompt, max_tokens, temperature, top_k, top
 # --- end train and sample ---
 
 
+# --- reference commands ---
+# --- end reference commands ---
+
+# --- quantize commands ---
+# --- end quantize commands ---
+
+
 def main(argv=None):
     """Entry point: run the CLI, turning expected failures into one clear line and a non-zero exit."""
     try:
