@@ -16,13 +16,16 @@ def documents(text):
     return [line for line in text.splitlines() if line.strip()]
 
 
-def encode_documents(text, tokenizer, progress=True):
+def encode_documents(text, tokenizer, progress=True, chunk=5000):
     """text -> ids: (N,) int32, every document followed by <|endoftext|>."""
-    eot = tokenizer.eot_id
+    docs = documents(text)
     ids = []
-    for doc in tqdm(documents(text), desc="encoding", unit="doc", disable=not progress, leave=False):
-        ids.extend(tokenizer.encode(doc))
-        ids.append(eot)
+    with tqdm(total=len(docs), desc="encoding", unit="doc", disable=not progress, leave=False) as bar:
+        for start in range(0, len(docs), chunk):
+            for doc_ids in tokenizer.encode_batch(docs[start:start + chunk]):
+                ids.extend(doc_ids)
+                ids.append(tokenizer.eot_id)
+            bar.update(len(docs[start:start + chunk]))
     return np.asarray(ids, dtype=np.int32)
 
 

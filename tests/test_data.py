@@ -11,8 +11,8 @@ class CharTokenizer:
 
     eot_id = 256
 
-    def encode(self, s):
-        return list(s.encode())
+    def encode_batch(self, texts):
+        return [list(s.encode()) for s in texts]
 
     def to_json(self):
         return '{"char": 1}'

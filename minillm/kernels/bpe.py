@@ -1,0 +1,390 @@
+"""Byte-level BPE encoding hot loops: GPT-2 pre-tokenization and merge-by-rank encoding.
+
+Text is handled as UTF-8 bytes (uint8 arrays) cut into *items* (`item_ends`: exclusive byte
+offsets); pre-tokens never cross an item end. `cats` classifies every code point for GPT-2's
+pattern GPT2_PATTERN (OTHER, LETTER, NUMBER, SPACE: `categories()`, from the `regex` module's
+Unicode tables), and `_piece_end` is that pattern written out as a scanner.
+
+Encoding (tiktoken's rule): in a pre-token, repeatedly merge the adjacent pair whose
+concatenation is the token with the lowest rank (= id), leftmost first. The pair table maps
+key(left, right) = left << 32 | right -> merged id, in open addressing (`table_build`).
+
+`encode_reference` (`regex.findall` + plain Python merges) is the specification of `encode`;
+training lives in `bpe_train.py`.
+"""
+
+import numba
+import numpy as np
+import regex
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+OTHER, LETTER, NUMBER, SPACE = 0, 1, 2, 3
+INF = np.int32(2**31 - 1)
+LONG = 128  # pre-tokens longer than this merge with a heap (O(n log n)) instead of rescans
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+_CATS = None
+
+
+def categories():
+    """Per code point: OTHER / LETTER / NUMBER / SPACE, as the `regex` module's \\p{L}, \\p{N}, \\s
+    (built once, about 0.1 s)."""
+    global _CATS
+    if _CATS is None:
+        every = "".join(map(chr, range(0x110000)))
+        cats = np.zeros(0x110000, np.uint8)
+        for cat, pat in ((LETTER, r"\p{L}"), (NUMBER, r"\p{N}"), (SPACE, r"\s")):
+            cats[[m.start() for m in regex.finditer(pat, every)]] = cat
+        _CATS = cats
+    return _CATS
+
+
+# ---------------------------------------------------------------- pre-tokenization (GPT-2)
+
+@numba.njit(cache=True, inline="always")
+def _cp(buf, i):
+    """(code point, byte length) of the UTF-8 character at buf[i] (the input is valid UTF-8)."""
+    b0 = np.int32(buf[i])
+    if b0 < 0x80:
+        return b0, 1
+    if b0 < 0xE0:
+        return ((b0 & 0x1F) << 6) | (np.int32(buf[i + 1]) & 0x3F), 2
+    if b0 < 0xF0:
+        return (((b0 & 0x0F) << 12) | ((np.int32(buf[i + 1]) & 0x3F) << 6)
+                | (np.int32(buf[i + 2]) & 0x3F)), 3
+    return (((b0 & 0x07) << 18) | ((np.int32(buf[i + 1]) & 0x3F) << 12)
+            | ((np.int32(buf[i + 2]) & 0x3F) << 6) | (np.int32(buf[i + 3]) & 0x3F)), 4
+
+
+@numba.njit(cache=True, inline="always")
+def _run(buf, j, n, cats, cat):
+    """End of the run of characters of category `cat` starting at byte j."""
+    while j < n:
+        b = buf[j]
+        if b < 0x80:  # ASCII fast path
+            if cats[b] != cat:
+                break
+            j += 1
+        else:
+            c, ln = _cp(buf, j)
+            if cats[c] != cat:
+                break
+            j += ln
+    return j
+
+
+@numba.njit(cache=True)
+def _piece_end(buf, i, n, cats):
+    """End (exclusive) of the GPT-2 pre-token that starts at byte i of buf[:n]."""
+    c, ln = _cp(buf, i)
+    if c == 39 and i + 1 < n:  # contractions 's 't 'm 'd 're 've 'll (case-sensitive)
+        c1 = buf[i + 1]
+        if c1 == 115 or c1 == 116 or c1 == 109 or c1 == 100:
+            return i + 2
+        if i + 2 < n:
+            c2 = buf[i + 2]
+            if (c2 == 101 and (c1 == 114 or c1 == 118)) or (c1 == 108 and c2 == 108):
+                return i + 3
+    cat = cats[c]
+    if cat != SPACE:  # \p{L}+ | \p{N}+ | [^\s\p{L}\p{N}]+
+        return _run(buf, i + ln, n, cats, cat)
+    if c == 32 and i + 1 < n:  # ' ?' prefix in front of a letter/number/other run
+        c2, l2 = _cp(buf, i + 1)
+        k2 = cats[c2]
+        if k2 != SPACE:
+            return _run(buf, i + 1 + l2, n, cats, k2)
+    last = i  # \s+(?!\S) keeps the last space for the next word; \s+ when only one is left
+    j = i + ln
+    while j < n:
+        c3, l3 = _cp(buf, j)
+        if cats[c3] != SPACE:
+            break
+        last = j
+        j += l3
+    if j == n or last == i:
+        return j
+    return last
+
+
+@numba.njit(cache=True)
+def pretokenize(buf, item_ends, cats):
+    """Byte offsets where the pre-tokens start, plus the final end: (n_pieces + 1,) int64."""
+    out = np.empty(len(buf) + 1, np.int64)
+    k = 0
+    i = 0
+    for e in item_ends:
+        while i < e:
+            out[k] = i
+            k += 1
+            i = _piece_end(buf, i, e, cats)
+    out[k] = i
+    return out[:k + 1].copy()
+
+
+# ---------------------------------------------------------------- pair table
+
+@numba.njit(cache=True, inline="always")
+def _slot(key, mask):
+    return np.int64((np.uint64(key) * _GOLD) >> np.uint64(24)) & mask
+
+
+@numba.njit(cache=True)
+def table_build(keys, vals):
+    """Open-addressing table key -> val (keys int64 >= 0, vals int32); the first of equal keys wins."""
+    cap = 16
+    while cap < 2 * len(keys):
+        cap *= 2
+    tk = np.full(cap, -1, np.int64)
+    tv = np.zeros(cap, np.int32)
+    mask = cap - 1
+    for i in range(len(keys)):
+        s = _slot(keys[i], mask)
+        while tk[s] != -1 and tk[s] != keys[i]:
+            s = (s + 1) & mask
+        if tk[s] == -1:
+            tk[s] = keys[i]
+            tv[s] = vals[i]
+    return tk, tv
+
+
+@numba.njit(cache=True, inline="always")
+def table_get(tk, tv, key):
+    """Value for key, or -1."""
+    mask = len(tk) - 1
+    s = _slot(key, mask)
+    while True:
+        k = tk[s]
+        if k == key:
+            return tv[s]
+        if k == -1:
+            return -1
+        s = (s + 1) & mask
+
+
+@numba.njit(cache=True, inline="always")
+def _rank(tk, tv, a, b):
+    r = table_get(tk, tv, (np.int64(a) << 32) | b)
+    return INF if r < 0 else r
+
+
+# ---------------------------------------------------------------- encoding
+
+@numba.njit(cache=True)
+def _merge_short(ids, r, m, tk, tv):
+    """tiktoken's loop: merge the lowest-rank pair (leftmost on ties) until none is left."""
+    for k in range(m - 1):
+        r[k] = _rank(tk, tv, ids[k], ids[k + 1])
+    while m > 1:
+        best = INF
+        bi = -1
+        for k in range(m - 1):
+            if r[k] < best:
+                best = r[k]
+                bi = k
+        if bi < 0:
+            break
+        ids[bi] = best
+        for k in range(bi + 1, m - 1):
+            ids[k] = ids[k + 1]
+        for k in range(bi + 1, m - 2):
+            r[k] = r[k + 1]
+        m -= 1
+        if bi < m - 1:
+            r[bi] = _rank(tk, tv, ids[bi], ids[bi + 1])
+        if bi > 0:
+            r[bi - 1] = _rank(tk, tv, ids[bi - 1], ids[bi])
+    return m
+
+
+@numba.njit(cache=True)
+def _merge_long(ids, m, tk, tv):
+    """Same result as _merge_short in O(m log m): linked list + min-heap of (rank, position)."""
+    nxt = np.arange(1, m + 1)
+    prv = np.arange(-1, m - 1)
+    cur = np.empty(m, np.int64)  # rank of the pair starting at each live position
+    hr = np.empty(2 * m + 2, np.int64)
+    hp = np.empty(2 * m + 2, np.int64)
+    n = 0
+    for k in range(m):
+        cur[k] = _rank(tk, tv, ids[k], ids[k + 1]) if k + 1 < m else INF
+        if cur[k] < INF:
+            n = _heap_push(hr, hp, n, cur[k], k)
+    while n > 0:
+        rk, p = hr[0], hp[0]
+        n = _heap_pop(hr, hp, n)
+        if cur[p] != rk:
+            continue  # stale entry (the position died or its pair changed)
+        q = nxt[p]
+        ids[p] = rk
+        nxt[p] = nxt[q]
+        if nxt[q] < m:
+            prv[nxt[q]] = p
+        cur[q] = -1
+        cur[p] = _rank(tk, tv, ids[p], ids[nxt[p]]) if nxt[p] < m else INF
+        if cur[p] < INF:
+            n = _heap_push(hr, hp, n, cur[p], p)
+        if prv[p] >= 0:
+            a = prv[p]
+            cur[a] = _rank(tk, tv, ids[a], ids[p])
+            if cur[a] < INF:
+                n = _heap_push(hr, hp, n, cur[a], a)
+    k, j = 0, 0
+    while k < m:
+        ids[j] = ids[k]
+        j += 1
+        k = nxt[k]
+    return j
+
+
+@numba.njit(cache=True, inline="always")
+def _heap_push(hr, hp, n, rk, p):
+    i = n
+    while i > 0:
+        par = (i - 1) >> 1
+        if hr[par] < rk or (hr[par] == rk and hp[par] < p):
+            break
+        hr[i], hp[i] = hr[par], hp[par]
+        i = par
+    hr[i], hp[i] = rk, p
+    return n + 1
+
+
+@numba.njit(cache=True, inline="always")
+def _heap_pop(hr, hp, n):
+    n -= 1
+    rk, p = hr[n], hp[n]
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        if c + 1 < n and (hr[c + 1] < hr[c] or (hr[c + 1] == hr[c] and hp[c + 1] < hp[c])):
+            c += 1
+        if rk < hr[c] or (rk == hr[c] and p < hp[c]):
+            break
+        hr[i], hp[i] = hr[c], hp[c]
+        i = c
+    hr[i], hp[i] = rk, p
+    return n
+
+
+def new_cache(entries=1 << 16):
+    """An empty pre-token cache for `encode`: pieces -> ids, kept between calls. ent[e] =
+    (hash, key offset, key length, ids offset, ids length); use[0..2] = entries, key bytes and
+    ids used. `encode` stops adding when it is full (see `cache_full`)."""
+    return dict(slots=np.full(2 * entries, -1, np.int32), ent=np.zeros((entries, 5), np.int64),
+                keys=np.zeros(16 * entries, np.uint8), vals=np.zeros(8 * entries, np.int32),
+                use=np.zeros(3, np.int64))
+
+
+def cache_full(c):
+    u = c["use"]
+    return u[0] >= len(c["ent"]) - 1 or u[1] + 2 * LONG > len(c["keys"]) \
+        or u[2] + 2 * LONG > len(c["vals"])
+
+
+@numba.njit(cache=True)
+def encode(buf, item_ends, cats, byte_to_id, tk, tv, slots, ent, keys, vals, use):
+    """Token ids of every item, and each item's end in them: (ids int32, id_ends int64).
+    Pre-tokens of 2..LONG bytes go through the cache (slots, ent, keys, vals, use: new_cache)."""
+    out = np.empty(len(buf), np.int32)
+    id_ends = np.empty(len(item_ends), np.int64)
+    ids = np.empty(LONG, np.int32)
+    r = np.empty(LONG, np.int32)
+    mask = len(slots) - 1
+    k = 0
+    i = 0
+    for it in range(len(item_ends)):
+        e = item_ends[it]
+        while i < e:
+            j = _piece_end(buf, i, e, cats)
+            m = j - i
+            if m == 1:
+                out[k] = byte_to_id[buf[i]]
+                k += 1
+            elif m <= LONG:
+                h = np.uint64(14695981039346656037)  # FNV-1a
+                for q in range(i, j):
+                    h = (h ^ np.uint64(buf[q])) * np.uint64(1099511628211)
+                hh = np.int64(h >> np.uint64(2))
+                s = _slot(hh, mask)
+                while True:
+                    x = slots[s]
+                    if x == -1:
+                        break
+                    if ent[x, 0] == hh and ent[x, 2] == m:
+                        ko = ent[x, 1]
+                        same = True
+                        for q in range(m):
+                            if keys[ko + q] != buf[i + q]:
+                                same = False
+                                break
+                        if same:
+                            break
+                    s = (s + 1) & mask
+                if x != -1:  # hit
+                    vo, vn = ent[x, 3], ent[x, 4]
+                    out[k:k + vn] = vals[vo:vo + vn]
+                    k += vn
+                else:
+                    for q in range(m):
+                        ids[q] = byte_to_id[buf[i + q]]
+                    n = _merge_short(ids, r, m, tk, tv)
+                    out[k:k + n] = ids[:n]
+                    k += n
+                    x = use[0]
+                    if x < len(ent) - 1 and use[1] + m <= len(keys) and use[2] + n <= len(vals):
+                        ent[x, 0], ent[x, 1], ent[x, 2], ent[x, 3], ent[x, 4] = hh, use[1], m, use[2], n
+                        keys[use[1]:use[1] + m] = buf[i:j]
+                        vals[use[2]:use[2] + n] = ids[:n]
+                        slots[s] = x
+                        use[0] += 1
+                        use[1] += m
+                        use[2] += n
+            else:
+                big = np.empty(m, np.int32)
+                for q in range(m):
+                    big[q] = byte_to_id[buf[i + q]]
+                m = _merge_long(big, m, tk, tv)
+                out[k:k + m] = big[:m]
+                k += m
+            i = j
+        id_ends[it] = k
+    return out[:k].copy(), id_ends
+
+
+@numba.njit(cache=True)
+def decode(ids, tok_bytes, tok_off):
+    """Concatenated bytes of the tokens (ids already checked to be in range): uint8 array."""
+    total = 0
+    for t in ids:
+        total += tok_off[t + 1] - tok_off[t]
+    out = np.empty(total, np.uint8)
+    k = 0
+    for t in ids:
+        for q in range(tok_off[t], tok_off[t + 1]):
+            out[k] = tok_bytes[q]
+            k += 1
+    return out
+
+
+def pair_dict(tk, tv):
+    """The pair table as a dict {(left, right): merged id}."""
+    return {(k >> 32, k & 0xFFFFFFFF): v for k, v in zip(tk.tolist(), tv.tolist()) if k != -1}
+
+
+def encode_reference(text, byte_to_id, pairs, cache=None):
+    """The specification of `encode` for one str: `regex` pre-tokens, then merge the lowest-id
+    pair (leftmost on ties) in plain Python; pre-tokens are cached in `cache` (a dict)."""
+    cache = {} if cache is None else cache
+    out = []
+    for piece in regex.findall(GPT2_PATTERN, text):
+        if piece not in cache:
+            ids = [int(byte_to_id[b]) for b in piece.encode("utf-8")]
+            while len(ids) > 1:
+                r, i = min((pairs.get(p, INF), i) for i, p in enumerate(zip(ids, ids[1:])))
+                if r == INF:
+                    break
+                ids[i:i + 2] = [r]
+            cache[piece] = ids
+        out += cache[piece]
+    return out

@@ -1,0 +1,349 @@
+"""Byte-level BPE as in GPT-2: train, encode, decode, save, load.
+
+Text is UTF-8 bytes cut into pre-tokens by GPT-2's regex; the 256 byte values are tokens 0..255
+(any order: GPT-2 permutes them), and every further token is the concatenation of two tokens.
+
+- Training merges, at each step, the adjacent pair with the highest count over the pre-tokens of
+  the text; **ties go to the pair with the smallest (left id, right id)**. Merge i gets id 256 + i
+  and the special tokens follow the merges. Special-token text found in the training text is cut
+  out first (nothing is learned across it).
+- Encoding follows tiktoken: inside a pre-token, repeatedly merge the adjacent pair whose
+  concatenated bytes form the token of lowest id, leftmost first (so GPT-2's files give exactly
+  tiktoken's `gpt2` ids).
+- **Special tokens**: `encode(text)` treats special-token text such as "<|endoftext|>" as plain
+  text (like tiktoken's `encode_ordinary`); `encode(text, allowed_special={"<|endoftext|>"})` or
+  `allowed_special="all"` turns those occurrences into their special ids.
+- `decode` replaces bytes that are not valid UTF-8 (e.g. ids that split a character) with U+FFFD
+  as tiktoken does; `decode_bytes` returns the raw bytes. Strings with lone surrogates cannot be
+  encoded (they have no UTF-8 form): ValueError.
+- Files: JSON {"format": "minillm-bpe", "version": 1, "pattern", "tokens": [GPT-2 byte-to-unicode
+  string per id], "special_tokens": {text: id}}.
+"""
+
+import json
+import os
+
+import numpy as np
+import regex
+
+from minillm.kernels import bpe, bpe_train
+from minillm.kernels.bpe import GPT2_PATTERN, categories
+
+FORMAT, VERSION = "minillm-bpe", 1
+EOT = "<|endoftext|>"
+
+
+def bytes_to_unicode():
+    """GPT-2's byte -> printable character map: printable Latin-1 bytes map to themselves, the
+    other 68 to chr(256), chr(257), ... in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+_B2U = bytes_to_unicode()
+_U2B = {c: b for b, c in _B2U.items()}
+
+
+def read_text_file(path):
+    """The contents of a UTF-8 text file; ValueError for a missing path, a directory, an empty
+    file, a binary file (NUL bytes) or one that is not UTF-8."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, not a text file")
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise ValueError(f"{path}: the file is empty")
+    if b"\x00" in data:
+        raise ValueError(f"{path}: looks like a binary file (it contains NUL bytes), not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                         f"{e.start})") from None
+
+
+class Tokenizer:
+    """A byte-level BPE vocabulary: `tokens[i]` is the bytes of id i; specials follow them."""
+
+    def __init__(self, tokens, special_tokens=None):
+        tokens = [bytes(t) for t in tokens]
+        special_tokens = dict(special_tokens or {})
+        if len(tokens) < 256 or sorted(tokens[:256]) != [bytes([b]) for b in range(256)]:
+            raise ValueError("a BPE vocabulary starts with the 256 single bytes (ids 0..255)")
+        first = {}
+        for i, t in enumerate(tokens):
+            first.setdefault(t, i)
+        keys, vals = [], []
+        for i in range(256, len(tokens)):
+            t, ok = tokens[i], False
+            for k in range(1, len(t)):  # every split into two tokens merges into t
+                x, y = first.get(t[:k]), first.get(t[k:])
+                if x is not None and y is not None:
+                    keys.append((x << 32) | y)
+                    vals.append(i)
+                    ok = ok or (x < i and y < i)
+            if not ok:
+                raise ValueError(f"token {i} ({t!r}) is not the merge of two earlier tokens")
+        n = len(tokens)
+        if not all(isinstance(s, str) and s for s in special_tokens):
+            raise ValueError("special tokens must be non-empty strings")
+        ids = special_tokens.values()
+        if (not all(type(i) is int for i in ids)
+                or sorted(ids) != list(range(n, n + len(special_tokens)))):
+            raise ValueError(f"special token ids must be {n}, {n + 1}, ... (after the merges)")
+        self.tokens = tokens
+        self.special_tokens = special_tokens
+        self._tk, self._tv = bpe.table_build(np.array(keys, np.int64), np.array(vals, np.int32))
+        self._byte_to_id = np.zeros(256, np.int32)
+        for i in range(256):
+            self._byte_to_id[tokens[i][0]] = i
+        every = tokens + [s.encode("utf-8") for s in sorted(special_tokens, key=special_tokens.get)]
+        self._bytes = np.frombuffer(b"".join(every), np.uint8)
+        self._off = np.cumsum([0] + [len(t) for t in every]).astype(np.int64)
+        self._special_re = {}
+        self._cache, self._cache_size = None, 1 << 16  # pre-token -> ids (bpe.new_cache)
+
+    # ------------------------------------------------------------ properties
+    @property
+    def vocab_size(self):
+        return len(self.tokens) + len(self.special_tokens)
+
+    @property
+    def eot_id(self):
+        """Id of <|endoftext|>, or None when the tokenizer has none."""
+        return self.special_tokens.get(EOT)
+
+    # ------------------------------------------------------------ encoding
+    def _allowed(self, allowed_special):
+        if allowed_special == "all":
+            return tuple(sorted(self.special_tokens))
+        if isinstance(allowed_special, str):
+            allowed_special = (allowed_special,)
+        allowed = tuple(sorted(set(allowed_special)))
+        unknown = [s for s in allowed if s not in self.special_tokens]
+        if unknown:
+            raise ValueError(f"not special tokens of this tokenizer: {', '.join(unknown)}")
+        return allowed
+
+    def _encode_many(self, texts, allowed_special=()):
+        """Flat int32 ids of all texts and the end of each text in them."""
+        allowed = self._allowed(allowed_special)
+        parts = []  # per text: list of str pieces and special ids
+        for text in texts:
+            if not isinstance(text, str):
+                raise ValueError(f"can only encode str, not {type(text).__name__}")
+            if allowed:
+                if allowed not in self._special_re:
+                    alts = sorted(allowed, key=len, reverse=True)
+                    self._special_re[allowed] = regex.compile("|".join(map(regex.escape, alts)))
+                pos, p = 0, []
+                for m in self._special_re[allowed].finditer(text):
+                    p += [text[pos:m.start()], self.special_tokens[m.group()]]
+                    pos = m.end()
+                parts.append(p + [text[pos:]])
+            else:
+                parts.append([text])
+        try:
+            chunks = [s.encode("utf-8") for p in parts for s in p if isinstance(s, str)]
+        except UnicodeEncodeError as e:
+            raise ValueError(f"text cannot be encoded as UTF-8 (lone surrogate?): {e}") from None
+        buf = np.frombuffer(b"".join(chunks), np.uint8)
+        ends = np.cumsum([len(c) for c in chunks], dtype=np.int64)
+        if self._cache is None or bpe.cache_full(self._cache):
+            self._cache = bpe.new_cache(self._cache_size)
+        c = self._cache
+        ids, id_ends = bpe.encode(buf, ends, categories(), self._byte_to_id, self._tk, self._tv,
+                                  c["slots"], c["ent"], c["keys"], c["vals"], c["use"])
+        if not allowed:
+            return ids, id_ends
+        out, text_ends, item, start = [], [], 0, 0
+        for p in parts:
+            for s in p:
+                if isinstance(s, str):
+                    out.append(ids[start:id_ends[item]])
+                    start = id_ends[item]
+                    item += 1
+                else:
+                    out.append(np.array([s], np.int32))
+            text_ends.append(sum(len(o) for o in out))
+        return np.concatenate(out) if out else ids, np.array(text_ends, np.int64)
+
+    def clear_cache(self):
+        """Forget the cached pre-tokens (encode fills the cache again as it goes)."""
+        self._cache = None
+
+    def encode(self, text, allowed_special=()):
+        """str -> list of ids. Special-token text is plain text unless listed in allowed_special
+        (a set of special tokens, or "all")."""
+        return self._encode_many([text], allowed_special)[0].tolist()
+
+    def encode_array(self, text, allowed_special=(), dtype=np.int32):
+        """Like encode, as a NumPy array (int32 by default, or int64)."""
+        return self._encode_many([text], allowed_special)[0].astype(dtype, copy=False)
+
+    def encode_batch(self, texts, allowed_special=()):
+        """list of str -> list of lists of ids, in one pass."""
+        ids, ends = self._encode_many(list(texts), allowed_special)
+        return [a.tolist() for a in np.split(ids, ends[:-1])] if len(ends) else []
+
+    # ------------------------------------------------------------ decoding
+    def decode_bytes(self, ids):
+        """Ids -> the raw bytes they stand for."""
+        a = np.asarray(ids)
+        if a.size == 0:
+            return b""
+        if a.dtype.kind not in "iu" or a.ndim != 1:
+            raise ValueError("token ids must be a flat sequence of integers")
+        bad = (a < 0) | (a >= self.vocab_size)
+        if bad.any():
+            raise ValueError(f"token id {a[bad][0]} is out of range (vocabulary size "
+                             f"{self.vocab_size})")
+        return bpe.decode(a.astype(np.int64), self._bytes, self._off).tobytes()
+
+    def decode(self, ids):
+        """Ids -> str; bytes that are not valid UTF-8 become U+FFFD (as tiktoken does)."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # ------------------------------------------------------------ training
+    @classmethod
+    def train(cls, text, vocab_size, special_tokens=(EOT,), progress=True, min_frequency=2):
+        """Learn vocab_size - 256 - len(special_tokens) merges from a str or an iterable of str
+        (each item pre-tokenized on its own). Stops early when no pair occurs min_frequency
+        times, giving a smaller vocabulary. progress: a tqdm bar on stderr."""
+        specials = list(dict.fromkeys(special_tokens))
+        if not all(isinstance(s, str) and s for s in specials):
+            raise ValueError("special tokens must be non-empty strings")
+        if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 256 + len(specials):
+            raise ValueError(f"vocab size must be at least {256 + len(specials)} (256 bytes + "
+                             f"{len(specials)} special tokens), got {vocab_size}")
+        items = [text] if isinstance(text, str) else text
+        cut = regex.compile("|".join(map(regex.escape, sorted(specials, key=len, reverse=True))))
+        counts, batch, size, seen = {}, [], 0, False
+
+        def flush():
+            buf_bytes = b"".join(batch)
+            buf = np.frombuffer(buf_bytes, np.uint8)
+            ends = np.cumsum([len(b) for b in batch], dtype=np.int64)
+            for o, n, c in zip(*(x.tolist() for x in bpe_train.count_pieces(buf, ends, categories()))):
+                key = buf_bytes[o:o + n]
+                counts[key] = counts.get(key, 0) + c
+            batch.clear()
+
+        for item in items:
+            if not isinstance(item, str):
+                raise ValueError(f"training text must be str, not {type(item).__name__}")
+            for piece in (cut.split(item) if specials else [item]):
+                if piece:
+                    seen = True
+                    batch.append(piece.encode("utf-8"))
+                    size += len(batch[-1])
+            if size > 1 << 24:
+                flush()
+                size = 0
+        flush()
+        if not seen:
+            raise ValueError("the training text is empty")
+        words = [w for w in counts if len(w) > 1]
+        sym = np.frombuffer(b"".join(words), np.uint8).astype(np.int32)
+        wlen = np.array([len(w) for w in words], np.int32)
+        wstart = np.concatenate(([0], np.cumsum(wlen[:-1], dtype=np.int64))).astype(np.int64)
+        wfreq = np.array([counts[w] for w in words], np.int64)
+        n_merges = vocab_size - 256 - len(specials)
+        from tqdm import tqdm
+
+        with tqdm(total=n_merges, desc="BPE merges", unit="merge", disable=not progress,
+                  leave=False) as bar:
+            a, b, _ = bpe_train.train(sym, wstart, wlen, wfreq, n_merges, 256, max(1, min_frequency),
+                                on_progress=lambda done: bar.update(done - bar.n))
+        tokens = [bytes([i]) for i in range(256)]
+        for x, y in zip(a.tolist(), b.tolist()):
+            tokens.append(tokens[x] + tokens[y])
+        return cls(tokens, {s: len(tokens) + i for i, s in enumerate(specials)})
+
+    # ------------------------------------------------------------ files
+    @classmethod
+    def from_gpt2_files(cls, vocab_bpe, encoder_json):
+        """GPT-2's released vocab.bpe (merges) and encoder.json (ids); checked to agree."""
+        with open(encoder_json, encoding="utf-8") as f:
+            encoder = json.load(f)
+        with open(vocab_bpe, encoding="utf-8") as f:
+            lines = [ln for ln in f.read().split("\n") if ln and not ln.startswith("#version")]
+        if not isinstance(encoder, dict):
+            raise ValueError(f"{encoder_json}: expected a JSON object of token -> id")
+        tokens = [None] * (256 + len(lines))
+        for b in range(256):
+            i = encoder.get(_B2U[b])
+            if not isinstance(i, int) or not 0 <= i < 256 or tokens[i] is not None:
+                raise ValueError(f"{encoder_json}: byte {b} must have a distinct id below 256")
+            tokens[i] = bytes([b])
+        for i, ln in enumerate(lines):
+            pair = ln.split(" ")
+            if len(pair) != 2 or encoder.get(pair[0] + pair[1]) != 256 + i:
+                raise ValueError(f"{vocab_bpe}: merge {i + 1} ({ln!r}) does not match id "
+                                 f"{256 + i} in {encoder_json}")
+            tokens[256 + i] = _to_bytes(pair[0] + pair[1])
+        specials = {s: i for s, i in encoder.items() if i >= len(tokens)}
+        return cls(tokens, specials)
+
+    def to_json(self):
+        """The tokenizer as a JSON string (deterministic)."""
+        return json.dumps({"format": FORMAT, "version": VERSION, "pattern": GPT2_PATTERN,
+                           "tokens": ["".join(_B2U[b] for b in t) for t in self.tokens],
+                           "special_tokens": self.special_tokens}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, s, where="tokenizer"):
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not a tokenizer file (invalid JSON: {e})") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ValueError(f"{where}: not a minillm tokenizer file (no \"format\": \"{FORMAT}\")")
+        if d.get("version") != VERSION:
+            raise ValueError(f"{where}: tokenizer format version {d.get('version')!r} is not "
+                             f"supported (this minillm reads version {VERSION})")
+        if d.get("pattern") != GPT2_PATTERN:
+            raise ValueError(f"{where}: only GPT-2's pre-tokenizer pattern is supported")
+        tokens, specials = d.get("tokens"), d.get("special_tokens")
+        if not isinstance(tokens, list) or not isinstance(specials, dict):
+            raise ValueError(f"{where}: \"tokens\" must be a list and \"special_tokens\" an object")
+        try:
+            return cls([_to_bytes(t) for t in tokens], specials)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    def save(self, path):
+        """Write the JSON file atomically (temporary name, then os.replace)."""
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: no such tokenizer file")
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a tokenizer file (not UTF-8 JSON)") from None
+        return cls.from_json(text, where=path)
+
+
+def _to_bytes(s):
+    if not isinstance(s, str) or any(c not in _U2B for c in s):
+        raise ValueError(f"token {s!r} is not in GPT-2's byte-to-unicode alphabet")
+    return bytes(_U2B[c] for c in s)

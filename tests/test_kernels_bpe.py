@@ -1,0 +1,170 @@
+"""kernels/bpe.py: the Numba kernels against their references (the `regex` module, plain Python)."""
+
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import regex
+
+from minillm.kernels import bpe, bpe_train
+from minillm.kernels.bpe import GPT2_PATTERN, categories
+from minillm.tokenizer import Tokenizer
+
+# the corpora sit in ../shared/data beside the repository
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
+                    "data")
+
+EDGE = [
+    "", " ", "  ", "a", " a", "  a", "\n", "\n\n", "a\n\nb", "a \n b", "\t\tx", " \tx", "x  ",
+    "x \n", "it's", "IT'S", "we're we've I'm he'll I'd", "'s'", "''s", " 's", "!'s", "'", "a'",
+    "'ll'", "'re", "'r", "don't", "1,000.50", " 123abc", "a1b2", "..., !!!", " ?!", "x\u00a0y",
+    "\u3000\u3000x", "\u2028a", "\x85b", "\x1c\x1dq", "tab\tsep\tvalue\n", "e\u0301te\u0301",
+    "日本語のテキスト", "한국어 텍스트", "emoji 😀👍🏽 family 👨‍👩‍👧", "Ελληνικά 123 ٣٤٥",
+    "zero\u200bwidth", "\r\n\r\n", "a  \t  b", "x\x00y\x7f", "\ufeffbom", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+]
+
+
+def random_strings(n, seed, max_len=40):
+    """Strings mixing ASCII, spaces, punctuation and random code points of all planes."""
+    rng = np.random.default_rng(seed)
+    pools = [" ", "  ", "\n", "\t", "'", "'s", "'ll", "a", "Z", "é", "1", "٣", ".", "😀", "\u0301",
+             "\u00a0", "\u3000", "日"]
+    out = []
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.integers(0, max_len)):
+            if rng.random() < 0.5:
+                parts.append(pools[rng.integers(len(pools))])
+            else:
+                c = int(rng.integers(0, 0x110000 if rng.random() < 0.3 else 0x3000))
+                parts.append(chr(c) if not 0xD800 <= c < 0xE000 else "x")
+        out.append("".join(parts))
+    return out
+
+
+def pieces(text):
+    buf = np.frombuffer(text.encode("utf-8"), np.uint8)
+    starts = bpe.pretokenize(buf, np.array([len(buf)], np.int64), categories())
+    return [buf[a:b].tobytes().decode("utf-8") for a, b in zip(starts[:-1], starts[1:])]
+
+
+@pytest.mark.parametrize("text", EDGE)
+def test_pretokenize_matches_regex_on_edge_cases(text):
+    assert pieces(text) == regex.findall(GPT2_PATTERN, text)
+
+
+def test_pretokenize_matches_regex_on_random_and_real_text():
+    for s in random_strings(2000, seed=0):
+        assert pieces(s) == regex.findall(GPT2_PATTERN, s), repr(s)
+    with open(f"{DATA}/shakespeare.txt", encoding="utf-8") as f:
+        text = f.read(500_000)
+    assert pieces(text) == regex.findall(GPT2_PATTERN, text)
+
+
+def test_pretokenize_never_crosses_item_ends():
+    items = ["ab ", " cd", "'", "s  ", "x"]
+    buf = np.frombuffer("".join(items).encode(), np.uint8)
+    ends = np.cumsum([len(s) for s in items]).astype(np.int64)
+    starts = bpe.pretokenize(buf, ends, categories())
+    got = [buf[a:b].tobytes().decode() for a, b in zip(starts[:-1], starts[1:])]
+    assert got == [p for s in items for p in regex.findall(GPT2_PATTERN, s)]
+
+
+def test_count_pieces_matches_counter():
+    with open(f"{DATA}/headlines.txt", encoding="utf-8") as f:
+        text = f.read(300_000)
+    text += "".join(random_strings(300, seed=1))
+    raw = text.encode("utf-8")
+    off, ln, cnt = bpe_train.count_pieces(np.frombuffer(raw, np.uint8), np.array([len(raw)], np.int64),
+                                    categories())
+    got = {raw[o:o + n].decode(): c for o, n, c in zip(off, ln, cnt)}
+    assert len(got) == len(off)  # each distinct piece once
+    assert got == Counter(regex.findall(GPT2_PATTERN, text))
+
+
+def test_table_first_key_wins_and_missing_is_minus_one():
+    keys = np.array([5, 7, 5, (3 << 32) | 9], np.int64)
+    tk, tv = bpe.table_build(keys, np.array([1, 2, 3, 4], np.int32))
+    assert [bpe.table_get(tk, tv, k) for k in (5, 7, (3 << 32) | 9, 6)] == [1, 2, 4, -1]
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return Tokenizer.from_gpt2_files(f"{DATA}/gpt2/vocab.bpe", f"{DATA}/gpt2/encoder.json")
+
+
+def test_encode_kernel_matches_reference(gpt2):
+    texts = EDGE + random_strings(500, seed=2)
+    # long pre-tokens take the heap path (> bpe.LONG bytes): letters, digits, spaces, symbols
+    texts += ["ab" * 300, "a" * 1001, " " * 700 + "x", "1234567890" * 40, "!?" * 200,
+              "".join(random_strings(1, seed=3, max_len=400)).replace(" ", "")]
+    cache, pairs = {}, bpe.pair_dict(gpt2._tk, gpt2._tv)
+    for t in texts:
+        assert gpt2.encode(t) == bpe.encode_reference(t, gpt2._byte_to_id, pairs, cache), repr(t)
+
+
+def test_encode_cache_gives_same_ids_when_warm_and_when_full(gpt2):
+    with open(f"{DATA}/shakespeare.txt", encoding="utf-8") as f:
+        text = f.read(200_000)
+    first = gpt2.encode(text)
+    assert gpt2.encode(text) == first  # second call served from the cache
+    gpt2._cache, size = None, gpt2._cache_size
+    try:
+        gpt2._cache_size = 64  # the cache fills up at once: encode must stop adding, not break
+        assert gpt2.encode(text) == first
+        assert gpt2.encode(text) == first
+    finally:
+        gpt2._cache, gpt2._cache_size = None, size
+
+
+def words_to_arrays(words):
+    keys = list(words)
+    sym = np.array([s for w in keys for s in w], np.int32)
+    wlen = np.array([len(w) for w in keys], np.int32)
+    wstart = np.concatenate(([0], np.cumsum(wlen[:-1]))).astype(np.int64)
+    return sym, wstart, wlen, np.array([words[w] for w in keys], np.int64)
+
+
+def random_words(rng, n_words, alphabet, max_len):
+    words = {}
+    for _ in range(n_words):
+        w = tuple(int(x) for x in rng.integers(0, alphabet, rng.integers(1, max_len + 1)))
+        words[w] = words.get(w, 0) + int(rng.integers(1, 6))
+    return words
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_train_kernel_matches_reference(seed):
+    rng = np.random.default_rng(seed)
+    alphabet = [2, 3, 5, 20][seed % 4]  # tiny alphabets make many ties and runs like a a a a
+    words = random_words(rng, int(rng.integers(5, 200)), alphabet, int(rng.integers(2, 16)))
+    n_merges, min_count = 60, 1 + seed % 3
+    want = bpe_train.train_reference(words, n_merges, 256, min_count)
+    a, b, _ = bpe_train.train(*words_to_arrays(words), n_merges, 256, min_count)
+    assert list(zip(a.tolist(), b.tolist())) == want
+
+
+def test_train_kernel_grows_its_tables():
+    """One pair in every word: the first merge needs more room than the initial guess."""
+    rng = np.random.default_rng(7)
+    words = {(0, 1) + tuple(int(x) for x in rng.integers(0, 250, 60)): 1 for _ in range(300)}
+    want = bpe_train.train_reference(words, 200, 256)
+    a, b, c = bpe_train.train(*words_to_arrays(words), 200, 256)
+    assert list(zip(a.tolist(), b.tolist())) == want
+    assert c[0] >= 300 and np.all(c >= 1)
+
+
+def test_train_kernel_on_real_pieces_matches_reference():
+    with open(f"{DATA}/headlines.txt", encoding="utf-8") as f:
+        text = f.read(20_000)
+    words = Counter(tuple(p.encode()) for p in regex.findall(GPT2_PATTERN, text))
+    want = bpe_train.train_reference(dict(words), 150, 256, 2)
+    a, b, _ = bpe_train.train(*words_to_arrays(dict(words)), 150, 256, 2)
+    assert list(zip(a.tolist(), b.tolist())) == want
+
+
+def test_decode_kernel():
+    tok_bytes = np.frombuffer(b"abcde", np.uint8)
+    off = np.array([0, 1, 3, 5], np.int64)  # "a", "bc", "de"
+    assert bpe.decode(np.array([2, 0, 1, 1], np.int64), tok_bytes, off).tobytes() == b"deabcbc"
