@@ -203,9 +203,93 @@ def sample(checkpoint, adapter, num, prompt, max_tokens, temperature, top_k, top
 
 
 # --- reference commands ---
+@cli.group("reference")
+def reference_group():
+    """Golden cases (inputs, params, outputs, gradients) to check other implementations against."""
+
+
+def _component_list(values):
+    """--components given once with commas or several times -> list, or None for all."""
+    names = [n for v in values for n in v.replace(",", " ").split()]
+    return names or None
+
+
+@reference_group.command("make")
+@click.argument("directory", type=click.Path())
+@click.option("--components", multiple=True, help="Components to write (comma-separated; default: all).")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+def reference_make(directory, components, seed):
+    """Write one safetensors file per component and manifest.json into DIRECTORY."""
+    from minillm import reference
+
+    manifest = reference.make(directory, _component_list(components), seed, log=log)
+    log(f"{len(manifest['components'])} components written to {directory}/")
+
+
+@reference_group.command("check")
+@click.argument("directory", type=click.Path())
+@click.option("--impl", required=True, help="package.module:function, or package.module (or file.py) "
+              "with functions named like the components.")
+@click.option("--components", multiple=True, help="Components to check (comma-separated; default: every "
+              "one the implementation has a function for).")
+@click.option("--variant", type=click.Choice(["all", "float64", "float32"]), default="all", show_default=True)
+@click.option("--forward-only", is_flag=True, help="Compare outputs only, not gradients.")
+@click.option("--quiet", is_flag=True, help="Print only failures and the summary.")
+def reference_check(directory, impl, components, variant, forward_only, quiet):
+    """Run the implementation on the golden inputs in DIRECTORY; print errors per tensor.
+
+    Exit status 1 when any tensor is off by more than the manifest's tolerance."""
+    from minillm import reference
+
+    manifest = reference.read_manifest(directory)
+    wanted = _component_list(components)
+    for name in wanted or ():
+        reference.manifest_entry(manifest, directory, name)
+    fns = reference.resolve_impl(impl, wanted, available=list(manifest["components"]))
+    failed, n_rows = [], 0
+    for name, fn in fns.items():
+        variants = None
+        if variant != "all":
+            have = manifest["components"].get(name, {}).get("variants", {})
+            if variant not in have:
+                continue
+            variants = [variant]
+        try:
+            rep = reference.check(name, fn, directory, variants=variants, grads=not forward_only, catch=True)
+        except reference.ImplementationError as e:  # report it, go on with the other components
+            failed.append(f"FAIL {e}")
+            continue
+        n_rows += len(rep.rows)
+        if not quiet:
+            click.echo(rep.format())
+        failed += rep.failures()
+    for line in failed:
+        click.echo(line)
+    if failed:
+        raise UserError(f"{len(failed)} failure(s) in {', '.join(fns)} against {directory}")
+    click.echo(f"ok: {len(fns)} component(s), {n_rows} tensors within tolerance")
+
+
+@reference_group.command("list")
+def reference_list():
+    """Print the components, the peer each matches, and their math."""
+    from minillm.reference_cases import COMPONENTS
+
+    for name, spec in COMPONENTS.items():
+        click.echo(f"{name}  ({', '.join(spec['variants'])})\n  matches: {spec['matches']}\n  math: {spec['math']}")
 # --- end reference commands ---
 
 # --- quantize commands ---
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--out", required=True, help="Where to write the packed inference checkpoint.")
+def quantize(checkpoint, out):
+    """Pack a checkpoint trained with --ternary into 2 bits per weight (sample runs from it directly)."""
+    from minillm.quantize import quantize_checkpoint
+
+    before, after = quantize_checkpoint(checkpoint, out)
+    log(f"packed checkpoint written to {out}/: model.safetensors {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB "
+        f"({before / after:.1f}x smaller)")
 # --- end quantize commands ---
 
 

@@ -7,7 +7,8 @@ p = {"weight": W, "bias": b (optional)}; layout "in_out" stores W as (I, O) (HF 
 y = x W + b), "out_in" as (O, I) (torch nn.Linear, y = x W^T + b). When `config["ternary"]` is true
 the weight is quantised to {-1, 0, 1} (BitNet b1.58, see ternary.py). When p holds "lora_A" (r, I)
 and "lora_B" (O, r), the low-rank update (alpha / r) x A^T B^T is added (see lora.py); the base weight
-is then frozen and gets no gradient.
+is then frozen and gets no gradient. When p holds "weight_scale", W is 2-bit packed ternary (quantize.py)
+and the layer runs the packed integer kernel (inference only).
 """
 
 from minillm import ops
@@ -23,6 +24,11 @@ def _weight_in_out(w, layout):
 
 def dense_forward(x, p, config, layout):
     """x: (..., I) -> y: (..., O)."""
+    if "weight_scale" in p:  # a packed ternary checkpoint (quantize.py): inference only
+        from minillm import ternary
+
+        y = ternary.packed_linear_forward(x, p["weight"], p["weight_scale"], p["weight_shape"], p.get("bias"))
+        return y, ("packed", None, None, layout, "bias" in p)
     if config.get("ternary"):
         from minillm import ternary
 
@@ -43,6 +49,8 @@ def dense_forward(x, p, config, layout):
 def dense_backward(dy, cache):
     """dy: (..., O) -> (dx: (..., I), grads keyed like p)."""
     kind, base_cache, lora_cache, layout, has_bias = cache
+    if kind == "packed":
+        raise ValueError("a packed ternary checkpoint is for inference only; train from the unpacked checkpoint")
     if kind == "ternary":
         from minillm import ternary
 
