@@ -246,27 +246,28 @@ def reference_check(directory, impl, components, variant, forward_only, quiet):
     for name in wanted or ():
         reference.manifest_entry(manifest, directory, name)
     fns = reference.resolve_impl(impl, wanted, available=list(manifest["components"]))
-    failed, n_rows = [], 0
+    failed, bad, n_rows = [], [], 0
+    if variant != "all":   # components without that variant are skipped
+        fns = {n: f for n, f in fns.items() if variant in manifest["components"][n].get("variants", {})}
+        if not fns:
+            raise UserError(f"none of the components to check has a {variant} variant in {directory}")
     for name, fn in fns.items():
-        variants = None
-        if variant != "all":
-            have = manifest["components"].get(name, {}).get("variants", {})
-            if variant not in have:
-                continue
-            variants = [variant]
+        variants = None if variant == "all" else [variant]
         try:
             rep = reference.check(name, fn, directory, variants=variants, grads=not forward_only, catch=True)
         except reference.ImplementationError as e:  # report it, go on with the other components
             failed.append(f"FAIL {e}")
+            bad.append(name)
             continue
-        n_rows += len(rep.rows)
+        n_rows += sum(1 for r in rep.rows if not r.note.endswith("(ignored)"))
         if not quiet:
             click.echo(rep.format())
         failed += rep.failures()
+        bad += [] if rep.ok else [name]
     for line in failed:
         click.echo(line)
     if failed:
-        raise UserError(f"{len(failed)} failure(s) in {', '.join(fns)} against {directory}")
+        raise UserError(f"{len(bad)} of {len(fns)} component(s) failed against {directory}: {', '.join(bad)}")
     click.echo(f"ok: {len(fns)} component(s), {n_rows} tensors within tolerance")
 
 

@@ -1,0 +1,441 @@
+"""Golden cases: reference inputs, parameters, outputs and gradients that any implementation (PyTorch,
+JAX, Triton, C, ...) can be checked against (the README section "Golden cases" is the user guide).
+
+    make(directory, components=None, seed=0) -> manifest     writes the files below
+    load(directory, component, variant="float64") -> Case    one golden case
+    check(component, fn, directory, ...) -> Report           runs fn on the golden inputs, compares
+    resolve_impl("pkg.module[:function]" or "file.py[:function]", components) -> {component: fn}
+
+A golden directory holds `<component>.safetensors` (float64), for some components also
+`<component>.float32.safetensors`, and `manifest.json`. Tensor names are "<section>/<name>", section
+one of inputs, params, upstream, outputs, grads. Calling convention, for every component:
+
+    fn(inputs, params, upstream, config) -> (outputs, grads)      (or just outputs)
+
+{name: array} dicts; grads[name] = d(sum_o sum(outputs[o] * upstream[o])) / d(inputs or params)[name].
+minillm's own implementations in this form are the component functions of reference_cases.py.
+Per tensor, rel = max |got - want| / max |want| must be <= the variant's rtol; integer tensors must
+match exactly. float32 variants: the case rounded to float32, expected values computed in float64 on
+it. The same command writes byte-identical files (fixed per-component seeds, deterministic kernels,
+one-key safetensors metadata, sorted JSON).
+"""
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import re
+import sys
+import zlib
+
+import numpy as np
+
+from minillm import __version__
+
+FORMAT, VERSION = "minillm-reference", 1
+SECTIONS = ("inputs", "params", "upstream", "outputs", "grads")
+CONVENTION = ("fn(inputs, params, upstream, config) -> (outputs, grads); grads[name] = d(sum_o "
+              "sum(outputs[o] * upstream[o])) / d(inputs or params)[name]")
+ERROR_MEASURE = "rel = max|got - want| / max|want| (absolute when want is all zero); pass: rel <= rtol"
+
+
+def _registry():
+    from minillm.reference_cases import COMPONENTS
+
+    return COMPONENTS
+
+
+def components():
+    """Names of every component minillm can write golden cases for, in manifest order."""
+    return list(_registry())
+
+
+def _check_names(names):
+    known = _registry()
+    if names is None:
+        return list(known)
+    names = [n for part in ([names] if isinstance(names, str) else names)
+             for n in str(part).replace(",", " ").split()]
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ValueError(f"unknown component {bad[0]!r}; known: {', '.join(known)}")
+    if not names:
+        raise ValueError("no components given")
+    return list(dict.fromkeys(names))
+
+
+# --- making golden files ----------------------------------------------------------------------------
+
+
+def _cast(tensors, dtype):
+    return {k: (v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v) for k, v in tensors.items()}
+
+
+def _arrays(d, what):
+    out = {}
+    for k, v in d.items():
+        a = np.array(_to_numpy(v), order="C")    # a copy; keeps 0-d arrays 0-d
+        if a.dtype == object or a.dtype.kind not in "biuf":
+            raise ValueError(f"{what}[{k!r}]: not a numeric array ({a.dtype})")
+        out[k] = a
+    return out
+
+
+def build(component, seed=0, variant="float64"):
+    """-> {"<section>/<name>": array} of one golden case (computed, nothing written)."""
+    spec = _registry()[component]
+    rng = np.random.default_rng([int(seed), zlib.crc32(component.encode())])
+    inputs, params, upstream = (_arrays(d, component) for d in spec["sample"](rng))
+    if variant == "float32":  # the case rounded to float32; expected values computed in float64 on it
+        inputs, params, upstream = (_cast(_cast(d, np.float32), np.float64) for d in (inputs, params, upstream))
+    overlap = set(inputs) & set(params)
+    if overlap:
+        raise ValueError(f"{component}: {sorted(overlap)} named both as input and as param")
+    res = spec["fn"]({k: v.copy() for k, v in inputs.items()}, {k: v.copy() for k, v in params.items()},
+                     upstream, json.loads(json.dumps(spec["config"])))
+    outputs, grads = (_arrays(d, component) for d in res)
+    tensors = {}
+    for section, d in zip(SECTIONS, (inputs, params, upstream, outputs, grads)):
+        d = _cast(d, np.float32) if variant == "float32" else d
+        tensors.update((f"{section}/{k}", v) for k, v in d.items())
+    return tensors
+
+
+def _file_name(component, variant):
+    return f"{component}.safetensors" if variant == "float64" else f"{component}.{variant}.safetensors"
+
+
+def _write_atomic(path, data):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _short_lists(text):
+    """Put JSON lists of numbers (shapes, betas) and each tensor's {dtype, shape} on one line."""
+    text = re.sub(r"\[\s+([-+.\deE]+(?:,\s+[-+.\deE]+)*)\s+\]",
+                  lambda m: "[" + ", ".join(m.group(1).replace(",", " ").split()) + "]", text)
+    return re.sub(r'\{\s+("dtype": "\w+"),\s+("shape": \[[^\]]*\])\s+\}', r"{\1, \2}", text)
+
+
+def make(directory, components=None, seed=0, log=None):
+    """Write the golden files of `components` (default: all) and manifest.json into `directory`.
+
+    Returns the manifest dict. Re-running with the same arguments writes byte-identical files."""
+    from safetensors.numpy import save
+
+    names = _check_names(components)
+    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"{directory}: exists and is not a directory")
+    os.makedirs(directory, exist_ok=True)
+    manifest = {"format": FORMAT, "version": VERSION, "minillm_version": __version__, "seed": int(seed),
+                "calling_convention": CONVENTION, "error_measure": ERROR_MEASURE, "components": {}}
+    for name in names:
+        spec = _registry()[name]
+        entry = {k: spec[k] for k in ("matches", "math", "config")}
+        entry["variants"] = {}
+        for variant, rtol in spec["variants"].items():
+            tensors = build(name, seed, variant)
+            data = save(tensors, metadata={"minillm_reference": f"{name}/{variant}"})
+            fname = _file_name(name, variant)
+            _write_atomic(os.path.join(directory, fname), data)
+            entry["variants"][variant] = {
+                "file": fname, "sha256": hashlib.sha256(data).hexdigest(), "rtol": rtol,
+                "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sorted(tensors.items())}}
+            if log:
+                log(f"wrote {fname} ({len(tensors)} tensors)")
+        manifest["components"][name] = entry
+    text = _short_lists(json.dumps(manifest, indent=2, sort_keys=True)) + "\n"
+    _write_atomic(os.path.join(directory, "manifest.json"), text.encode("utf-8"))
+    return manifest
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Case:
+    """One golden case: the five sections as {name: array}, the config and the tolerance."""
+    component: str
+    variant: str
+    config: dict
+    rtol: float
+    inputs: dict
+    params: dict
+    upstream: dict
+    outputs: dict
+    grads: dict
+
+
+def read_manifest(directory):
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory}: no such directory")
+    path = os.path.join(directory, "manifest.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{directory}: no manifest.json, not a golden-case directory "
+                         "(write one with `minillm reference make DIR`)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a minillm golden-case manifest (no \"format\": \"{FORMAT}\")")
+    if manifest.get("version") != VERSION or not isinstance(manifest.get("components"), dict):
+        raise ValueError(f"{path}: manifest version {manifest.get('version')!r} is not supported "
+                         f"(this minillm reads version {VERSION})")
+    return manifest
+
+
+def manifest_entry(manifest, directory, component):
+    """The manifest's entry for `component`; ValueError naming what the directory has."""
+    comps = manifest["components"]
+    if component not in comps:
+        raise ValueError(f"{directory}: has no golden case for {component!r} (it has: "
+                         f"{', '.join(comps) or 'none'})")
+    return comps[component]
+
+
+def load(directory, component, variant="float64", manifest=None):
+    """Read and validate one golden case (checksum, tensor names, shapes, dtypes) -> Case."""
+    from safetensors.numpy import load as st_load
+
+    manifest = manifest or read_manifest(directory)
+    entry = manifest_entry(manifest, directory, component)
+    if variant not in entry.get("variants", {}):
+        raise ValueError(f"{directory}: {component} has no {variant} variant (it has: "
+                         f"{', '.join(entry.get('variants', {}))})")
+    info = entry["variants"][variant]
+    path = os.path.join(directory, info["file"])
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: missing (listed in manifest.json)")
+    with open(path, "rb") as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != info["sha256"]:
+        raise ValueError(f"{path}: contents do not match the checksum in manifest.json (modified or corrupt)")
+    try:
+        tensors = st_load(data)
+    except Exception as e:   # safetensors raises its own error types
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    want = {k: (tuple(v["shape"]), v["dtype"]) for k, v in info["tensors"].items()}
+    got = {k: (tuple(v.shape), str(v.dtype)) for k, v in tensors.items()}
+    if want != got:
+        bad = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got[k])
+        raise ValueError(f"{path}: tensors do not match manifest.json (first difference: {bad[0]})")
+    sections = {s: {} for s in SECTIONS}
+    for key, value in sorted(tensors.items()):
+        section, _, name = key.partition("/")
+        if section not in sections:
+            raise ValueError(f"{path}: tensor {key!r} is in no known section")
+        sections[section][name] = value
+    return Case(component, variant, entry.get("config", {}), float(info["rtol"]), **sections)
+
+
+# --- checking ---------------------------------------------------------------------------------------
+
+
+def _to_numpy(v):
+    if hasattr(v, "detach"):     # torch tensors
+        v = v.detach().cpu().numpy()
+    return np.asarray(v)
+
+
+@dataclasses.dataclass
+class Row:
+    component: str
+    variant: str
+    tensor: str          # "<section>/<name>"
+    shape: tuple
+    max_abs: float       # nan when not compared
+    rel: float
+    rtol: float
+    ok: bool
+    note: str = ""
+
+
+class Report:
+    """The result of `check`: one Row per expected tensor (plus notes on unexpected ones)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    @property
+    def ok(self):
+        return all(r.ok for r in self.rows)
+
+    def failures(self):
+        """One clear line per failing tensor."""
+        out = []
+        for r in self.rows:
+            if not r.ok:
+                what = r.note or f"rel error {r.rel:.2e} > rtol {r.rtol:.0e} (max abs error {r.max_abs:.2e})"
+                out.append(f"FAIL {r.component} [{r.variant}] {r.tensor}: {what}")
+        return out
+
+    def format(self):
+        lines, last = [], None
+        for r in self.rows:
+            if (r.component, r.variant) != last:
+                last = (r.component, r.variant)
+                lines.append(f"{r.component} [{r.variant}]  rtol {r.rtol:.0e}")
+            num = "" if np.isnan(r.max_abs) else f"max abs {r.max_abs:9.2e}  rel {r.rel:9.2e}"
+            status = "ok" if r.ok else "FAIL"
+            lines.append(f"  {r.tensor:32s} {str(r.shape):14s} {num:32s} {status}"
+                         + (f"  {r.note}" if r.note else ""))
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.format()
+
+
+def _compare(want, got):
+    """-> (max_abs, rel, exact_needed)."""
+    if not np.issubdtype(want.dtype, np.floating):
+        diff = np.abs(got.astype(np.float64) - want.astype(np.float64)) if want.size else np.zeros(1)
+        return float(diff.max()), float(diff.max()), True
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    max_abs = float(diff.max()) if diff.size else 0.0
+    if diff.size and not np.isfinite(diff).all():
+        max_abs = float("inf")
+    scale = float(np.abs(want).max()) if want.size else 0.0
+    return max_abs, (max_abs / scale if scale > 0 else max_abs), False
+
+
+def compare_case(case, result, grads=True):
+    """Compare an implementation's result with a Case -> list of Rows."""
+    if isinstance(result, dict):
+        outputs, got_grads = result, {}
+    elif isinstance(result, (tuple, list)) and len(result) == 2 and all(isinstance(d, dict) for d in result):
+        outputs, got_grads = result
+    else:
+        raise ImplementationError(f"{case.component}: the implementation must return (outputs, grads), "
+                                  f"two dicts, or an outputs dict; got {type(result).__name__}")
+    rows = []
+    sections = [("outputs", case.outputs, outputs)] + ([("grads", case.grads, got_grads)] if grads else [])
+    for section, want_d, got_d in sections:
+        for name, want in want_d.items():
+            key = f"{section}/{name}"
+            row = dict(component=case.component, variant=case.variant, tensor=key, shape=want.shape,
+                       max_abs=float("nan"), rel=float("nan"), rtol=case.rtol)
+            if name not in got_d or got_d[name] is None:
+                rows.append(Row(**row, ok=False, note=f"missing: the result has no {section}[{name!r}]"))
+                continue
+            try:
+                got = _to_numpy(got_d[name])
+            except Exception as e:
+                rows.append(Row(**row, ok=False, note=f"not an array ({e})"))
+                continue
+            if got.shape != want.shape:
+                rows.append(Row(**row, ok=False, note=f"shape {tuple(got.shape)}, expected {want.shape}"))
+                continue
+            if got.dtype.kind not in "biuf":
+                rows.append(Row(**row, ok=False, note=f"not a numeric array ({got.dtype})"))
+                continue
+            max_abs, rel, exact = _compare(want, got)
+            ok = max_abs == 0 if exact else rel <= case.rtol
+            note = "" if ok or not exact else "integer tensor differs (must match exactly)"
+            rows.append(Row(**{**row, "max_abs": max_abs, "rel": rel}, ok=ok, note=note))
+        for name in got_d:
+            if name not in want_d:
+                rows.append(Row(case.component, case.variant, f"{section}/{name}", (), float("nan"),
+                                float("nan"), case.rtol, True, "not in the golden case (ignored)"))
+    return rows
+
+
+class ImplementationError(ValueError):
+    """The checked implementation failed (raised, or returned something that is not two dicts)."""
+
+
+def check(component, fn, directory, variants=None, grads=True, catch=False):
+    """Run fn on the golden case(s) of `component` in `directory` and compare -> Report.
+
+    variants: None (every variant in the directory), or e.g. ["float64"]. grads=False compares the
+    outputs only (for forward-only implementations). Exceptions raised by fn propagate, or with
+    catch=True become an ImplementationError naming the component and the exception. Problems with
+    the directory (missing, corrupt, no such component) raise ValueError before fn is called."""
+    manifest = read_manifest(directory)
+    entry = manifest_entry(manifest, directory, component)
+    names = list(entry["variants"]) if variants is None else list(variants)
+    cases = [load(directory, component, variant, manifest) for variant in names]
+    rows = []
+    for case in cases:
+        copy = lambda d: {k: v.copy() for k, v in d.items()}   # noqa: E731  fn may write into them
+        try:
+            result = fn(copy(case.inputs), copy(case.params), copy(case.upstream),
+                        json.loads(json.dumps(case.config)))
+        except Exception as e:
+            if not catch:
+                raise
+            raise ImplementationError(f"{component} [{case.variant}]: the implementation raised "
+                                      f"{type(e).__name__}: {e}") from e
+        rows += compare_case(case, result, grads)
+    return Report(rows)
+
+
+# --- finding someone's implementation ----------------------------------------------------------------
+
+
+def _import(target):
+    """A module by dotted name (the current directory is searched first, as `python -m` does) or
+    a .py file by path; import failures become one-line ValueErrors."""
+    try:
+        if target.endswith(".py"):
+            if not os.path.isfile(target):
+                raise ValueError(f"--impl {target}: no such file")
+            name = "_minillm_impl_" + os.path.splitext(os.path.basename(target))[0]
+            spec = importlib.util.spec_from_file_location(name, target)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            return module
+        sys.path.insert(0, os.getcwd())
+        try:
+            return importlib.import_module(target)
+        finally:
+            sys.path.remove(os.getcwd())
+    except ModuleNotFoundError as e:
+        raise ValueError(f"--impl {target}: cannot import {e.name!r}") from None
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"--impl {target}: importing it raised {type(e).__name__}: {e}") from None
+
+
+def resolve_impl(spec, components=None, available=None):
+    """"pkg.module:function" / "file.py:function" -> {component: function}; "pkg.module" / "file.py"
+    -> every function of the module named like a component. `components` restricts (and is
+    required when a lone function's name is not a component name); `available` lists the
+    components of the golden directory (default: all known)."""
+    known = available if available is not None else components()
+    wanted = None if components is None else _check_names(components)
+    target, _, func = spec.partition(":") if not os.path.exists(spec) else (spec, "", "")
+    if not target:
+        raise ValueError(f"--impl {spec!r}: expected package.module[:function] or file.py[:function]")
+    module = _import(target)
+    if func:
+        fn = getattr(module, func, None)
+        if not callable(fn):
+            raise ValueError(f"--impl {spec}: {target} has no function {func!r}")
+        if wanted is None:
+            if func not in known:
+                raise ValueError(f"--impl {spec}: {func!r} is not a component name; say which "
+                                 "component(s) it implements with --components")
+            wanted = [func]
+        return {c: fn for c in wanted}
+    found = {c: getattr(module, c) for c in known if callable(getattr(module, c, None))}
+    if wanted is not None:
+        missing = [c for c in wanted if c not in found]
+        if missing:
+            raise ValueError(f"--impl {spec}: the module has no function named {missing[0]!r}")
+        return {c: found[c] for c in wanted}
+    if not found:
+        raise ValueError(f"--impl {spec}: the module defines none of the component functions "
+                         f"({', '.join(known)})")
+    return found
+

@@ -1,0 +1,477 @@
+"""The golden cases, one per component: how each case's data is drawn, and minillm's implementation of
+the component written in the calling convention that other implementations follow.
+
+Every component function here has the signature a checked implementation must have (see reference.py):
+
+    name(inputs, params, upstream, config) -> (outputs, grads)
+
+inputs / params / upstream: {name: np.ndarray}; config: the JSON dict of the manifest; outputs: {name:
+array}; grads: {input or param name: d(sum_o <outputs[o], upstream[o]>) / d that tensor}. A module with
+functions named like the components (this one included) can be given to `minillm reference check`.
+The samplers `_case_<name>(rng)` draw float64 data; integer tensors (ids, targets, text) stay integer.
+"""
+
+import numpy as np
+
+from minillm import attention as _attention
+from minillm import gpt as _gpt
+from minillm import lora, mamba, ops, rwkv, ternary
+from minillm import moe as _moe
+from minillm.optim import adamw_step
+from minillm.tokenizer import Tokenizer
+from minillm.tree import flatten, unflatten
+
+F32_RTOL = 1e-5   # float32 variants: expected values are float64 results; HF float32 classes are within 8e-7
+F64_RTOL = 1e-9   # float64: same math in another order agrees to ~1e-14; a wrong convention is >= 1e-6
+
+
+def _normal(rng, shape, scale=1.0, shift=0.0):
+    return rng.standard_normal(shape) * scale + shift
+
+
+def _away_from_half(values, margin=1e-3):
+    """True when no value lies within `margin` of a rounding boundary k + 1/2."""
+    frac = np.abs(values - np.floor(values) - 0.5)
+    return bool(frac.min() > margin)
+
+
+# --- tokenizer --------------------------------------------------------------------------------------
+
+TRAIN_TEXT = (
+    "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs away.\n"
+    "Tokenizers learn merges from counts: the most frequent pair of adjacent tokens is merged first, "
+    "then counted again. They're simple, and they've been used since 2019 (GPT-2).\n"
+    "Numbers like 12345, 2024 and 3.14159 are split by the pre-tokenizer into runs of digits.\n"
+    "Unicode text works too: café, naïve, Straße, 東京, and emoji 🙂🙂 become UTF-8 bytes first.\n"
+    "    Indented lines,\ttabs and  double  spaces keep their whitespace as separate pre-tokens.\n"
+    "<|endoftext|>A special token separates documents; nothing is learned across it.\n"
+    "the the the then there these those other mother brother weather whether together\n"
+) * 3
+ENCODE_TEXT = ("The other brother's weather report: 3.14159 café, 東京 🙂 -- unseen words like "
+               "xylophone.\n  <|endoftext|> is plain text when encoding.  ")
+
+
+def _train_merges(text, vocab_size, special_tokens, min_frequency):
+    """(M, 2) merge pairs (left id, right id) from the plain-Python specification of BPE training,
+    checked against the Numba trainer behind Tokenizer.train (same tokens, same order)."""
+    import regex
+
+    from minillm.kernels.bpe import GPT2_PATTERN
+    from minillm.kernels.bpe_train import train_reference
+
+    pieces = regex.split("|".join(map(regex.escape, special_tokens)), text) if special_tokens else [text]
+    words = {}
+    for piece in pieces:
+        for word in regex.findall(GPT2_PATTERN, piece):
+            key = tuple(word.encode("utf-8"))
+            words[key] = words.get(key, 0) + 1
+    merges = train_reference(words, vocab_size - 256 - len(special_tokens), 256, min_frequency)
+    tokens = [bytes([b]) for b in range(256)]
+    for a, b in merges:
+        tokens.append(tokens[a] + tokens[b])
+    fast = Tokenizer.train(text, vocab_size, special_tokens=special_tokens, progress=False,
+                           min_frequency=min_frequency)
+    if fast.tokens != tokens:
+        raise ValueError("tokenizer golden case: Tokenizer.train disagrees with train_reference")
+    return np.array(merges, dtype=np.int64).reshape(-1, 2)
+
+
+def _case_tokenizer_train(rng):
+    return {"text": np.frombuffer(TRAIN_TEXT.encode("utf-8"), np.uint8).copy()}, {}, {}
+
+
+def tokenizer_train(inputs, params, upstream, config):
+    text = bytes(inputs["text"]).decode("utf-8")
+    return {"merges": _train_merges(text, config["vocab_size"], config["special_tokens"],
+                                    config["min_frequency"])}, {}
+
+
+def _case_tokenizer_encode(rng):
+    merges = tokenizer_train(_case_tokenizer_train(rng)[0], {}, {}, COMPONENTS["tokenizer_train"]["config"])
+    return ({"text": np.frombuffer(ENCODE_TEXT.encode("utf-8"), np.uint8).copy()},
+            {"merges": merges[0]["merges"]}, {})
+
+
+def tokenizer_encode(inputs, params, upstream, config):
+    tokens = [bytes([b]) for b in range(256)]
+    for a, b in params["merges"].tolist():
+        tokens.append(tokens[a] + tokens[b])
+    ids = Tokenizer(tokens).encode(bytes(inputs["text"]).decode("utf-8"))
+    return {"ids": np.array(ids, dtype=np.int64)}, {}
+
+
+# --- primitives -------------------------------------------------------------------------------------
+
+
+def _case_layernorm(rng):
+    x = _normal(rng, (2, 5, 8), 3.0, 1.5)
+    return ({"x": x}, {"weight": _normal(rng, 8, 0.3, 1.0), "bias": _normal(rng, 8, 0.3)},
+            {"y": _normal(rng, x.shape)})
+
+
+def layernorm(inputs, params, upstream, config):
+    y, cache = ops.layernorm_forward(inputs["x"], params["weight"], params["bias"], config["eps"])
+    dx, dw, db = ops.layernorm_backward(upstream["y"], cache)
+    return {"y": y}, {"x": dx, "weight": dw, "bias": db}
+
+
+def _case_gelu(rng):
+    x = _normal(rng, (4, 16), 3.0)
+    return {"x": x}, {}, {"y": _normal(rng, x.shape)}
+
+
+def gelu(inputs, params, upstream, config):
+    y, cache = ops.gelu_forward(inputs["x"])
+    return {"y": y}, {"x": ops.gelu_backward(upstream["y"], cache)}
+
+
+def _case_cross_entropy(rng):
+    targets = rng.integers(0, 11, 10)
+    targets[[2, 7]] = -100
+    return ({"logits": _normal(rng, (10, 11), 2.0), "targets": targets.astype(np.int64)}, {},
+            {"loss": np.array(1.3)})
+
+
+def cross_entropy(inputs, params, upstream, config):
+    logits = inputs["logits"]
+    loss, cache = ops.cross_entropy_forward(logits, inputs["targets"], config["ignore_index"])
+    dlogits = ops.cross_entropy_backward(float(upstream["loss"]), cache)
+    return {"loss": np.array(loss, dtype=logits.dtype)}, {"logits": dlogits}
+
+
+# --- GPT-2 ------------------------------------------------------------------------------------------
+
+
+def _gpt_block_params(rng, C, prefix=""):
+    """Random GPT2Block params (HF names, Conv1D (in, out) weights): O(0.3) weights, nonzero biases."""
+    shapes = {"ln_1.weight": C, "ln_1.bias": C, "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": 3 * C,
+              "attn.c_proj.weight": (C, C), "attn.c_proj.bias": C, "ln_2.weight": C, "ln_2.bias": C,
+              "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": 4 * C, "mlp.c_proj.weight": (4 * C, C),
+              "mlp.c_proj.bias": C}
+    return {prefix + k: _normal(rng, s, 0.3, 1.0 if k.startswith("ln") and k.endswith("weight") else 0.0)
+            for k, s in shapes.items()}
+
+
+def _case_attention(rng):
+    p = {k[5:]: v for k, v in _gpt_block_params(rng, 16).items() if k.startswith("attn.")}
+    x = _normal(rng, (2, 6, 16))
+    return {"x": x}, p, {"y": _normal(rng, x.shape)}
+
+
+def attention(inputs, params, upstream, config):
+    p = unflatten(params)
+    y, cache = _attention.attention_forward(inputs["x"], p, config)
+    dx, grads = _attention.attention_backward(upstream["y"], cache)
+    return {"y": y}, {"x": dx, **flatten(grads)}
+
+
+def _case_gpt_block(rng):
+    x = _normal(rng, (2, 6, 16))
+    return {"x": x}, _gpt_block_params(rng, 16), {"y": _normal(rng, x.shape)}
+
+
+def gpt_block(inputs, params, upstream, config):
+    y, cache = _gpt.block_forward(inputs["x"], unflatten(params), config)
+    dx, grads = _gpt.block_backward(upstream["y"], cache)
+    return {"y": y}, {"x": dx, **flatten(grads)}
+
+
+def _case_gpt(rng):
+    cfg = {**COMPONENTS["gpt"]["config"], "dtype": "float64"}
+    params = flatten(_gpt.init(cfg, rng))
+    for name, a in params.items():
+        a += _normal(rng, a.shape, 0.3 if a.ndim == 1 else 0.1)
+    idx = rng.integers(0, cfg["vocab_size"], (2, 7)).astype(np.int64)
+    return {"idx": idx}, params, {"logits": _normal(rng, (2, 7, cfg["vocab_size"]))}
+
+
+def gpt(inputs, params, upstream, config):
+    logits, cache = _gpt.forward(unflatten(params), inputs["idx"], config)
+    return {"logits": logits}, flatten(_gpt.backward(upstream["logits"], cache))
+
+
+# --- optimizer --------------------------------------------------------------------------------------
+
+
+def _case_adamw(rng):
+    inputs = {}
+    for name, shape in (("weight", (6, 5)), ("bias", (5,))):
+        g = _normal(rng, shape) * 10.0 ** rng.uniform(-9, 0, shape)   # tiny ones: eps matters
+        inputs["param." + name] = _normal(rng, shape)
+        inputs["grad." + name] = g
+        inputs["exp_avg." + name] = 0.5 * g + _normal(rng, shape, 1e-3)
+        inputs["exp_avg_sq." + name] = g * g * rng.uniform(0.5, 2.0, shape)
+    return inputs, {}, {}
+
+
+def adamw(inputs, params, upstream, config):
+    names = [k[len("param."):] for k in inputs if k.startswith("param.")]
+    p = {n: inputs["param." + n].copy() for n in names}
+    state = {"step": config["step"], "m": {n: inputs["exp_avg." + n].copy() for n in names},
+             "v": {n: inputs["exp_avg_sq." + n].copy() for n in names}}
+    adamw_step(p, {n: inputs["grad." + n] for n in names}, state, config["lr"], betas=tuple(config["betas"]),
+               eps=config["eps"], weight_decay=config["weight_decay"], mask=config["decay"])
+    out = {}
+    for n in names:
+        out["param." + n], out["exp_avg." + n], out["exp_avg_sq." + n] = p[n], state["m"][n], state["v"][n]
+    return out, {}
+
+
+# --- Mixture of Experts -----------------------------------------------------------------------------
+
+
+def _case_moe(rng):
+    cfg = COMPONENTS["moe"]["config"]
+    while True:   # routing at least 1e-3 (in router logits) away from any tie, also in float32
+        p = flatten(_moe.init_ffn({**cfg, "n_layer": 1}, rng, np.float64))
+        for k in p:
+            p[k] *= 40.0 if k == "gate.weight" else 25.0
+        x = _normal(rng, (2, 8, cfg["d_model"]))   # 16 tokens: HF's float32 token fractions f_i are exact
+        logits = np.sort(x.reshape(-1, x.shape[-1]) @ p["gate.weight"].T, axis=1)
+        if np.diff(logits, axis=1).min() > 1e-3:
+            return {"x": x}, p, {"y": _normal(rng, x.shape), "aux_loss": np.array(0.1)}
+
+
+def moe(inputs, params, upstream, config):
+    x = inputs["x"]
+    cfg = {**config, "aux_loss_coef": float(upstream["aux_loss"]), "router_z_loss_coef": 0.0}
+    y, cache = _moe.moe_forward(x, unflatten(params), cfg)
+    dx, grads = _moe.moe_backward(upstream["y"], cache)
+    aux = np.array(_moe.stats_of(cache)["balance_loss"], dtype=x.dtype)
+    return {"y": y, "aux_loss": aux, "router_logits": x @ params["gate.weight"].T}, {"x": dx, **flatten(grads)}
+
+
+# --- Mamba ------------------------------------------------------------------------------------------
+
+
+def _case_selective_scan(rng):
+    Bt, L, Dm, N = 2, 12, 6, 4
+    dtl = _normal(rng, (Bt, L, Dm), 0.5, -1.0)
+    inputs = {"x": _normal(rng, (Bt, L, Dm)), "dt": np.log1p(np.exp(dtl)),
+              "A": -np.exp(_normal(rng, (Dm, N), 0.5)), "B": _normal(rng, (Bt, L, N)),
+              "C": _normal(rng, (Bt, L, N)), "D": _normal(rng, Dm)}
+    return inputs, {}, {"y": _normal(rng, (Bt, L, Dm))}
+
+
+def selective_scan(inputs, params, upstream, config):
+    from minillm.kernels import scan
+
+    args = [inputs[k] for k in ("x", "dt", "A", "B", "C", "D")]
+    y, cache = scan.selective_scan_forward(*args)
+    grads = scan.selective_scan_backward(upstream["y"], cache)
+    return {"y": y}, dict(zip(("x", "dt", "A", "B", "C", "D"), grads))
+
+
+def _case_mamba_block(rng):
+    cfg = COMPONENTS["mamba_block"]["config"]
+    mixer = flatten(mamba.init_mixer({**cfg, "dt_min": 0.01, "dt_max": 1.0}, rng, np.float64))
+    p = {"norm.weight": np.ones(cfg["d_model"]), **{"mixer." + k: v for k, v in mixer.items()}}
+    p = {k: v + _normal(rng, v.shape, 0.1) for k, v in p.items()}    # no parameter at a special value
+    x = _normal(rng, (2, 7, cfg["d_model"]))
+    return {"x": x}, p, {"y": _normal(rng, x.shape)}
+
+
+def mamba_block(inputs, params, upstream, config):
+    x, p = inputs["x"], unflatten(params)
+    h, c_norm = ops.rmsnorm_forward(x, p["norm"]["weight"], config["norm_eps"])
+    m, c_mix = mamba.mixer_forward(h, p["mixer"], config)
+    dh, g_mix = mamba.mixer_backward(upstream["y"], c_mix)
+    dx, dw = ops.rmsnorm_backward(dh, c_norm)
+    return {"y": x + m}, {"x": dx + upstream["y"], "norm.weight": dw, **flatten({"mixer": g_mix})}
+
+
+# --- RWKV -------------------------------------------------------------------------------------------
+
+
+def _case_wkv(rng):
+    B, T, C = 2, 9, 6
+    inputs = {"time_decay": _normal(rng, C, 0.5), "time_first": _normal(rng, C, 0.5),
+              "key": _normal(rng, (B, T, C), 3.0), "value": _normal(rng, (B, T, C))}
+    return inputs, {}, {"y": _normal(rng, (B, T, C))}
+
+
+def wkv(inputs, params, upstream, config):
+    from minillm.kernels import wkv as kernels
+
+    w = -np.exp(inputs["time_decay"])
+    y, cache = kernels.wkv_forward(inputs["key"], inputs["value"], w, inputs["time_first"])
+    dk, dv, dw, du = kernels.wkv_backward(upstream["y"], cache)
+    return {"y": y}, {"key": dk, "value": dv, "time_decay": dw * w, "time_first": du}
+
+
+def _case_rwkv_block(rng):
+    cfg = COMPONENTS["rwkv_block"]["config"]
+    full = rwkv.init({**cfg, "vocab_size": 3, "n_layer": 1, "dtype": "float64"}, rng)
+    p = flatten(full["rwkv"]["blocks"]["0"])
+    p = {k: v + _normal(rng, v.shape, 0.1) for k, v in p.items()}
+    x = _normal(rng, (2, 6, cfg["d_model"]))
+    return {"x": x}, p, {"y": _normal(rng, x.shape)}
+
+
+def rwkv_block(inputs, params, upstream, config):
+    y, cache = rwkv.block_forward(inputs["x"], unflatten(params), config)
+    dx, grads = rwkv.block_backward(upstream["y"], cache)
+    return {"y": y}, {"x": dx, **flatten(grads)}
+
+
+# --- LoRA and BitLinear -----------------------------------------------------------------------------
+
+
+def _case_lora_linear(rng):
+    I, O, r = 12, 10, COMPONENTS["lora_linear"]["config"]["rank"]
+    p = {"weight": _normal(rng, (O, I), 0.3), "bias": _normal(rng, O, 0.3),
+         "lora_A": _normal(rng, (r, I), 0.3), "lora_B": _normal(rng, (O, r), 0.3)}
+    x = _normal(rng, (2, 5, I))
+    return {"x": x}, p, {"y": _normal(rng, (2, 5, O))}
+
+
+def lora_linear(inputs, params, upstream, config):
+    from minillm import layers
+
+    cfg = {"lora": lora.lora_config(config["rank"], config["alpha"])}
+    y, cache = layers.dense_forward(inputs["x"], dict(params), cfg, "out_in")
+    dx, grads = layers.dense_backward(upstream["y"], cache)
+    return {"y": y}, {"x": dx, "lora_A": grads["lora_A"], "lora_B": grads["lora_B"]}
+
+
+def _case_bitlinear_weights(rng, O=12, I=40):
+    """x, w whose quantised values are >= 1e-3 away from every rounding boundary (so any float32 or
+    float64 implementation rounds them the same way)."""
+    while True:
+        x, w = _normal(rng, (2, 3, I)), _normal(rng, (O, I), 0.05)
+        for cast in (np.float64, np.float32):
+            xc, wc = x.astype(cast).astype(np.float64), w.astype(cast).astype(np.float64)
+            a = 127.0 / np.abs(xc).max(axis=-1, keepdims=True)
+            ok = _away_from_half(xc * a) and _away_from_half(wc / np.abs(wc).mean())
+            if not ok:
+                break
+        else:
+            return x, w
+
+
+def _case_bitlinear(rng):
+    x, w = _case_bitlinear_weights(rng)
+    return {"x": x}, {"weight": w, "bias": _normal(rng, w.shape[0])}, {"y": _normal(rng, x.shape[:-1] + (12,))}
+
+
+def bitlinear(inputs, params, upstream, config):
+    y, cache = ternary.bitlinear_forward(inputs["x"], params["weight"], params["bias"], layout="out_in")
+    dx, dw, db = ternary.bitlinear_backward(upstream["y"], cache)
+    return {"y": y}, {"x": dx, "weight": dw, "bias": db}
+
+
+def _case_ternary_pack(rng):
+    return {"weight": _case_bitlinear_weights(rng)[1]}, {}, {}
+
+
+def ternary_pack(inputs, params, upstream, config):
+    packed, scale, _ = ternary.pack_weight(inputs["weight"], layout="out_in")
+    return {"packed": packed, "scale": scale}, {}
+
+
+# --- the registry -----------------------------------------------------------------------------------
+# Each entry: the function above, its sampler, the config given to implementations, the float dtypes
+# written (float64 always; float32 where implementations commonly run in float32 and rounding matters),
+# which peer it matches, and the exact math.
+
+COMPONENTS = {}
+
+
+def _add(name, fn, sample, config, matches, math, float32=False):
+    variants = {"float64": F64_RTOL}   # integer tensors (ids, merges, packed bytes) must match exactly
+    if float32:
+        variants["float32"] = F32_RTOL
+    COMPONENTS[name] = {"fn": fn, "sample": sample, "config": config, "matches": matches, "math": math,
+                        "variants": variants}
+
+
+_add("tokenizer_train", tokenizer_train, _case_tokenizer_train,
+     {"vocab_size": 321, "min_frequency": 2, "special_tokens": ["<|endoftext|>"]},
+     "minillm's BPE trainer (GPT-2 byte-level BPE; the tie-break is ours)",
+     "text: UTF-8 bytes. Ids 0..255 are the bytes themselves; merge m creates id 256 + m. Special-token "
+     "text is cut out first; the rest is split by GPT-2's pre-tokenizer regex; each step merges the "
+     "adjacent pair with the highest count summed over pre-tokens (ties: smallest (left id, right id)); "
+     "stops at vocab_size - 256 - len(special_tokens) merges or when the best count < min_frequency. "
+     "merges: (M, 2) int64 (left id, right id).")
+_add("tokenizer_encode", tokenizer_encode, _case_tokenizer_encode, {},
+     "tiktoken.Encoding(pat_str=GPT-2's pattern, mergeable_ranks={bytes of id i: i}).encode_ordinary",
+     "params merges: (M, 2) int64, token 256 + m = bytes(left) + bytes(right); ids 0..255 are bytes. "
+     "GPT-2 regex pre-tokenization; inside a pre-token repeatedly merge the adjacent pair whose "
+     "concatenation is the token of lowest id (leftmost first). '<|endoftext|>' in the text is plain text. "
+     "ids: (n,) int64.")
+_add("layernorm", layernorm, _case_layernorm, {"eps": 1e-5}, "torch.nn.LayerNorm (HF GPT2 ln_1 / ln_2 / ln_f)",
+     "y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias over the last axis, biased variance.")
+_add("gelu", gelu, _case_gelu, {}, "transformers NewGELUActivation (gelu_new) = torch gelu(approximate='tanh')",
+     "y = 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))): the tanh form, not erf.")
+_add("cross_entropy", cross_entropy, _case_cross_entropy, {"ignore_index": -100},
+     "torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100) (reduction mean)",
+     "logits (N, V), targets (N,) int64; loss = mean over targets != ignore_index of "
+     "-log softmax(logits)[target]; loss is a 0-d array, its upstream gradient a 0-d array.")
+_add("attention", attention, _case_attention, {"n_head": 4},
+     "transformers GPT2Attention (causal, no dropout)",
+     "qkv = x W_attn + b_attn (Conv1D weights (in, out)), split into q, k, v, then n_head heads; per head "
+     "softmax(q k^T / sqrt(head_dim) + causal mask) v; heads concatenated; y = o W_proj + b_proj.")
+_add("gpt_block", gpt_block, _case_gpt_block, {"n_head": 4, "layer_norm_epsilon": 1e-5},
+     "transformers GPT2Block (activation_function='gelu_new', no dropout)",
+     "pre-LN: h = x + attn(ln_1(x)); y = h + mlp(ln_2(h)), mlp = c_proj(gelu_tanh(c_fc(.))); "
+     "attention as in 'attention'; Conv1D weights (in, out).")
+_add("gpt", gpt, _case_gpt,
+     {"vocab_size": 37, "context": 8, "n_layer": 2, "n_head": 2, "d_model": 16, "layer_norm_epsilon": 1e-5},
+     "transformers GPT2LMHeadModel (tied lm_head, gelu_new, no dropout)",
+     "x = wte[idx] + wpe[0..T-1]; n_layer GPT-2 blocks; ln_f; logits = x wte^T (tied head: "
+     "grads of transformer.wte.weight include the head's). grads: every parameter (none for idx); "
+     "wpe rows past T get zero gradient.", float32=True)
+_add("adamw", adamw, _case_adamw,
+     {"lr": 0.01, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "step": 4,
+      "decay": {"weight": True, "bias": False}},
+     "torch.optim.AdamW (amsgrad off) with state step = config step, exp_avg, exp_avg_sq",
+     "one update, t = step + 1: p *= 1 - lr wd (only where decay[name]); m = b1 m + (1 - b1) g; "
+     "v = b2 v + (1 - b2) g^2; p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps). "
+     "inputs param.N, grad.N, exp_avg.N, exp_avg_sq.N -> outputs param.N, exp_avg.N, exp_avg_sq.N.")
+_add("moe", moe, _case_moe, {"d_model": 12, "d_ff": 10, "n_experts": 4, "top_k": 2},
+     "transformers MixtralSparseMoeBlock + load_balancing_loss_func (one layer)",
+     "router_logits = x gate^T; p = softmax(router_logits); top_k experts per token (inputs are away "
+     "from ties); weights = top-k p renormalised to sum 1; y = sum_k weight_k E_k(x), "
+     "E(x) = w2 (silu(w1 x) * w3 x) (nn.Linear (out, in) weights); aux_loss = n_experts * sum_i f_i P_i, "
+     "f_i = fraction of the N tokens with i among their top k (sum_i f_i = k), P_i = mean_n p[n, i] "
+     "(no coefficient: its upstream gradient plays that role); router_logits: (..., n_experts). grads "
+     "include the aux_loss path. HF 5 "
+     "fuses experts: gate_up_proj[e] = [w1; w3], down_proj[e] = w2; HF's router softmax runs in float32.",
+     float32=True)
+_add("selective_scan", selective_scan, _case_selective_scan, {},
+     "the scan of transformers MambaMixer.slow_forward (mamba_ssm selective_scan_ref, delta_softplus=False, "
+     "no z)",
+     "x, dt: (B, L, D), A: (D, N), B, C: (B, L, N), D: (D,); h_0 = 0; "
+     "h_t = exp(dt_t A) * h_{t-1} + dt_t B_t x_t; y_t = C_t . h_t + D x_t. dt is used as given "
+     "(no softplus, no bias).", float32=True)
+_add("mamba_block", mamba_block, _case_mamba_block,
+     {"d_model": 8, "d_state": 4, "d_conv": 4, "expand": 2, "dt_rank": 2, "norm_eps": 1e-5},
+     "transformers MambaBlock (use_bias=False, use_conv_bias=True, residual_in_fp32=False, slow path)",
+     "y = x + mixer(rmsnorm(x)); mixer: x, z = split(in_proj x); x = silu(causal depthwise conv1d(x) + bias) "
+     "(left zero padding d_conv - 1); dt, B, C = split(x_proj x); dt = softplus(dt_proj dt + bias) "
+     "(identity above 20); A = -exp(A_log); selective scan with D; out_proj(y * silu(z)).")
+_add("wkv", wkv, _case_wkv, {},
+     "transformers rwkv_linear_attention_cpu (RWKV-4 WKV)",
+     "w = -exp(time_decay), u = time_first; y_t = (sum_{i<t} e^{(t-1-i) w + k_i} v_i + e^{u + k_t} v_t) / "
+     "(sum_{i<t} e^{(t-1-i) w + k_i} + e^{u + k_t}) per channel; key, value, y: (B, T, C).", float32=True)
+_add("rwkv_block", rwkv_block, _case_rwkv_block, {"d_model": 8, "intermediate_size": 16,
+                                                  "layer_norm_epsilon": 1e-5},
+     "transformers RwkvBlock(layer_id=0) with rescale_every=0 (pre_ln present)",
+     "x = pre_ln(x); x = x + time_mix(ln1(x)); y = x + channel_mix(ln2(x)). Token shift s_t = x_{t-1}, "
+     "s_0 = 0; mix = x m + s (1 - m). time_mix: output(sigmoid(receptance(x_r)) * WKV(key(x_k), "
+     "value(x_v))); channel_mix: sigmoid(receptance(x_r)) * value(relu(key(x_k))^2); nn.Linear weights.")
+_add("lora_linear", lora_linear, _case_lora_linear, {"rank": 4, "alpha": 8.0},
+     "peft LoRA on torch.nn.Linear (lora_dropout=0, bias='none'): lora_A = lora_A.default.weight, "
+     "lora_B = lora_B.default.weight, weight / bias = base_layer's",
+     "y = x weight^T + bias + (alpha / rank) (x lora_A^T) lora_B^T; weight and bias are frozen: "
+     "grads for x, lora_A, lora_B only.")
+_add("bitlinear", bitlinear, _case_bitlinear, {},
+     "transformers AutoBitLinear(online_quant=True) (BitNet b1.58; STE backward)",
+     "s = max(mean |W|, 1e-5), W_q = clip(round(W / s), -1, 1); a = 127 / max(max_j |x_j|, 1e-5) per "
+     "token, x_q = clip(round(x a), -128, 127); y = (x_q / a) (s W_q)^T + bias; round half to even. "
+     "Straight-through backward: dx = dy (s W_q), dW = dy^T (x_q / a), dbias = sum dy.", float32=True)
+_add("ternary_pack", ternary_pack, _case_ternary_pack, {},
+     "transformers integrations.bitnet.pack_weights (on W_q) with weight_scale = s (AutoBitLinear's "
+     "direction; BitLinear stores 1 / s)",
+     "W (O, I) -> W_q as in bitlinear; packed (ceil(O / 4), I) uint8, packed[r, i] = "
+     "sum_j (W_q[j R + r, i] + 1) << 2 j, R = ceil(O / 4); scale: (1,) = s.")
