@@ -1,0 +1,246 @@
+"""MoE dispatch and combine (and the fused SwiGLU of the experts): NumPy reference and Numba CPU kernels.
+
+With N tokens, each routed to k experts (idx: (N, k) expert ids, distinct within a row), an
+*assignment* is a pair (token n, slot j), flat id a = n k + j. Dispatch is a counting sort of the
+assignments by expert: the rows routed to expert e become the contiguous block
+xs[offsets[e]:offsets[e+1]] of a (N k, C) buffer, so each expert runs one dense matmul on a
+contiguous slice (only chosen experts compute). Within an expert the rows keep ascending
+assignment id (a stable sort), so the layout is fully determined by idx.
+
+    order: (N k,)    order[r] = the assignment id stored in sorted row r
+    offsets: (E+1,)  expert e owns sorted rows offsets[e] .. offsets[e+1]-1
+    pos: (N, k)      pos[n, j] = the sorted row holding assignment (n, j) (inverse of order)
+
+Combine is the scatter-add back, written as a gather over pos so that it is deterministic without
+atomics: y[n] = sum_{j = 0..k-1} w[n, j] ys[pos[n, j]], summed in ascending j. Its backward sends
+w[n, j] dy[n] to row pos[n, j] and gives dw[n, j] = <dy[n], ys[pos[n, j]]>; the backward of
+dispatch is combine with unit weights. The Numba kernels run in parallel over tokens or sorted rows;
+each output element is written by exactly one iteration in a fixed order, so results do not depend
+on the thread count (combine is bitwise equal to the reference).
+
+SwiGLU (Shazeer 2020, eq. 6, as in Mixtral's experts): a = silu(h1) * h3 with h1 = x W1^T, h3 = x W3^T.
+"""
+
+import numba
+import numpy as np
+
+from minillm.kernels.wkv import exp_kernel
+
+
+def _check_idx(idx, n_experts):
+    if idx.ndim != 2:
+        raise ValueError(f"moe dispatch: idx must be (N, k), got shape {idx.shape}")
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n_experts):
+        raise ValueError(f"moe dispatch: expert ids must lie in [0, {n_experts}), "
+                         f"got {int(idx.min())}..{int(idx.max())}")
+
+
+# --- NumPy reference (the specification) ------------------------------------------------------------
+
+
+def sort_reference(idx, n_experts):
+    """idx: (N, k) int -> (order: (N k,), offsets: (E+1,), pos: (N, k)), all int64."""
+    _check_idx(idx, n_experts)
+    flat = idx.reshape(-1)
+    order = np.argsort(flat, kind="stable").astype(np.int64)
+    counts = np.bincount(flat, minlength=n_experts)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    pos = np.empty(flat.size, np.int64)
+    pos[order] = np.arange(flat.size)
+    return order, offsets, pos.reshape(idx.shape)
+
+
+def dispatch_reference(x, idx, n_experts):
+    """x: (N, C), idx: (N, k) -> (xs: (N k, C) = x[order // k], order, offsets, pos)."""
+    order, offsets, pos = sort_reference(idx, n_experts)
+    return x[order // idx.shape[1]], order, offsets, pos
+
+
+def combine_reference(ys, pos, w=None):
+    """ys: (N k, C), pos: (N, k), w: (N, k) or None (unit weights) -> y: (N, C)."""
+    y = np.zeros((pos.shape[0], ys.shape[1]), ys.dtype)
+    for j in range(pos.shape[1]):
+        rows = ys[pos[:, j]]
+        y += rows if w is None else w[:, j, None] * rows
+    return y
+
+
+def combine_backward_reference(dy, ys, pos, w):
+    """dy: (N, C) -> (dys: (N k, C), dw: (N, k))."""
+    dys = np.empty_like(ys)
+    dw = np.empty(pos.shape, dy.dtype)
+    for j in range(pos.shape[1]):
+        dys[pos[:, j]] = w[:, j, None] * dy
+        dw[:, j] = (dy * ys[pos[:, j]]).sum(axis=1)
+    return dys, dw
+
+
+def _sigmoid_reference(h):
+    """sigmoid(h) = 1 / (1 + e^-h), from e = e^-|h| <= 1 so nothing overflows."""
+    e = np.exp(-np.abs(h))
+    r = 1.0 / (1.0 + e)
+    return np.where(h >= 0, r, e * r).astype(h.dtype, copy=False)
+
+
+def swiglu_reference(h1, h3):
+    """h1, h3: (M, F) -> a = silu(h1) * h3."""
+    return h1 * _sigmoid_reference(h1) * h3
+
+
+def swiglu_backward_reference(da, h1, h3):
+    """da: (M, F) -> (dh1, dh3); silu'(h) = s (1 + h (1 - s)), s = sigmoid(h)."""
+    s = _sigmoid_reference(h1)
+    return da * h3 * s * (1.0 + h1 * (1.0 - s)), da * h1 * s
+
+
+# --- Numba CPU kernels ----------------------------------------------------------------------------
+
+
+@numba.njit(cache=True)
+def _sort_kernel(idx, n_experts):
+    N, k = idx.shape
+    counts = np.zeros(n_experts, np.int64)
+    for n in range(N):
+        for j in range(k):
+            counts[idx[n, j]] += 1
+    offsets = np.zeros(n_experts + 1, np.int64)
+    for e in range(n_experts):
+        offsets[e + 1] = offsets[e] + counts[e]
+    fill = offsets[:-1].copy()
+    order = np.empty(N * k, np.int64)
+    pos = np.empty((N, k), np.int64)
+    for n in range(N):  # ascending assignment id: the stable order
+        for j in range(k):
+            e = idx[n, j]
+            r = fill[e]
+            fill[e] = r + 1
+            order[r] = n * k + j
+            pos[n, j] = r
+    return order, offsets, pos
+
+
+@numba.njit(parallel=True, cache=True)
+def _gather_kernel(x, order, k, xs):
+    C = x.shape[1]
+    for r in numba.prange(order.shape[0]):
+        n = order[r] // k
+        for c in range(C):
+            xs[r, c] = x[n, c]
+
+
+@numba.njit(parallel=True, cache=True)
+def _combine_kernel(ys, pos, w, y):
+    N, k = pos.shape
+    C = ys.shape[1]
+    for n in numba.prange(N):
+        for c in range(C):
+            y[n, c] = 0.0
+        for j in range(k):
+            r = pos[n, j]
+            wj = w[n, j]
+            for c in range(C):
+                y[n, c] += wj * ys[r, c]
+
+
+@numba.njit(parallel=True, cache=True)
+def _combine_backward_kernel(dy, ys, pos, w, dys, dw):
+    N, k = pos.shape
+    C = ys.shape[1]
+    for n in numba.prange(N):
+        for j in range(k):
+            r = pos[n, j]
+            wj = w[n, j]
+            s = 0.0
+            for c in range(C):
+                dys[r, c] = wj * dy[n, c]
+                s += dy[n, c] * ys[r, c]
+            dw[n, j] = s
+
+
+@numba.njit(inline="always")
+def _sigmoid(h, one):
+    # `one` is 1 in the arrays' dtype: a float literal would promote float32 arithmetic to float64.
+    # exp_kernel is a vectorisable exp (libm's scalar exp is not vectorised: 15x slower here); it
+    # differs from np.exp by about an ulp.
+    e = exp_kernel(-abs(h))
+    r = one / (one + e)
+    return r if h >= 0 else e * r
+
+
+@numba.njit(parallel=True, cache=True)
+def _swiglu_kernel(h1, h3, a, one):
+    M, F = h1.shape
+    for m in numba.prange(M):
+        for f in range(F):
+            h = h1[m, f]
+            a[m, f] = h * _sigmoid(h, one) * h3[m, f]
+
+
+@numba.njit(parallel=True, cache=True)
+def _swiglu_backward_kernel(da, h1, h3, dh1, dh3, one):
+    M, F = h1.shape
+    for m in numba.prange(M):
+        for f in range(F):
+            h = h1[m, f]
+            s = _sigmoid(h, one)
+            g = da[m, f]
+            dh1[m, f] = g * h3[m, f] * s * (one + h * (one - s))
+            dh3[m, f] = g * h * s
+
+
+def _c(a):
+    return np.ascontiguousarray(a)
+
+
+def sort(idx, n_experts):
+    """Numba twin of sort_reference."""
+    _check_idx(idx, n_experts)
+    return _sort_kernel(_c(idx.astype(np.int64, copy=False)), int(n_experts))
+
+
+def dispatch(x, idx, n_experts):
+    """Numba twin of dispatch_reference: x: (N, C), idx: (N, k) -> (xs, order, offsets, pos)."""
+    order, offsets, pos = sort(idx, n_experts)
+    x = _c(x)
+    xs = np.empty((order.shape[0], x.shape[1]), x.dtype)
+    _gather_kernel(x, order, idx.shape[1], xs)
+    return xs, order, offsets, pos
+
+
+def combine(ys, pos, w=None):
+    """Numba twin of combine_reference: ys: (N k, C), pos: (N, k), w: (N, k) or None -> y: (N, C)."""
+    ys = _c(ys)
+    w = np.ones(pos.shape, ys.dtype) if w is None else _c(w.astype(ys.dtype, copy=False))
+    y = np.empty((pos.shape[0], ys.shape[1]), ys.dtype)
+    _combine_kernel(ys, _c(pos), w, y)
+    return y
+
+
+def combine_backward(dy, ys, pos, w):
+    """Numba twin of combine_backward_reference: dy: (N, C) -> (dys: (N k, C), dw: (N, k))."""
+    dy, ys = _c(dy), _c(ys)
+    dys = np.empty_like(ys)
+    dw = np.empty(pos.shape, dy.dtype)
+    _combine_backward_kernel(dy, ys, _c(pos), _c(w.astype(dy.dtype, copy=False)), dys, dw)
+    return dys, dw
+
+
+def swiglu(h1, h3):
+    """Numba twin of swiglu_reference: h1, h3: (M, F) -> silu(h1) * h3."""
+    h1, h3 = _c(h1), _c(h3)
+    a = np.empty_like(h1)
+    if h1.size:
+        _swiglu_kernel(h1.reshape(-1, h1.shape[-1]), h3.reshape(-1, h3.shape[-1]),
+                       a.reshape(-1, a.shape[-1]), h1.dtype.type(1))
+    return a
+
+
+def swiglu_backward(da, h1, h3):
+    """Numba twin of swiglu_backward_reference: da: (M, F) -> (dh1, dh3)."""
+    da, h1, h3 = _c(da), _c(h1), _c(h3)
+    dh1, dh3 = np.empty_like(h1), np.empty_like(h1)
+    if h1.size:
+        F = h1.shape[-1]
+        _swiglu_backward_kernel(da.reshape(-1, F), h1.reshape(-1, F), h3.reshape(-1, F),
+                                dh1.reshape(-1, F), dh3.reshape(-1, F), h1.dtype.type(1))
+    return dh1, dh3
