@@ -36,6 +36,14 @@ class TrainOptions:
     progress: bool = True
 
 
+def format_stat(value):
+    """Progress-bar text for a model statistic: counts as integers (e.g. tokens per expert), else 3 digits."""
+    value = np.asarray(value)
+    if value.ndim:
+        return "/".join(str(int(v)) for v in value.ravel())
+    return f"{float(value):.3f}"
+
+
 def evaluate(model, params, config, batches):
     """Mean cross-entropy (nats/token) over the given (x, y) batches, weighted by token count."""
     total, count = 0.0, 0
@@ -109,7 +117,7 @@ def fit(model, params, config, train_ids, val_ids, opts, log=print,
         if aux:
             postfix["aux"] = f"{aux:.3f}"
         if hasattr(model, "stats"):
-            postfix.update({k: " ".join(str(int(c)) for c in np.ravel(v)) for k, v in model.stats(cache).items()})
+            postfix.update({k: format_stat(v) for k, v in model.stats(cache).items()})
         bar.set_postfix(postfix, refresh=False)
         if (step + 1) % opts.eval_every == 0 and step + 1 < opts.steps:
             bar.clear()
