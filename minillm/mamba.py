@@ -1,0 +1,300 @@
+"""Mamba-1 language model (Gu & Dao 2023) with the math and parameter names of HF `MambaForCausalLM`.
+
+    embeddings -> n_layer x [h + mixer(rmsnorm(h))] -> rmsnorm (norm_f) -> tied head (logits = h E^T)
+
+Mixer (HF `MambaMixer`, slow path), x: (B, T, d_model), Di = expand * d_model:
+
+    x, z  = split(in_proj(x))                      (B, T, Di) each
+    x     = silu(causal_depthwise_conv1d(x))       kernel d_conv, left-padded with zeros, bias
+    dt, B, C = split(x_proj(x))                    (B, T, R), (B, T, N), (B, T, N)
+    dt    = softplus(dt_proj(dt))                  dt_proj has the bias (added before softplus)
+    y     = selective_scan(x, dt, A = -exp(A_log), B, C, D)      (kernels/scan.py)
+    out   = out_proj(y * silu(z))
+
+Parameter names (nested dicts; flattened with dots they equal HF's state-dict names):
+    backbone.embeddings.weight (V, d); backbone.layers.{i}.norm.weight (d,);
+    backbone.layers.{i}.mixer.{in_proj (2Di, d), x_proj (R + 2N, Di), dt_proj (Di, R) + bias (Di,),
+    out_proj (d, Di)}.weight (nn.Linear layout: out, in); mixer.conv1d.weight (Di, 1, K), .bias (Di,);
+    mixer.A_log (Di, N), mixer.D (Di,); backbone.norm_f.weight (d,). No lm_head: it is tied to the embeddings.
+Linear layers have no bias (use_bias=False, as released checkpoints); the conv has one (use_conv_bias).
+"""
+
+import math
+
+import numpy as np
+
+from minillm import ops
+from minillm.layers import dense_backward, dense_forward
+
+DEFAULTS = {
+    "d_state": 16,          # N, state size per channel
+    "d_conv": 4,            # K, causal conv kernel
+    "expand": 2,            # Di = expand * d_model
+    "dt_rank": "auto",      # R; "auto" = ceil(d_model / 16)
+    "dt_min": 0.001,        # dt at init is log-uniform in [dt_min, dt_max] (through the dt_proj bias)
+    "dt_max": 0.1,
+    "norm_eps": 1e-5,       # HF layer_norm_epsilon
+    "initializer_range": 0.1,  # HF MambaConfig default: std of embeddings, in_proj and x_proj at init
+}
+
+
+def _cfg(config, key):
+    return config.get(key, DEFAULTS[key])
+
+
+def dims(config):
+    """-> (d_model, Di, N, K, R) from a config."""
+    d = int(config["d_model"])
+    rank = _cfg(config, "dt_rank")
+    R = math.ceil(d / 16) if rank == "auto" else int(rank)
+    Di, N, K = int(_cfg(config, "expand")) * d, int(_cfg(config, "d_state")), int(_cfg(config, "d_conv"))
+    for name, v in (("d_state", N), ("d_conv", K), ("expand", Di), ("dt_rank", R)):
+        if v < 1:
+            raise ValueError(f"mamba: {name} must be positive, got {v}")
+    return d, Di, N, K, R
+
+
+# --- init -----------------------------------------------------------------------------------------------
+
+
+def init_mixer(config, rng, dtype=np.float32):
+    """Parameters of one MambaMixer, initialised as HF (`MambaPreTrainedModel._init_weights`)."""
+    d, Di, N, K, R = dims(config)
+    std = float(_cfg(config, "initializer_range"))
+    dt_min, dt_max = float(_cfg(config, "dt_min")), float(_cfg(config, "dt_max"))
+    if not 0 < dt_min <= dt_max:
+        raise ValueError(f"mamba: need 0 < dt_min <= dt_max, got {dt_min} and {dt_max}")
+    # dt log-uniform in [dt_min, dt_max] (floored at 1e-4 as HF), stored as its inverse softplus
+    dt = np.exp(rng.random(Di) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = np.maximum(dt, 1e-4)
+    p = {
+        "in_proj": {"weight": rng.normal(0.0, std, (2 * Di, d))},
+        "conv1d": {"weight": rng.uniform(-1, 1, (Di, 1, K)) / math.sqrt(K),  # kaiming_uniform(a=sqrt 5)
+                   "bias": np.zeros(Di)},
+        "x_proj": {"weight": rng.normal(0.0, std, (R + 2 * N, Di))},
+        "dt_proj": {"weight": rng.uniform(-1, 1, (Di, R)) / math.sqrt(R),
+                    "bias": dt + np.log(-np.expm1(-dt))},
+        "A_log": np.log(np.tile(np.arange(1, N + 1, dtype=np.float64), (Di, 1))),  # S4D-real: A = -(1..N)
+        "D": np.ones(Di),
+        "out_proj": {"weight": rng.uniform(-1, 1, (d, Di)) / math.sqrt(Di)},
+    }
+    return _cast(p, dtype)
+
+
+def _cast(tree, dtype):
+    if isinstance(tree, dict):
+        return {k: _cast(v, dtype) for k, v in tree.items()}
+    return np.asarray(tree, dtype=dtype)
+
+
+def init(config, rng):
+    """-> params (nested dict, dtype config["dtype"]) of a Mamba LM."""
+    dtype = np.dtype(config.get("dtype", "float32"))
+    d = dims(config)[0]
+    std = float(_cfg(config, "initializer_range"))
+    layers = {}
+    for i in range(int(config["n_layer"])):
+        layers[str(i)] = {"norm": {"weight": np.ones(d, dtype)}, "mixer": init_mixer(config, rng, dtype)}
+    return {"backbone": {
+        "embeddings": {"weight": rng.normal(0.0, std, (int(config["vocab_size"]), d)).astype(dtype)},
+        "layers": layers,
+        "norm_f": {"weight": np.ones(d, dtype)},
+    }}
+
+
+# --- causal depthwise conv1d ------------------------------------------------------------------------------
+
+
+def causal_conv1d_forward(x, w, b):
+    """x: (B, T, C), w: (C, 1, K), b: (C,) -> y: (B, T, C),
+    y[t] = b + sum_k w[:, 0, k] x[t - (K - 1) + k] (zeros before the first token), as torch Conv1d with
+    padding K - 1 truncated to the first T outputs."""
+    xp = ops.array_module(x)
+    K = w.shape[-1]
+    T = x.shape[1]
+    xpad = xp.concatenate([xp.zeros((x.shape[0], K - 1, x.shape[2]), x.dtype), x], axis=1)
+    y = xp.broadcast_to(b, x.shape).copy()
+    for k in range(K):
+        y += w[:, 0, k] * xpad[:, k:k + T]
+    return y, (xpad, w)
+
+
+def causal_conv1d_backward(dy, cache):
+    """dy: (B, T, C) -> (dx: (B, T, C), dw: (C, 1, K), db: (C,))."""
+    xpad, w = cache
+    xp = ops.array_module(dy)
+    K = w.shape[-1]
+    T = dy.shape[1]
+    dxpad = xp.zeros_like(xpad)
+    dw = xp.empty_like(w)
+    for k in range(K):
+        dxpad[:, k:k + T] += w[:, 0, k] * dy
+        dw[:, 0, k] = (dy * xpad[:, k:k + T]).sum(axis=(0, 1))
+    return dxpad[:, K - 1:], dw, dy.sum(axis=(0, 1))
+
+
+# --- selective scan dispatch (Numba on the CPU, numba.cuda for device arrays) ----------------------------
+
+
+def _scan_forward(x, dt, A, B, C, D):
+    if ops.array_module(x) is np:
+        from minillm.kernels import scan
+        return scan.selective_scan_forward(x, dt, A, B, C, D)
+    from minillm.kernels import scan_cuda
+    return scan_cuda.selective_scan_forward(x, dt, A, B, C, D)
+
+
+def _scan_backward(dy, cache):
+    if ops.array_module(dy) is np:
+        from minillm.kernels import scan
+        return scan.selective_scan_backward(dy, cache)
+    from minillm.kernels import scan_cuda
+    return scan_cuda.selective_scan_backward(dy, cache)
+
+
+# --- the mixer (one Mamba block without its norm and residual) --------------------------------------------
+
+
+def mixer_forward(x, p, config):
+    """x: (B, T, d_model), p: mixer params -> (out: (B, T, d_model), cache)."""
+    xp = ops.array_module(x)
+    Di, R = p["dt_proj"]["weight"].shape
+    N = p["A_log"].shape[1]
+    xz, c_in = dense_forward(x, p["in_proj"], config, "out_in")
+    xs, z = xz[..., :Di], xz[..., Di:]
+    xc, c_conv = causal_conv1d_forward(xs, p["conv1d"]["weight"], p["conv1d"]["bias"])
+    u, c_act = ops.silu_forward(xc)
+    dbc, c_xp = dense_forward(u, p["x_proj"], config, "out_in")
+    dtr, Bm, Cm = dbc[..., :R], dbc[..., R:R + N], dbc[..., R + N:]
+    dtl, c_dtp = dense_forward(dtr, p["dt_proj"], config, "out_in")
+    dt, c_sp = ops.softplus_forward(dtl)
+    A = -xp.exp(p["A_log"])
+    y, c_scan = _scan_forward(u, dt, A, Bm, Cm, p["D"])
+    y = y.astype(x.dtype, copy=False)
+    gate, c_z = ops.silu_forward(z)
+    out, c_out = dense_forward(y * gate, p["out_proj"], config, "out_in")
+    return out, (c_in, c_conv, c_act, c_xp, c_dtp, c_sp, A, c_scan, y, gate, c_z, c_out)
+
+
+def mixer_backward(dout, cache):
+    """dout: (B, T, d_model) -> (dx, grads keyed like the mixer params)."""
+    c_in, c_conv, c_act, c_xp, c_dtp, c_sp, A, c_scan, y, gate, c_z, c_out = cache
+    xp = ops.array_module(dout)
+    g = {}
+    dyg, g["out_proj"] = dense_backward(dout, c_out)
+    dz = ops.silu_backward(dyg * y, c_z)
+    du, ddt, dA, dB, dC, g["D"] = _scan_backward(dyg * gate, c_scan)
+    g["A_log"] = dA * A                                    # d(-exp(A_log)) / dA_log = A
+    ddtr, g["dt_proj"] = dense_backward(ops.softplus_backward(ddt, c_sp), c_dtp)
+    du2, g["x_proj"] = dense_backward(xp.concatenate([ddtr, dB, dC], axis=-1).astype(dout.dtype), c_xp)
+    dxc = ops.silu_backward(du + du2, c_act)
+    dxs, dw, db = causal_conv1d_backward(dxc, c_conv)
+    g["conv1d"] = {"weight": dw, "bias": db}
+    dx, g["in_proj"] = dense_backward(xp.concatenate([dxs, dz], axis=-1), c_in)
+    order = ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj")
+    return dx, {k: g[k] for k in order}
+
+
+# --- the language model -------------------------------------------------------------------------------------
+
+
+def _check_idx(idx, config):
+    if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"mamba: token ids must be an integer array (B, T), got {idx.dtype} {idx.shape}")
+    V = int(config["vocab_size"])
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= V):
+        raise ValueError(f"mamba: token ids must lie in [0, {V}), got [{int(idx.min())}, {int(idx.max())}]")
+
+
+def forward(params, idx, config):
+    """idx: (B, T) int -> (logits: (B, T, V), cache)."""
+    _check_idx(idx, config)
+    bb = params["backbone"]
+    eps = float(_cfg(config, "norm_eps"))
+    E = bb["embeddings"]["weight"]
+    h, c_emb = ops.embedding_forward(idx, E)
+    layer_caches = []
+    for i in range(len(bb["layers"])):
+        lp = bb["layers"][str(i)]
+        hn, c_norm = ops.rmsnorm_forward(h, lp["norm"]["weight"], eps)
+        out, c_mix = mixer_forward(hn, lp["mixer"], config)
+        h = h + out
+        layer_caches.append((c_norm, c_mix))
+    hf, c_nf = ops.rmsnorm_forward(h, bb["norm_f"]["weight"], eps)
+    logits, c_head = ops.linear_forward(hf, E.T)
+    return logits, (c_emb, layer_caches, c_nf, c_head)
+
+
+def backward(dlogits, cache):
+    """dlogits: (B, T, V) -> grads keyed like params."""
+    c_emb, layer_caches, c_nf, c_head = cache
+    dhf, dET, _ = ops.linear_backward(dlogits, c_head)
+    dh, dnf = ops.rmsnorm_backward(dhf, c_nf)
+    layers = {}
+    for i in reversed(range(len(layer_caches))):
+        c_norm, c_mix = layer_caches[i]
+        dhn, g_mix = mixer_backward(dh, c_mix)
+        dx, dnw = ops.rmsnorm_backward(dhn, c_norm)
+        dh = dh + dx
+        layers[str(i)] = {"norm": {"weight": dnw}, "mixer": g_mix}
+    dE = ops.embedding_backward(dh, c_emb) + dET.T
+    return {"backbone": {"embeddings": {"weight": dE},
+                         "layers": {str(i): layers[str(i)] for i in range(len(layer_caches))},
+                         "norm_f": {"weight": dnf}}}
+
+
+# --- generation: O(1) recurrent state per token -------------------------------------------------------------
+
+
+def init_state(params, config, batch):
+    """-> {"config", "layers": [{"conv": (B, Di, K) last K conv inputs, "ssm": (B, Di, N)}, ...]}."""
+    bb = params["backbone"]
+    E = bb["embeddings"]["weight"]
+    xp = ops.array_module(E)
+    layers = []
+    for i in range(len(bb["layers"])):
+        p = bb["layers"][str(i)]["mixer"]
+        Di, N = p["A_log"].shape
+        K = p["conv1d"]["weight"].shape[-1]
+        layers.append({"conv": xp.zeros((batch, Di, K), E.dtype), "ssm": xp.zeros((batch, Di, N), E.dtype)})
+    return {"config": config, "layers": layers}
+
+
+def _mixer_step(x, p, config, st):
+    """x: (B, d_model), st: this layer's state -> (out: (B, d_model), new state). Same math as mixer_forward."""
+    xp = ops.array_module(x)
+    Di, R = p["dt_proj"]["weight"].shape
+    N = p["A_log"].shape[1]
+    xz, _ = dense_forward(x, p["in_proj"], config, "out_in")
+    xs, z = xz[:, :Di], xz[:, Di:]
+    conv = xp.concatenate([st["conv"][:, :, 1:], xs[:, :, None]], axis=2)    # (B, Di, K), newest last
+    xc = (conv * p["conv1d"]["weight"][:, 0, :]).sum(-1) + p["conv1d"]["bias"]
+    u, _ = ops.silu_forward(xc)
+    dbc, _ = dense_forward(u, p["x_proj"], config, "out_in")
+    dtr, Bm, Cm = dbc[:, :R], dbc[:, R:R + N], dbc[:, R + N:]
+    dt, _ = ops.softplus_forward(dense_forward(dtr, p["dt_proj"], config, "out_in")[0])
+    A = -xp.exp(p["A_log"])
+    h = xp.exp(dt[:, :, None] * A) * st["ssm"] + (dt * u)[:, :, None] * Bm[:, None, :]
+    y = (h * Cm[:, None, :]).sum(-1) + p["D"] * u
+    out, _ = dense_forward(y * ops.silu_forward(z)[0], p["out_proj"], config, "out_in")
+    return out, {"conv": conv, "ssm": h.astype(st["ssm"].dtype, copy=False)}
+
+
+def step(params, tokens, state):
+    """tokens: (B,) int -> (logits: (B, V), new state)."""
+    config = state["config"]
+    tokens = tokens if hasattr(tokens, "ndim") else np.asarray(tokens)
+    _check_idx(tokens.reshape(-1, 1), config)
+    bb = params["backbone"]
+    eps = float(_cfg(config, "norm_eps"))
+    E = bb["embeddings"]["weight"]
+    h = E[tokens]
+    layers = []
+    for i, st in enumerate(state["layers"]):
+        lp = bb["layers"][str(i)]
+        hn, _ = ops.rmsnorm_forward(h, lp["norm"]["weight"], eps)
+        out, st = _mixer_step(hn, lp["mixer"], config, st)
+        h = h + out
+        layers.append(st)
+    hf, _ = ops.rmsnorm_forward(h, bb["norm_f"]["weight"], eps)
+    return hf @ E.T, {"config": config, "layers": layers}
