@@ -1,14 +1,10 @@
 """The `minillm` command line: thin Click commands that parse flags and call library functions."""
 
-import os
 import sys
 
-# Numba's OpenMP threads otherwise spin after a parallel kernel and slow the BLAS calls that follow.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import click
 
-import click  # noqa: E402
-
-from minillm import __version__  # noqa: E402
+from minillm import __version__
 
 
 class UserError(Exception):
