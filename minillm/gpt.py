@@ -1,0 +1,289 @@
+"""GPT-2 (Radford et al. 2019) with hand-written backprop, keyed like HF GPT2LMHeadModel.
+
+    params = {"transformer": {
+        "wte": {"weight": (V, C)}, "wpe": {"weight": (context, C)},
+        "h": {"0": {"ln_1": {"weight", "bias"}, "attn": {"c_attn": {...}, "c_proj": {...}},
+                    "ln_2": {"weight", "bias"}, "mlp": {"c_fc": {...}, "c_proj": {...}}}, "1": ...},
+        "ln_f": {"weight": (C,), "bias": (C,)}}}
+The LM head is tied to wte (not stored); its gradient is added to wte's.
+
+Block (pre-LN): x = x + attn(ln_1(x)); x = x + ffn(ln_2(x)); then ln_f and logits = x wte^T.
+LayerNorm eps 1e-5, GELU tanh form (HF gelu_new), learned positions, init N(0, 0.02) with the
+residual projections (every c_proj.weight) at 0.02 / sqrt(2 n_layer), biases 0, norms 1 (HF _init_weights).
+
+The feed-forward is pluggable: `ffn_forward` / `ffn_backward` run the GPT-2 MLP, or the
+Mixture-of-Experts layer of minillm.moe when config["n_experts"] > 0 (same blocks otherwise).
+"""
+
+import numpy as np
+
+from minillm import attention, layers, ops
+from minillm.kernels import gelu as gelu_kernels
+from minillm.kernels import layernorm as layernorm_kernels
+
+DEFAULTS = {}  # GPT-2 adds no keys to models.BASE_DEFAULTS
+LN_EPS = 1e-5
+KERNEL_MIN_SIZE = 0         # use the Numba kernels from this many elements on (tests vary it)
+STEP_SINGLE_THREAD_BATCH = 16
+
+
+def _is_moe(config):
+    return int(config.get("n_experts", 0) or 0) > 0
+
+
+def _dtype(config):
+    name = config.get("dtype", "float32")
+    if name not in ("float32", "float64"):
+        raise ValueError(f"dtype must be float32 or float64, got {name!r}")
+    return np.dtype(name)
+
+
+def _use_kernel(a):
+    """The Numba kernels run on host (NumPy) arrays; cupy arrays take the ops path."""
+    return type(a) is np.ndarray and a.size >= KERNEL_MIN_SIZE
+
+
+# --- feed-forward: GPT-2 MLP or MoE -----------------------------------------------------------------
+
+
+def ffn_init(config, rng):
+    """Params of one block's feed-forward ("mlp"); draws from rng after the block's attention."""
+    if _is_moe(config):
+        from minillm import moe
+
+        return moe.moe_init(config, rng)
+    C, L, dtype = int(config["d_model"]), int(config["n_layer"]), _dtype(config)
+    return {
+        "c_fc": {"weight": _normal(rng, (C, 4 * C), 0.02, dtype), "bias": np.zeros(4 * C, dtype)},
+        "c_proj": {"weight": _normal(rng, (4 * C, C), 0.02 / np.sqrt(2 * L), dtype),
+                   "bias": np.zeros(C, dtype)},
+    }
+
+
+def ffn_forward(x, p, config):
+    """x: (B, T, C) -> y: (B, T, C). Returns (y, cache)."""
+    if _is_moe(config):
+        from minillm import moe
+
+        y, cache = moe.moe_forward(x, p, config)
+        return y, ("moe", cache)
+    shape = x.shape
+    h, c_fc = layers.dense_forward(x.reshape(-1, shape[-1]), p["c_fc"], config, "in_out")
+    g, c_gelu = (gelu_kernels.gelu_forward_numba if _use_kernel(h) else ops.gelu_forward)(h)
+    y, c_proj = layers.dense_forward(g, p["c_proj"], config, "in_out")
+    return y.reshape(shape), ("mlp", (c_fc, c_gelu, c_proj))
+
+
+def ffn_backward(dy, cache):
+    """dy: (B, T, C) -> (dx: (B, T, C), grads keyed like p)."""
+    kind, inner = cache
+    if kind == "moe":
+        from minillm import moe
+
+        return moe.moe_backward(dy, inner)
+    c_fc, c_gelu, c_proj = inner
+    dg, g_proj = layers.dense_backward(dy.reshape(-1, dy.shape[-1]), c_proj)
+    dh = (gelu_kernels.gelu_backward_numba if _use_kernel(dg) else ops.gelu_backward)(dg, c_gelu)
+    dx, g_fc = layers.dense_backward(dh, c_fc)
+    return dx.reshape(dy.shape), {"c_fc": g_fc, "c_proj": g_proj}
+
+
+# --- one transformer block --------------------------------------------------------------------------
+
+
+def _layernorm_forward(x, p):
+    """LayerNorm with eps 1e-5: the Numba kernel on host arrays, ops otherwise (same cache)."""
+    fwd = layernorm_kernels.layernorm_forward_numba if _use_kernel(x) else ops.layernorm_forward
+    return fwd(x, p["weight"], p["bias"], LN_EPS)
+
+
+def _layernorm_backward(dy, cache):
+    bwd = layernorm_kernels.layernorm_backward_numba if _use_kernel(dy) else ops.layernorm_backward
+    return bwd(dy, cache)
+
+
+def block_forward(x, p, config):
+    """x: (B, T, C) -> (B, T, C). Returns (y, cache)."""
+    h, c_ln1 = _layernorm_forward(x, p["ln_1"])
+    a, c_attn = attention.attention_forward(h, p["attn"], config)
+    x = x + a
+    h, c_ln2 = _layernorm_forward(x, p["ln_2"])
+    m, c_ffn = ffn_forward(h, p["mlp"], config)
+    return x + m, (c_ln1, c_attn, c_ln2, c_ffn)
+
+
+def block_backward(dy, cache):
+    """dy: (B, T, C) -> (dx: (B, T, C), grads keyed like p)."""
+    c_ln1, c_attn, c_ln2, c_ffn = cache
+    dh, g_mlp = ffn_backward(dy, c_ffn)
+    dh, dw2, db2 = _layernorm_backward(dh, c_ln2)
+    dx = dh + dy                                 # gradient at the mid-block residual stream
+    dh, g_attn = attention.attention_backward(dx, c_attn)
+    dh, dw1, db1 = _layernorm_backward(dh, c_ln1)
+    dh += dx
+    grads = {"ln_1": {"weight": dw1, "bias": db1}, "attn": g_attn,
+             "ln_2": {"weight": dw2, "bias": db2}, "mlp": g_mlp}
+    return dh, grads
+
+
+# --- the model --------------------------------------------------------------------------------------
+
+
+def _normal(rng, shape, std, dtype):
+    # Drawn in float64 then rounded, so float32 and float64 models start from the same values.
+    return (rng.standard_normal(shape) * std).astype(dtype)
+
+
+def init(config, rng):
+    """-> params (nested dict, config["dtype"], default float32); deterministic given rng's state."""
+    V, T, C = int(config["vocab_size"]), int(config["context"]), int(config["d_model"])
+    L, dtype = int(config["n_layer"]), _dtype(config)
+    if C % int(config["n_head"]):
+        raise ValueError(f"d_model {C} is not divisible by n_head {config['n_head']}")
+    tr = {"wte": {"weight": _normal(rng, (V, C), 0.02, dtype)},
+          "wpe": {"weight": _normal(rng, (T, C), 0.02, dtype)}, "h": {}}
+    ones, zeros = (lambda: np.ones(C, dtype)), (lambda: np.zeros(C, dtype))
+    for i in range(L):
+        tr["h"][str(i)] = {
+            "ln_1": {"weight": ones(), "bias": zeros()},
+            "attn": {
+                "c_attn": {"weight": _normal(rng, (C, 3 * C), 0.02, dtype), "bias": np.zeros(3 * C, dtype)},
+                "c_proj": {"weight": _normal(rng, (C, C), 0.02 / np.sqrt(2 * L), dtype), "bias": zeros()},
+            },
+            "ln_2": {"weight": ones(), "bias": zeros()},
+            "mlp": ffn_init(config, rng),
+        }
+    tr["ln_f"] = {"weight": ones(), "bias": zeros()}
+    return {"transformer": tr}
+
+
+def _check_ids(idx, config, what="idx"):
+    idx = np.asarray(idx)
+    if not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"{what} must hold integer token ids, got {idx.dtype}")
+    V = int(config["vocab_size"])
+    if idx.size and (idx.min() < 0 or idx.max() >= V):
+        raise ValueError(f"{what} holds token ids outside [0, {V})")
+    return idx
+
+
+def forward(params, idx, config):
+    """idx: (B, T) int, T <= context -> logits: (B, T, V). Returns (logits, cache)."""
+    idx = _check_ids(idx, config)
+    if idx.ndim != 2 or idx.shape[1] < 1:
+        raise ValueError(f"idx must be (B, T) with T >= 1, got shape {idx.shape}")
+    B, T = idx.shape
+    if T > int(config["context"]):
+        raise ValueError(f"sequence of {T} tokens is longer than the context ({config['context']})")
+    tr = params["transformer"]
+    wte = tr["wte"]["weight"]
+    x = wte[idx] + tr["wpe"]["weight"][:T]
+    block_caches = []
+    for i in range(int(config["n_layer"])):
+        x, c = block_forward(x, tr["h"][str(i)], config)
+        block_caches.append(c)
+    x, c_lnf = _layernorm_forward(x, tr["ln_f"])
+    C = x.shape[-1]
+    xf = x.reshape(B * T, C)
+    logits = (xf @ wte.T).reshape(B, T, -1)      # tied head
+    return logits, (idx, wte, xf, block_caches, c_lnf, config)
+
+
+def backward(dlogits, cache):
+    """dlogits: (B, T, V) -> grads keyed like params."""
+    idx, wte, xf, block_caches, c_lnf, config = cache
+    B, T = idx.shape
+    dl = dlogits.reshape(B * T, -1)
+    dwte = dl.T @ xf                              # head part of the tied weight
+    dx = (dl @ wte).reshape(B, T, -1)
+    dx, dwf, dbf = _layernorm_backward(dx, c_lnf)
+    h = {}
+    for i in reversed(range(len(block_caches))):
+        dx, h[str(i)] = block_backward(dx, block_caches[i])
+    h = {str(i): h[str(i)] for i in range(len(block_caches))}
+    C = dx.shape[-1]
+    np.add.at(dwte, idx.reshape(-1), dx.reshape(-1, C))       # embedding part
+    dwpe = np.zeros((int(config["context"]), C), dtype=dx.dtype)
+    dwpe[:T] = dx.sum(axis=0)
+    return {"transformer": {"wte": {"weight": dwte}, "wpe": {"weight": dwpe}, "h": h,
+                            "ln_f": {"weight": dwf, "bias": dbf}}}
+
+
+def aux_loss(cache):
+    """Sum of the MoE load-balancing losses of all layers (0.0 for plain GPT)."""
+    config = cache[-1]
+    if not _is_moe(config):
+        return 0.0
+    from minillm import moe
+
+    return float(sum(moe.aux_loss_of(c[3][1]) for c in cache[3]))
+
+
+def stats(cache):
+    """MoE: moe.stats_of summed over layers (e.g. per-expert token counts); {} for plain GPT."""
+    config = cache[-1]
+    if not _is_moe(config):
+        return {}
+    from minillm import moe
+
+    total = {}
+    for c in cache[3]:
+        for key, value in moe.stats_of(c[3][1]).items():
+            total[key] = total[key] + value if key in total else value
+    return total
+
+
+# --- generation with a KV cache ---------------------------------------------------------------------
+
+
+def init_state(params, config, batch):
+    """-> state for `step`: position 0 and an empty (B, H, context, hd) KV cache per layer."""
+    dtype = params["transformer"]["wte"]["weight"].dtype
+    kv = [attention.init_kv_cache(batch, config, dtype) for _ in range(int(config["n_layer"]))]
+    return {"config": config, "pos": 0, "kv": kv}
+
+
+def step(params, tokens, state):
+    """tokens: (B,) int, the tokens at position state["pos"] -> (logits: (B, V), state).
+
+    The KV cache is updated in place and pos advanced; equals the last row of `forward` on the prefix.
+    """
+    config = state["config"]
+    tokens = _check_ids(tokens, config, "tokens")
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be (B,), got shape {tokens.shape}")
+    pos = state["pos"]
+    if pos >= int(config["context"]):
+        raise ValueError(f"the context of {config['context']} positions is full")
+    if len(tokens) <= STEP_SINGLE_THREAD_BATCH:
+        # one token per row: matrix-vector products, where OpenBLAS's threads cost more than they
+        # bring (and stall when another process holds a core); see attention.py
+        with attention.single_threaded_blas():
+            logits = _step(params, tokens, pos, state)
+    else:
+        logits = _step(params, tokens, pos, state)
+    state["pos"] = pos + 1
+    return logits, state
+
+
+def _step(params, tokens, pos, state):
+    config = state["config"]
+    tr = params["transformer"]
+    wte = tr["wte"]["weight"]
+    x = wte[tokens] + tr["wpe"]["weight"][pos]                     # (B, C)
+    for i in range(int(config["n_layer"])):
+        p = tr["h"][str(i)]
+        h = _layernorm_rows(x, p["ln_1"])
+        a, _ = attention.attention_step(h, p["attn"], config, state["kv"][i], pos)
+        x = x + a
+        h = _layernorm_rows(x, p["ln_2"])
+        m, _ = ffn_forward(h[:, None, :], p["mlp"], config)
+        x = x + m[:, 0]
+    return _layernorm_rows(x, tr["ln_f"]) @ wte.T
+
+
+def _layernorm_rows(x, p):
+    """Forward-only LayerNorm of a few rows: one Numba call instead of ~10 NumPy ones."""
+    if _use_kernel(x):
+        return layernorm_kernels.layernorm_rows_numba(x, p["weight"], p["bias"], LN_EPS)
+    return ops.layernorm_forward(x, p["weight"], p["bias"], LN_EPS)[0]
