@@ -46,7 +46,8 @@ def _heads(config, C):
 # --- BLAS threading ---------------------------------------------------------------------------------
 # NumPy gives a stacked matmul to BLAS one small (T, hd) x (hd, T) product at a time, and OpenBLAS
 # splits each of them over its threads: a synchronisation per product, which collapses (10x and worse,
-# measured) as soon as another process holds a core; so do one-token matrix-vector products. Instead,
+# measured) as soon as another process holds a core; the one-token matrix-vector products of the
+# decoding step suffer the same (and, being memory-bound, gain little from a second thread). Instead,
 # like torch's bmm, `_bmm` splits the stack over a few Python threads (matmul releases the GIL) while
 # OpenBLAS runs single-threaded, and `single_threaded_blas` serves the decoding step. OpenBLAS's thread
 # count is process-wide (its "thread-local" setter is not, in pthread builds), so it is lowered for the

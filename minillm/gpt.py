@@ -13,11 +13,16 @@ residual projections (every c_proj.weight) at 0.02 / sqrt(2 n_layer), biases 0, 
 
 The feed-forward is pluggable: `ffn_forward` / `ffn_backward` run the GPT-2 MLP, or the
 Mixture-of-Experts layer of minillm.moe when config["n_experts"] > 0 (same blocks otherwise).
+
+Speed: activations stay (B*T, C) for the dense layers (one GEMM each); on NumPy arrays LayerNorm,
+GELU and the embedding scatter-add run in serial Numba kernels (minillm/kernels/, each with its NumPy
+reference; ops.py serves cupy); `step` runs OpenBLAS single-threaded (see attention.py).
 """
 
 import numpy as np
 
 from minillm import attention, layers, ops
+from minillm.kernels import embedding as embedding_kernels
 from minillm.kernels import gelu as gelu_kernels
 from minillm.kernels import layernorm as layernorm_kernels
 
@@ -202,7 +207,10 @@ def backward(dlogits, cache):
         dx, h[str(i)] = block_backward(dx, block_caches[i])
     h = {str(i): h[str(i)] for i in range(len(block_caches))}
     C = dx.shape[-1]
-    np.add.at(dwte, idx.reshape(-1), dx.reshape(-1, C))       # embedding part
+    if _use_kernel(dx):                                        # embedding part
+        embedding_kernels.embedding_backward_numba(dx, idx, dwte.shape, out=dwte)
+    else:
+        dwte += ops.embedding_backward(dx, (idx, dwte.shape))
     dwpe = np.zeros((int(config["context"]), C), dtype=dx.dtype)
     dwpe[:T] = dx.sum(axis=0)
     return {"transformer": {"wte": {"weight": dwte}, "wpe": {"weight": dwpe}, "h": h,

@@ -13,6 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import minillm
 from gradcheck import check_grads, weighted_sum
 from minillm import attention, gpt, ops
+from minillm.kernels import embedding as embedding_kernels
 from minillm.kernels import gelu as gelu_kernels
 from minillm.kernels import layernorm as layernorm_kernels
 from minillm.tree import flatten
@@ -263,3 +264,19 @@ def test_layernorm_kernel_matches_reference_and_ops(dtype, tol, C):
         np.testing.assert_allclose(a, r, rtol=tol, atol=tol * np.abs(r).max())
         np.testing.assert_allclose(a, o, rtol=tol, atol=tol * np.abs(o).max())
     np.testing.assert_array_equal(layernorm_kernels.layernorm_backward_numba(dy, cache)[0], got[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_embedding_kernel_matches_reference(dtype):
+    rng = np.random.default_rng(12)
+    ids = rng.integers(0, 5, (3, 7))
+    ids[0, :4] = 2                                  # repeats accumulate
+    dy = rng.standard_normal((3, 7, 6)).astype(dtype)
+    ref = embedding_kernels.embedding_backward_reference(dy, ids, (5, 6))
+    got = embedding_kernels.embedding_backward_numba(dy, ids, (5, 6))
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, ref, rtol=1e-6 if dtype == np.float32 else 1e-15, atol=1e-6)
+    np.testing.assert_allclose(got, ops.embedding_backward(dy, ops.embedding_forward(ids, ref)[1]),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError):
+        embedding_kernels.embedding_backward_numba(dy, ids + 3, (5, 6))

@@ -1,0 +1,256 @@
+"""GPT training-step and sampling throughput: minillm (NumPy + Numba) vs PyTorch eager on the CPU.
+
+Training: tokens/s of one full step (forward, cross-entropy loss, backward, AdamW) on the same model
+(HF GPT2LMHeadModel built from a config, our initial weights copied by name) and the same batch,
+float32. PyTorch runs eager (no torch.compile) with torch.optim.AdamW (same hyper-parameters and
+decay groups as minillm.optim) and as many threads as NumPy's BLAS uses; the PyTorch attention is
+HF's default (scaled_dot_product_attention) and, for reference, HF's "eager" attention.
+
+Sampling: tokens/s of greedy decoding, batch 1, 256 new tokens after a 1-token prompt, with a KV cache:
+gpt.step in a loop vs a manual PyTorch loop over HF GPT2 with past_key_values, and HF `generate`.
+The sampling model is the shakespeare-char size with a context of 512 (so 257 positions fit).
+
+    python benchmarks/train_gpt.py [--repeats 5] [--only small|shakespeare] [--skip-sampling]
+    python benchmarks/train_gpt.py --profile [--only ...]   # where a minillm step spends its time
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from minillm import gpt, ops, optim  # noqa: E402
+from minillm.tree import flatten  # noqa: E402
+
+CONFIGS = {
+    "small": dict(vocab_size=512, context=64, d_model=128, n_layer=4, n_head=4, batch=32),
+    "shakespeare": dict(vocab_size=65, context=256, d_model=384, n_layer=6, n_head=6, batch=16),
+}
+LR, BETAS, EPS, WD = 3e-4, (0.9, 0.95), 1e-8, 0.1
+
+
+def numpy_threads():
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return os.cpu_count()
+
+
+def hf_model(config, attn, params):
+    hc = GPT2Config(vocab_size=config["vocab_size"], n_positions=config["context"],
+                    n_embd=config["d_model"], n_layer=config["n_layer"], n_head=config["n_head"],
+                    attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, activation_function="gelu_new",
+                    layer_norm_epsilon=1e-5, bos_token_id=0, eos_token_id=0)
+    hc._attn_implementation = attn
+    model = GPT2LMHeadModel(hc).float()
+    flat = flatten(params)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.from_numpy(flat[name]))
+    return model
+
+
+def median_times(fns, repeats, warmup=1):
+    """Median wall time of each function; repeats are interleaved (a, b, c, a, b, c, ...) so that
+    every implementation sees the same background load."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def bench_train(name, repeats):
+    c = dict(CONFIGS[name])
+    batch = c.pop("batch")
+    config = {"arch": "gpt", **c, "dtype": "float32"}
+    rng = np.random.default_rng(0)
+    params = gpt.init(config, rng)
+    data = rng.integers(0, config["vocab_size"], (batch, config["context"] + 1))
+    x, y = data[:, :-1], data[:, 1:]
+    tokens = x.size
+
+    state = optim.adamw_init(params)
+
+    def ours():
+        logits, cache = gpt.forward(params, x, config)
+        loss, lcache = ops.cross_entropy_forward(logits, y)
+        grads = gpt.backward(ops.cross_entropy_backward(1.0, lcache), cache)
+        optim.adamw_step(params, grads, state, LR, BETAS, EPS, WD)
+        return loss
+
+    labels, fns = ["minillm"], [ours]
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    init_params = gpt.init(config, np.random.default_rng(0))
+    mask = optim.decay_mask(flatten(init_params))
+    for attn in ("sdpa", "eager"):
+        model = hf_model(config, attn, init_params)
+        named = dict(model.named_parameters())
+        groups = [{"params": [p for n, p in named.items() if mask[n]], "weight_decay": WD},
+                  {"params": [p for n, p in named.items() if not mask[n]], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
+
+        def theirs(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            logits = model(tx).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ty.reshape(-1))
+            loss.backward()
+            opt.step()
+            return loss
+
+        labels.append(f"torch eager ({attn} attn)")
+        fns.append(theirs)
+    rows = list(zip(labels, median_times(fns, repeats)))
+    print(f"\ntraining step, {name}: B={batch} T={config['context']} C={config['d_model']} "
+          f"L={config['n_layer']} H={config['n_head']} V={config['vocab_size']}, float32, "
+          f"median of {repeats} (interleaved)")
+    print(f"  {'implementation':28s} {'s/step':>9s} {'tokens/s':>10s} {'minillm speed-up':>17s}")
+    for label, t in rows:
+        print(f"  {label:28s} {t:9.4f} {tokens / t:10.0f} {t / rows[0][1]:16.2f}x")
+
+
+def bench_sampling(repeats, new_tokens=256):
+    c = dict(CONFIGS["shakespeare"])
+    c.pop("batch")
+    config = {"arch": "gpt", **c, "context": 512, "dtype": "float32"}
+    params = gpt.init(config, np.random.default_rng(0))
+    model = hf_model(config, "sdpa", params).eval()
+    prompt = np.array([1], dtype=np.int64)
+
+    def ours():
+        state = gpt.init_state(params, config, 1)
+        logits, state = gpt.step(params, prompt, state)
+        out = []
+        for _ in range(new_tokens):
+            tok = np.argmax(logits, axis=-1)
+            out.append(int(tok[0]))
+            logits, state = gpt.step(params, tok, state)
+        return out
+
+    @torch.no_grad()
+    def torch_loop():
+        ids = torch.from_numpy(prompt)[None]
+        res = model(ids, use_cache=True)
+        out = []
+        for _ in range(new_tokens):
+            tok = res.logits[:, -1].argmax(-1, keepdim=True)
+            out.append(int(tok[0, 0]))
+            res = model(tok, past_key_values=res.past_key_values, use_cache=True)
+        return out
+
+    @torch.no_grad()
+    def hf_generate():
+        ids = torch.from_numpy(prompt)[None]
+        res = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0)
+        return res[0, 1:].tolist()
+
+    agree = ours() == torch_loop()
+    labels = ["minillm gpt.step loop", "torch loop, HF past_key_values", "HF generate (greedy)"]
+    rows = list(zip(labels, median_times([ours, torch_loop, hf_generate], repeats)))
+    print(f"\nsampling: batch 1, {new_tokens} new tokens (greedy, KV cache), C={config['d_model']} "
+          f"L={config['n_layer']} H={config['n_head']} V={config['vocab_size']}, float32, median of "
+          f"{repeats} (interleaved); greedy tokens identical to the torch loop: {agree}")
+    print(f"  {'implementation':32s} {'s':>8s} {'tokens/s':>10s} {'minillm speed-up':>17s}")
+    for label, t in rows:
+        print(f"  {label:32s} {t:8.4f} {new_tokens / t:10.0f} {t / rows[0][1]:16.2f}x")
+
+
+def profile_step(name, repeats):
+    """Wall time per component of one minillm training step (best of `repeats`); nested rows include
+    their children (attention_forward includes its two dense layers)."""
+    import collections
+
+    from minillm import attention, layers
+    from minillm.kernels import gelu, layernorm, softmax
+
+    c = dict(CONFIGS[name])
+    batch = c.pop("batch")
+    config = {"arch": "gpt", **c, "dtype": "float32"}
+    rng = np.random.default_rng(0)
+    params = gpt.init(config, rng)
+    data = rng.integers(0, config["vocab_size"], (batch, config["context"] + 1))
+    state = optim.adamw_init(params)
+    spent = collections.defaultdict(float)
+    wrapped = [(gpt, ["forward", "backward"]), (attention, ["attention_forward", "attention_backward",
+               "_bmm"]), (layers, ["dense_forward", "dense_backward"]),
+               (layernorm, ["layernorm_forward_numba", "layernorm_backward_numba"]),
+               (gelu, ["gelu_forward_numba", "gelu_backward_numba"]),
+               (softmax, ["causal_softmax_numba", "causal_softmax_backward_numba"]),
+               (ops, ["cross_entropy_forward", "cross_entropy_backward"]), (optim, ["adamw_step"])]
+    saved = []
+    for module, names in wrapped:
+        for fn_name in names:
+            fn = getattr(module, fn_name)
+            saved.append((module, fn_name, fn))
+
+            def timed(*a, _fn=fn, _name=fn_name, **k):
+                t0 = time.perf_counter()
+                out = _fn(*a, **k)
+                spent[_name] += time.perf_counter() - t0
+                return out
+
+            setattr(module, fn_name, timed)
+    best = None
+    try:
+        for _ in range(repeats + 1):
+            spent.clear()
+            t0 = time.perf_counter()
+            logits, cache = gpt.forward(params, data[:, :-1], config)
+            loss, lcache = ops.cross_entropy_forward(logits, data[:, 1:])
+            grads = gpt.backward(ops.cross_entropy_backward(1.0, lcache), cache)
+            optim.adamw_step(params, grads, state, LR, BETAS, EPS, WD)
+            total = time.perf_counter() - t0
+            if best is None or total < best[0]:
+                best = (total, dict(spent))
+    finally:
+        for module, fn_name, fn in saved:
+            setattr(module, fn_name, fn)
+    total, parts = best
+    print(f"\nprofile of one minillm step, {name} (best of {repeats}): {total * 1e3:.1f} ms")
+    for fn_name, t in sorted(parts.items(), key=lambda kv: -kv[1]):
+        print(f"  {fn_name:32s} {t * 1e3:8.1f} ms {100 * t / total:5.1f}%")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only", choices=sorted(CONFIGS))
+    ap.add_argument("--skip-sampling", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="time the parts of a minillm step instead")
+    args = ap.parse_args()
+    hf_logging.set_verbosity_error()
+    threads = numpy_threads()
+    torch.set_num_threads(threads)
+    import numba
+
+    print(f"load average before: {os.getloadavg()[0]:.2f}; threads: NumPy BLAS {threads} "
+          f"(OPENBLAS_NUM_THREADS / OMP_NUM_THREADS or all cores), Numba {numba.get_num_threads()}, torch.set_num_threads({torch.get_num_threads()}); "
+          f"numpy {np.__version__}, torch {torch.__version__}")
+    if args.profile:
+        for name in ([args.only] if args.only else CONFIGS):
+            profile_step(name, args.repeats)
+        return
+    for name in ([args.only] if args.only else CONFIGS):
+        bench_train(name, args.repeats)
+    if not args.skip_sampling:
+        bench_sampling(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
