@@ -159,11 +159,9 @@ def finetune(base_dir, text_path, opts, rank, alpha=None, targets=None, log=prin
     trainable = lora.adapter_names(params)
     summary = lora.trainable_summary(params)
     log(lora.format_summary(params))
-    ids = data.load_tokens(text, tokenizer, cache_dir=os.path.join(opts.out, "cache"),
-                           progress=opts.progress)
-    train_ids, val_ids = data.split(ids, opts.val_fraction)
-    data.check_enough(train_ids, config["context"], "training")
-    data.check_enough(val_ids, config["context"], "validation")
+    train_ids, val_ids = train.prepare_tokens(text, tokenizer, opts, config["context"])
+    val_batches = data.eval_batches(val_ids, opts.batch_size, config["context"], opts.eval_batches)
+    log(f"step 0: val loss {train.evaluate(model, params, config, val_batches):.4f} (the base model)")
 
     def save(params_, _opt_state, _trainer_state):
         save_adapter(opts.out, params_, config, base=str(base_dir))

@@ -127,7 +127,8 @@ def fit(model, params, config, train_ids, val_ids, opts, log=print,
     return val_loss
 
 
-def _prepare_tokens(text, tokenizer, opts, context):
+def prepare_tokens(text, tokenizer, opts, context):
+    """Encode `text` (cached in opts.out/cache) -> (train_ids, val_ids), each long enough for one sequence."""
     ids = data.load_tokens(text, tokenizer, cache_dir=os.path.join(opts.out, "cache"), progress=opts.progress)
     train_ids, val_ids = data.split(ids, opts.val_fraction)
     data.check_enough(train_ids, context, "training")
@@ -167,7 +168,7 @@ def train(text_path, opts, config_overrides, tokenizer_path=None, log=print):
                                         progress=opts.progress)
         config["vocab_size"] = tokenizer.vocab_size
     model = models.get_model(config["arch"])
-    train_ids, val_ids = _prepare_tokens(text, tokenizer, opts, config["context"])
+    train_ids, val_ids = prepare_tokens(text, tokenizer, opts, config["context"])
     if params is None:
         params = model.init(config, np.random.default_rng(opts.seed))
     n_params = sum(p.size for p in flatten(params).values())
