@@ -20,6 +20,8 @@ import math
 import numpy as np
 from numba import cuda
 
+from minillm.kernels.cuda_arrays import array_kind, empty, on_device, to_kind
+
 CHUNK = 256  # assignments per counting chunk
 TPB = 256  # threads per block, 1-D kernels
 TILE = (32, 8)  # threads per block, 2-D kernels: 32 along the channels (coalesced), 8 rows
@@ -34,32 +36,21 @@ def _grid2(rows, cols):
 
 
 class _On:
-    """Where the results live: NumPy inputs -> computed on the device, copied back to the host."""
+    """Where the results live (kernels/cuda_arrays.py): NumPy inputs -> computed on the device, copied
+    back to the host; CuPy / numba device inputs -> results of the same kind, on the device."""
 
     def __init__(self, like):
-        mod = type(like).__module__
-        self.cupy = mod.startswith("cupy")
-        self.host = isinstance(like, np.ndarray)
+        self.kind = array_kind(like)
+        self.cupy = self.kind == "cupy"
 
     def dev(self, a, dtype=None):
-        if self.host:
-            a = np.asarray(a)
-            return cuda.to_device(np.ascontiguousarray(a if dtype is None else a.astype(dtype)))
-        if self.cupy:
-            import cupy
-
-            return cupy.ascontiguousarray(a if dtype is None else a.astype(dtype, copy=False))
-        return a
+        return on_device(a, self.kind, dtype)
 
     def empty(self, shape, dtype):
-        if self.cupy:
-            import cupy
-
-            return cupy.empty(shape, dtype)
-        return cuda.device_array(shape, dtype)
+        return empty(self.kind, shape, dtype)
 
     def out(self, a):
-        return a.copy_to_host() if self.host else a
+        return to_kind(a, self.kind)
 
 
 # --- kernels --------------------------------------------------------------------------------------

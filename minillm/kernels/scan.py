@@ -21,18 +21,16 @@ and any dt: nothing overflows. The forward keeps no states; the backward kernel 
 
 The Numba kernels run in parallel over jobs (batch row, block of LANES channels); inside a job the time loop
 is sequential and the inner loops run over the block's channels, so they vectorise. exp() is evaluated by
-`_exp`, a polynomial of the same accuracy as libm (<= 2 ulp, tested) written so that LLVM can vectorise it
-(no fastmath is needed). dB and dC are written per (b, block) and dA, dD per (b, d), then summed over
-blocks / batch rows by NumPy in a fixed order: results do not depend on the number of threads.
+`fast_exp` (kernels/fastexp.py), as accurate as libm (<= 2 ulp) but vectorisable without fastmath. dB and
+dC are written per (b, block) and dA, dD per (b, d), then summed over blocks / batch rows by NumPy in a
+fixed order: results do not depend on the number of threads.
 """
-
-import math
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import prange, types
-from numba.extending import intrinsic, overload
+from numba import prange
+
+from minillm.kernels.fastexp import fast_exp
 
 LANES = 32  # channels per parallel job (the inner loops run over them; 16 made LLVM give up vectorising)
 
@@ -98,97 +96,6 @@ def selective_scan_backward_ref(dy, cache):
     return dx, ddt, dA, dB, dC, dD
 
 
-# --- a vectorisable exp -------------------------------------------------------------------------------
-
-
-@intrinsic
-def _f64_from_bits(typingctx, bits):
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-    return types.float64(types.int64), codegen
-
-
-@intrinsic
-def _f32_from_bits(typingctx, bits):
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.int32), codegen
-
-
-def _exp(v):
-    """exp(v) for a float32/float64 scalar, inside Numba only (see the overload below)."""
-    return math.exp(v)
-
-
-# exp(v) = 2^k exp(r), k = round(v / ln 2), r = v - k ln 2 (Cody-Waite: ln 2 split in a part whose products
-# with k are exact, plus a correction), |r| <= ln2 / 2; exp(r) by its Taylor polynomial, whose truncation
-# error is below half an ulp (degree 13 for float64, 7 for float32); 2^k built from its exponent bits. The
-# argument is clamped to the normal range: below it the result is the smallest normal power instead of a
-# denormal or 0 (a relative error no sum in this module can see), above it the largest finite power instead
-# of inf. NaN propagates (through r).
-
-
-@numba.njit(cache=True)
-def _exp64(v):
-    c = -708.0 if v < -708.0 else v  # (written so that NaN passes through)
-    c = 709.0 if c > 709.0 else c
-    k = np.floor(c * 1.4426950408889634 + 0.5)
-    r = (c - k * 0.6931471803691238) - k * 1.9082149292705877e-10
-    p = 1.6059043836821613e-10
-    p = p * r + 2.08767569878681e-09
-    p = p * r + 2.505210838544172e-08
-    p = p * r + 2.755731922398589e-07
-    p = p * r + 2.7557319223985893e-06
-    p = p * r + 2.48015873015873e-05
-    p = p * r + 0.0001984126984126984
-    p = p * r + 0.001388888888888889
-    p = p * r + 0.008333333333333333
-    p = p * r + 0.041666666666666664
-    p = p * r + 0.16666666666666666
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
-    return p * _f64_from_bits((np.int64(k) + 1023) << 52)
-
-
-_F32 = np.float32
-
-
-@numba.njit(cache=True)
-def _exp32(v):
-    c = _F32(-87.0) if v < _F32(-87.0) else v
-    c = _F32(88.0) if c > _F32(88.0) else c
-    k = np.floor(c * _F32(1.442695) + _F32(0.5))
-    r = (c - k * _F32(0.693359375)) - k * _F32(-2.12194440e-4)
-    p = _F32(1.9841270e-4)
-    p = p * r + _F32(1.3888889e-3)
-    p = p * r + _F32(8.3333333e-3)
-    p = p * r + _F32(4.1666667e-2)
-    p = p * r + _F32(0.16666667)
-    p = p * r + _F32(0.5)
-    p = p * r + _F32(1.0)
-    p = p * r + _F32(1.0)
-    return p * _f32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
-
-
-@overload(_exp)
-def _exp_impl(v):
-    if v == types.float64:
-        return lambda v: _exp64(v)
-    if v == types.float32:
-        return lambda v: _exp32(v)
-    return None
-
-
-@numba.njit(cache=True)
-def exp_kernel(v):
-    """Elementwise `_exp` of a 1-D array (exposed for tests)."""
-    out = np.empty_like(v)
-    for i in range(v.size):
-        out[i] = _exp(v[i])
-    return out
-
-
 # --- Numba kernels --------------------------------------------------------------------------------------
 
 
@@ -226,7 +133,7 @@ def _forward_kernel(x, dt, A, B, C, D, y):
             for n in range(N):
                 bn, cn = B[b, t, n], C[b, t, n]
                 for j in range(LANES):
-                    hv = _exp(dtv[j] * At[n, j]) * h[n, j] + u[j] * bn
+                    hv = fast_exp(dtv[j] * At[n, j]) * h[n, j] + u[j] * bn
                     h[n, j] = hv
                     acc[j] += cn * hv
             for j in range(w):
@@ -256,7 +163,7 @@ def _backward_kernel(x, dt, A, B, C, D, dy, dx, ddt, dA_part, dB_part, dC_part, 
             for n in range(N):
                 bn = B[b, t, n]
                 for j in range(LANES):
-                    hs[t + 1, n, j] = _exp(dtv[j] * At[n, j]) * hs[t, n, j] + dtv[j] * xv[j] * bn
+                    hs[t + 1, n, j] = fast_exp(dtv[j] * At[n, j]) * hs[t, n, j] + dtv[j] * xv[j] * bn
         # reverse-time scan
         g = np.zeros((N, LANES), dtype=x.dtype)
         dAacc = np.zeros((N, LANES), dtype=x.dtype)
@@ -276,7 +183,7 @@ def _backward_kernel(x, dt, A, B, C, D, dy, dx, ddt, dA_part, dB_part, dC_part, 
                 bn, cn = B[b, t, n], C[b, t, n]
                 for j in range(LANES):
                     gv = g[n, j] + dyv[j] * cn
-                    a = _exp(dtv[j] * At[n, j])
+                    a = fast_exp(dtv[j] * At[n, j])
                     q = gv * hs[t, n, j] * a
                     sB[j] += gv * bn
                     sq[j] += q * At[n, j]

@@ -27,6 +27,8 @@ import math
 import numpy as np
 from numba import cuda, float32, float64
 
+from minillm.kernels.cuda_arrays import array_kind as _kind, empty, on_device, to_kind
+
 THREADS = 64   # channels per block (a power of two: the tree reduction halves it)
 MAX_N = 32     # largest state size (fixed-size local arrays; shared: 2 MAX_N x THREADS floats <= 32 KB)
 CHUNK = 16     # time steps recomputed at once in the backward
@@ -160,44 +162,14 @@ def _sum_middle_kernel(part, out):
 # --- host side ------------------------------------------------------------------------------------------
 
 
-def _kind(x):
-    if type(x).__module__.startswith("cupy"):
-        return "cupy"
-    # (the CUDA simulator's device arrays have copy_to_host but no __cuda_array_interface__)
-    if hasattr(x, "copy_to_host") or hasattr(x, "__cuda_array_interface__"):
-        return "device"
-    return "host"
-
-
-def _empty(kind, shape, dtype):
-    if kind == "cupy":
-        import cupy
-
-        return cupy.empty(shape, dtype)
-    return cuda.device_array(shape, dtype)
-
-
 def _on_device(x, kind, dtype):
-    """x as a contiguous GPU array of `dtype` (no copy when it already is one)."""
-    if kind == "cupy":
-        import cupy
-
-        return cupy.ascontiguousarray(cupy.asarray(x, dtype=dtype))
-    if _kind(x) == "device":
-        if np.dtype(x.dtype) != dtype or not x.is_c_contiguous():
-            raise ValueError("selective scan (cuda): device arrays must be C-contiguous and all of one dtype")
-        return x
-    return cuda.to_device(np.ascontiguousarray(np.asarray(x), dtype=dtype))
-
-
-def _out(x, kind):
-    return x.copy_to_host() if kind == "host" else x
+    return on_device(x, kind, dtype, check="selective scan (cuda)")
 
 
 def _sum_middle(part, kind, dtype):
     """part: (I, K, J) -> (I, J), summed over K in order."""
     I, K, J = part.shape
-    out = _empty(kind, (I, J), dtype)
+    out = empty(kind, (I, J), dtype)
     _sum_middle_kernel[((J + THREADS - 1) // THREADS, I), THREADS](part, out)
     return out
 
@@ -228,11 +200,11 @@ def selective_scan_forward(x, dt, A, B, C, D):
     kind = _kind(x)
     args = tuple(_on_device(v, kind, dtype) for v in (x, dt, A, B, C, D))
     Bt, L, Dm = x.shape
-    y = _empty(kind, (Bt, L, Dm), dtype)
+    y = empty(kind, (Bt, L, Dm), dtype)
     if y.size:
         forward, _ = _kernels(dtype.name)
         forward[((Dm + THREADS - 1) // THREADS, Bt), THREADS](*args, y, dtype.type(0))
-    return _out(y, kind), (args, kind)
+    return to_kind(y, kind), (args, kind)
 
 
 def selective_scan_backward(dy, cache):
@@ -245,10 +217,10 @@ def selective_scan_backward(dy, cache):
     Bt, L, Dm = x.shape
     N = A.shape[1]
     nblk = (Dm + THREADS - 1) // THREADS
-    ckpt = _empty(kind, (Bt, max(1, (L + CHUNK - 1) // CHUNK), Dm, N), dtype)
-    dx, ddt = _empty(kind, (Bt, L, Dm), dtype), _empty(kind, (Bt, L, Dm), dtype)
-    dA_part, dD_part = _empty(kind, (Bt, Dm, N), dtype), _empty(kind, (Bt, Dm), dtype)
-    dB_part, dC_part = _empty(kind, (Bt, nblk, L, N), dtype), _empty(kind, (Bt, nblk, L, N), dtype)
+    ckpt = empty(kind, (Bt, max(1, (L + CHUNK - 1) // CHUNK), Dm, N), dtype)
+    dx, ddt = empty(kind, (Bt, L, Dm), dtype), empty(kind, (Bt, L, Dm), dtype)
+    dA_part, dD_part = empty(kind, (Bt, Dm, N), dtype), empty(kind, (Bt, Dm), dtype)
+    dB_part, dC_part = empty(kind, (Bt, nblk, L, N), dtype), empty(kind, (Bt, nblk, L, N), dtype)
     _, backward = _kernels(dtype.name)
     backward[(nblk, Bt), THREADS](x, dt, A, B, C, D, dy, ckpt, dx, ddt, dA_part, dB_part, dC_part, dD_part,
                                   dtype.type(0))
@@ -256,4 +228,4 @@ def selective_scan_backward(dy, cache):
     dB = _sum_middle(dB_part.reshape(Bt, nblk, L * N), kind, dtype).reshape(Bt, L, N)
     dC = _sum_middle(dC_part.reshape(Bt, nblk, L * N), kind, dtype).reshape(Bt, L, N)
     dD = _sum_middle(dD_part.reshape(1, Bt, Dm), kind, dtype).reshape(Dm)
-    return tuple(_out(v, kind) for v in (dx, ddt, dA, dB, dC, dD))
+    return tuple(to_kind(v, kind) for v in (dx, ddt, dA, dB, dC, dD))

@@ -27,16 +27,15 @@ since k_t + (s-1-t) w <= q_s every factor e^{k_t + r_t} is <= 1: nothing overflo
 
 Shapes: k, v, y: (B, T, C); w, u: (C,); state: three (B, C) arrays (num a, den b, max p).
 The Numba kernels run in parallel over (batch, block of channels); the inner loop runs over the block
-so k[b, t, c0:c1] is read contiguously and LLVM vectorises it (with an exp of our own, see
-`exp_kernel`: the Numba kernels equal the reference to a few ulps, not bitwise). dw and du are
+so k[b, t, c0:c1] is read contiguously and LLVM vectorises it (with the vectorisable exp of
+kernels/fastexp.py: the Numba kernels equal the reference to a few ulps, not bitwise). dw and du are
 written per (b, c) and summed over b in a fixed order: results do not depend on the thread count.
 """
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic, overload, register_jitable
+
+from minillm.kernels.fastexp import fast_exp
 
 BIG = 1e38  # the max-tracking state starts at -BIG (as HF), so e^{p - q} = 0 on the first step
 BLOCK = 32  # channels per parallel job
@@ -116,67 +115,6 @@ def wkv_backward_reference(dy, cache):
 # --- Numba CPU kernels -------------------------------------------------------------------------------
 
 
-# exp() for the kernels: every exponent here is <= 0 (up to rounding), and libm's scalar exp is not
-# vectorised by LLVM (no SVML without fastmath), which made it 80% of the run time. This one is:
-# x = n ln2 + r (Cody-Waite split of ln2, |r| <= ln2 / 2), e^r by its Taylor series (degree 7 for
-# float32, 13 for float64: truncation below half an ulp), 2^n built from the exponent bits. Results
-# under the smallest normal number are flushed to 0 (instead of denormals): about 1.5 ulp of np.exp.
-
-
-@intrinsic
-def _int_bits_as_float(typingctx, i):
-    if i == types.int32:
-        sig, llty = types.float32(types.int32), ir.FloatType()
-    elif i == types.int64:
-        sig, llty = types.float64(types.int64), ir.DoubleType()
-    else:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], llty)
-
-    return sig, codegen
-
-
-@register_jitable
-def _exp32(x):
-    xc = max(x, np.float32(-87.0))
-    n = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))
-    r = (xc - n * np.float32(0.693359375)) - n * np.float32(-2.12194440054690582e-4)
-    e = np.float32(1 / 5040) * r + np.float32(1 / 720)
-    e = (((e * r + np.float32(1 / 120)) * r + np.float32(1 / 24)) * r + np.float32(1 / 6)) * r
-    e = ((e + np.float32(0.5)) * r + np.float32(1.0)) * r + np.float32(1.0)
-    scale = _int_bits_as_float(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
-    return e * scale if x >= np.float32(-87.0) else np.float32(0.0)
-
-
-@register_jitable
-def _exp64(x):
-    xc = max(x, -708.0)
-    n = np.floor(xc * 1.4426950408889634 + 0.5)
-    r = (xc - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10
-    e = (1 / 6227020800 * r + 1 / 479001600) * r + 1 / 39916800  # 1/13!, 1/12!, 1/11!
-    e = ((((e * r + 1 / 3628800) * r + 1 / 362880) * r + 1 / 40320) * r + 1 / 5040) * r
-    e = ((((e + 1 / 720) * r + 1 / 120) * r + 1 / 24) * r + 1 / 6) * r
-    e = ((e + 0.5) * r + 1.0) * r + 1.0
-    scale = _int_bits_as_float(np.int64((np.int64(n) + np.int64(1023)) << np.int64(52)))
-    return e * scale if x >= -708.0 else 0.0
-
-
-def exp_kernel(x):
-    """The kernels' exp (pure-Python stand-in; in jitted code it is `_exp32` / `_exp64`)."""
-    return np.exp(x)
-
-
-@overload(exp_kernel)
-def _exp_kernel_overload(x):
-    if x == types.float32:
-        return lambda x: _exp32(x)
-    if x == types.float64:
-        return lambda x: _exp64(x)
-    return None
-
-
 @numba.njit(parallel=True, cache=True)
 def _forward_kernel(k, v, w, u, a0, b0, p0, y, q_out, dinv_out, a1, b1, p1, one):
     # `one` is 1 in k's dtype: a float literal would promote float32 arithmetic to float64.
@@ -204,7 +142,7 @@ def _forward_kernel(k, v, w, u, a0, b0, p0, y, q_out, dinv_out, a1, b1, p1, one)
                 uk = u[c] + kt
                 pj = p[j]
                 # one of e^{p-q}, e^{uk-q} is 1 (q = max(p, uk)): one exp, and selects, not branches
-                e = exp_kernel(-abs(uk - pj))
+                e = fast_exp(-abs(uk - pj))
                 e1 = e if uk > pj else one
                 e2 = one if uk > pj else e
                 dinv = one / (e1 * b[j] + e2)
@@ -212,7 +150,7 @@ def _forward_kernel(k, v, w, u, a0, b0, p0, y, q_out, dinv_out, a1, b1, p1, one)
                 q_out[bi, t, c] = max(pj, uk)
                 dinv_out[bi, t, c] = dinv
                 pw = pj + w[c]
-                e = exp_kernel(-abs(kt - pw))
+                e = fast_exp(-abs(kt - pw))
                 e1 = e if kt > pw else one
                 e2 = one if kt > pw else e
                 p[j] = max(pw, kt)
@@ -248,14 +186,14 @@ def _backward_kernel(k, v, w, u, y, q_in, dinv_in, dy, dk, dv, dw_part, du_part,
                 gt = dy[bi, t, c]
                 qt = q_in[bi, t, c]
                 gdinv = gt * dinv_in[bi, t, c]
-                direct = gdinv * exp_kernel(u[c] + kt - qt)
-                f = exp_kernel(kt + r[j])
+                direct = gdinv * fast_exp(u[c] + kt - qt)
+                f = fast_exp(kt + r[j])
                 dk[bi, t, c] = direct * (vt - yt) + f * (vt * ga[j] - gb[j])
                 dv[bi, t, c] = direct + f * ga[j]
                 dwa[j] += f * (vt * ha[j] - hb[j])
                 dua[j] += direct * (vt - yt)
                 rw = r[j] + w[c]
-                e = exp_kernel(-abs(qt + rw))  # r_{t-1} = max(r_t + w, -q_t)
+                e = fast_exp(-abs(qt + rw))  # r_{t-1} = max(r_t + w, -q_t)
                 e_old = e if -qt > rw else one
                 e_new = one if -qt > rw else e
                 r[j] = max(rw, -qt)

@@ -15,6 +15,8 @@ import math
 import numpy as np
 from numba import cuda
 
+from minillm.kernels.cuda_arrays import array_kind as _kind, empty, on_device, to_kind
+
 BIG = 1e38
 THREADS = 128
 
@@ -105,40 +107,8 @@ def _sum_rows_kernel(part, out):
 # --- host side ---------------------------------------------------------------------------------------
 
 
-def _is_numba_device(x):
-    # (the CUDA simulator's arrays have copy_to_host but no __cuda_array_interface__)
-    return hasattr(x, "copy_to_host") or hasattr(x, "__cuda_array_interface__")
-
-
-def _kind(x):
-    if type(x).__module__.startswith("cupy"):
-        return "cupy"
-    return "device" if _is_numba_device(x) else "host"
-
-
-def _empty(kind, shape, dtype):
-    if kind == "cupy":
-        import cupy
-
-        return cupy.empty(shape, dtype)
-    return cuda.device_array(shape, dtype)
-
-
 def _on_device(x, kind, dtype):
-    """x as a contiguous GPU array of `dtype` (no copy when it already is one)."""
-    if kind == "cupy":
-        import cupy
-
-        return cupy.ascontiguousarray(cupy.asarray(x, dtype=dtype))
-    if kind == "device" and _is_numba_device(x):
-        if x.dtype != dtype or not x.is_c_contiguous():
-            raise ValueError("wkv_cuda: device arrays must be C-contiguous and all of one dtype")
-        return x
-    return cuda.to_device(np.ascontiguousarray(np.asarray(x), dtype=dtype))
-
-
-def _out(x, kind):
-    return x.copy_to_host() if kind == "host" else x
+    return on_device(x, kind, dtype, check="wkv_cuda")
 
 
 def _launch(n):
@@ -164,12 +134,12 @@ def wkv_forward(k, v, w, u, state=None):
     else:
         has_state = True
     a0, b0, p0 = (_on_device(x, kind, dtype) for x in state)
-    y, q, dinv = (_empty(kind, (B, T, C), dtype) for _ in range(3))
-    a1, b1, p1 = (_empty(kind, (B, C), dtype) for _ in range(3))
+    y, q, dinv = (empty(kind, (B, T, C), dtype) for _ in range(3))
+    a1, b1, p1 = (empty(kind, (B, C), dtype) for _ in range(3))
     _forward_kernel[_launch(B * C)](k, v, w, u, a0, b0, p0, y, q, dinv, a1, b1, p1, dtype.type(1))
     cache = dict(k=k, v=v, w=w, u=u, y=y, q=q, dinv=dinv, kind=kind, has_state=has_state,
-                 state_out=tuple(_out(x, kind) for x in (a1, b1, p1)))
-    return _out(y, kind), cache
+                 state_out=tuple(to_kind(x, kind) for x in (a1, b1, p1)))
+    return to_kind(y, kind), cache
 
 
 def wkv_backward(dy, cache):
@@ -180,12 +150,12 @@ def wkv_backward(dy, cache):
     B, T, C = k.shape
     dtype = np.dtype(k.dtype)
     dy = _on_device(dy, kind, dtype)
-    dk, dv = _empty(kind, (B, T, C), dtype), _empty(kind, (B, T, C), dtype)
-    dw_part, du_part = _empty(kind, (B, C), dtype), _empty(kind, (B, C), dtype)
+    dk, dv = empty(kind, (B, T, C), dtype), empty(kind, (B, T, C), dtype)
+    dw_part, du_part = empty(kind, (B, C), dtype), empty(kind, (B, C), dtype)
     _backward_kernel[_launch(B * C)](k, cache["v"], cache["w"], cache["u"], cache["y"], cache["q"],
                                      cache["dinv"], dy, dk, dv, dw_part, du_part, dtype.type(1),
                                      dtype.type(BIG))
-    dw, du = _empty(kind, (C,), dtype), _empty(kind, (C,), dtype)
+    dw, du = empty(kind, (C,), dtype), empty(kind, (C,), dtype)
     _sum_rows_kernel[_launch(C)](dw_part, dw)
     _sum_rows_kernel[_launch(C)](du_part, du)
-    return tuple(_out(x, kind) for x in (dk, dv, dw, du))
+    return tuple(to_kind(x, kind) for x in (dk, dv, dw, du))
