@@ -25,20 +25,6 @@ def make_grads(params, rng):
     return unflatten({k: rng.standard_normal(p.shape) for k, p in flatten(params).items()})
 
 
-def test_flatten_unflatten_round_trip():
-    rng = np.random.default_rng(0)
-    params = make_params(rng)
-    flat = flatten(params)
-    assert list(flat)[:2] == ["wte.weight", "wpe.weight"]
-    assert flatten(unflatten(flat)) == flat and flatten(flat) == flat
-    assert flat["h.0.attn.c_attn.weight"] is params["h"]["0"]["attn"]["c_attn"]["weight"]
-    assert flatten({"h": [{"w": 1}, {"w": 2}], "b": None}) == {"h.0.w": 1, "h.1.w": 2}
-    with pytest.raises(ValueError, match="twice"):
-        flatten({"a.b": 1, "a": {"b": 2}})
-    with pytest.raises(ValueError, match="both a tensor and a prefix"):
-        unflatten({"a": 1, "a.b": 2})
-
-
 def test_decay_mask_rule():
     mask = decay_mask(flatten(make_params(np.random.default_rng(0))))
     assert mask == {
