@@ -9,30 +9,27 @@ inputs / params / upstream: {name: np.ndarray}; config: the JSON dict of the man
 array}; grads: {input or param name: d(sum_o <outputs[o], upstream[o]>) / d that tensor}. A module with
 functions named like the components (this one included) can be given to `minillm reference check`.
 The samplers `_case_<name>(rng)` draw float64 data; integer tensors (ids, targets, text) stay integer.
+Here: tokenizer, core ops, GPT-2, AdamW and LoRA cases, and the registry COMPONENTS of every component;
+the MoE, Mamba, RWKV and BitNet cases are in reference_cases_models.py.
 """
 
 import numpy as np
 
 from minillm import attention as _attention
 from minillm import gpt as _gpt
-from minillm import lora, mamba, ops, rwkv, ternary
-from minillm import moe as _moe
+from minillm import lora, ops
 from minillm.optim import adamw_step
+from minillm import reference_cases_models as _models
+from minillm.reference_cases_models import _normal
+# MoE, Mamba, RWKV and BitNet cases live in reference_cases_models.py; re-exported so this module has
+# a function for every component (`--impl minillm.reference_cases`)
+from minillm.reference_cases_models import bitlinear, mamba_block, moe, rwkv_block  # noqa: F401
+from minillm.reference_cases_models import selective_scan, ternary_pack, wkv  # noqa: F401
 from minillm.tokenizer import Tokenizer
 from minillm.tree import flatten, unflatten
 
 F32_RTOL = 1e-5   # float32 variants: expected values are float64 results; HF float32 classes are within 8e-7
 F64_RTOL = 1e-9   # float64: same math in another order agrees to ~1e-14; a wrong convention is >= 1e-6
-
-
-def _normal(rng, shape, scale=1.0, shift=0.0):
-    return rng.standard_normal(shape) * scale + shift
-
-
-def _away_from_half(values, margin=1e-3):
-    """True when no value lies within `margin` of a rounding boundary k + 1/2."""
-    frac = np.abs(values - np.floor(values) - 0.5)
-    return bool(frac.min() > margin)
 
 
 # --- tokenizer --------------------------------------------------------------------------------------
@@ -217,104 +214,7 @@ def adamw(inputs, params, upstream, config):
     return out, {}
 
 
-# --- Mixture of Experts -----------------------------------------------------------------------------
-
-
-def _case_moe(rng):
-    cfg = COMPONENTS["moe"]["config"]
-    while True:   # routing at least 1e-3 (in router logits) away from any tie, also in float32
-        p = flatten(_moe.init_ffn({**cfg, "n_layer": 1}, rng, np.float64))
-        for k in p:
-            p[k] *= 40.0 if k == "gate.weight" else 25.0
-        x = _normal(rng, (2, 8, cfg["d_model"]))   # 16 tokens: HF's float32 token fractions f_i are exact
-        logits = np.sort(x.reshape(-1, x.shape[-1]) @ p["gate.weight"].T, axis=1)
-        if np.diff(logits, axis=1).min() > 1e-3:
-            return {"x": x}, p, {"y": _normal(rng, x.shape), "aux_loss": np.array(0.1)}
-
-
-def moe(inputs, params, upstream, config):
-    x = inputs["x"]
-    cfg = {**config, "aux_loss_coef": float(upstream["aux_loss"]), "router_z_loss_coef": 0.0}
-    y, cache = _moe.moe_forward(x, unflatten(params), cfg)
-    dx, grads = _moe.moe_backward(upstream["y"], cache)
-    aux = np.array(_moe.stats_of(cache)["balance_loss"], dtype=x.dtype)
-    return {"y": y, "aux_loss": aux, "router_logits": x @ params["gate.weight"].T}, {"x": dx, **flatten(grads)}
-
-
-# --- Mamba ------------------------------------------------------------------------------------------
-
-
-def _case_selective_scan(rng):
-    Bt, L, Dm, N = 2, 12, 6, 4
-    dtl = _normal(rng, (Bt, L, Dm), 0.5, -1.0)
-    inputs = {"x": _normal(rng, (Bt, L, Dm)), "dt": np.log1p(np.exp(dtl)),
-              "A": -np.exp(_normal(rng, (Dm, N), 0.5)), "B": _normal(rng, (Bt, L, N)),
-              "C": _normal(rng, (Bt, L, N)), "D": _normal(rng, Dm)}
-    return inputs, {}, {"y": _normal(rng, (Bt, L, Dm))}
-
-
-def selective_scan(inputs, params, upstream, config):
-    from minillm.kernels import scan
-
-    args = [inputs[k] for k in ("x", "dt", "A", "B", "C", "D")]
-    y, cache = scan.selective_scan_forward(*args)
-    grads = scan.selective_scan_backward(upstream["y"], cache)
-    return {"y": y}, dict(zip(("x", "dt", "A", "B", "C", "D"), grads))
-
-
-def _case_mamba_block(rng):
-    cfg = COMPONENTS["mamba_block"]["config"]
-    mixer = flatten(mamba.init_mixer({**cfg, "dt_min": 0.01, "dt_max": 1.0}, rng, np.float64))
-    p = {"norm.weight": np.ones(cfg["d_model"]), **{"mixer." + k: v for k, v in mixer.items()}}
-    p = {k: v + _normal(rng, v.shape, 0.1) for k, v in p.items()}    # no parameter at a special value
-    x = _normal(rng, (2, 7, cfg["d_model"]))
-    return {"x": x}, p, {"y": _normal(rng, x.shape)}
-
-
-def mamba_block(inputs, params, upstream, config):
-    x, p = inputs["x"], unflatten(params)
-    h, c_norm = ops.rmsnorm_forward(x, p["norm"]["weight"], config["norm_eps"])
-    m, c_mix = mamba.mixer_forward(h, p["mixer"], config)
-    dh, g_mix = mamba.mixer_backward(upstream["y"], c_mix)
-    dx, dw = ops.rmsnorm_backward(dh, c_norm)
-    return {"y": x + m}, {"x": dx + upstream["y"], "norm.weight": dw, **flatten({"mixer": g_mix})}
-
-
-# --- RWKV -------------------------------------------------------------------------------------------
-
-
-def _case_wkv(rng):
-    B, T, C = 2, 9, 6
-    inputs = {"time_decay": _normal(rng, C, 0.5), "time_first": _normal(rng, C, 0.5),
-              "key": _normal(rng, (B, T, C), 3.0), "value": _normal(rng, (B, T, C))}
-    return inputs, {}, {"y": _normal(rng, (B, T, C))}
-
-
-def wkv(inputs, params, upstream, config):
-    from minillm.kernels import wkv as kernels
-
-    w = -np.exp(inputs["time_decay"])
-    y, cache = kernels.wkv_forward(inputs["key"], inputs["value"], w, inputs["time_first"])
-    dk, dv, dw, du = kernels.wkv_backward(upstream["y"], cache)
-    return {"y": y}, {"key": dk, "value": dv, "time_decay": dw * w, "time_first": du}
-
-
-def _case_rwkv_block(rng):
-    cfg = COMPONENTS["rwkv_block"]["config"]
-    full = rwkv.init({**cfg, "vocab_size": 3, "n_layer": 1, "dtype": "float64"}, rng)
-    p = flatten(full["rwkv"]["blocks"]["0"])
-    p = {k: v + _normal(rng, v.shape, 0.1) for k, v in p.items()}
-    x = _normal(rng, (2, 6, cfg["d_model"]))
-    return {"x": x}, p, {"y": _normal(rng, x.shape)}
-
-
-def rwkv_block(inputs, params, upstream, config):
-    y, cache = rwkv.block_forward(inputs["x"], unflatten(params), config)
-    dx, grads = rwkv.block_backward(upstream["y"], cache)
-    return {"y": y}, {"x": dx, **flatten(grads)}
-
-
-# --- LoRA and BitLinear -----------------------------------------------------------------------------
+# --- LoRA -----------------------------------------------------------------------------------------
 
 
 def _case_lora_linear(rng):
@@ -334,45 +234,10 @@ def lora_linear(inputs, params, upstream, config):
     return {"y": y}, {"x": dx, "lora_A": grads["lora_A"], "lora_B": grads["lora_B"]}
 
 
-def _case_bitlinear_weights(rng, O=12, I=40):
-    """x, w whose quantised values are >= 1e-3 away from every rounding boundary (so any float32 or
-    float64 implementation rounds them the same way)."""
-    while True:
-        x, w = _normal(rng, (2, 3, I)), _normal(rng, (O, I), 0.05)
-        for cast in (np.float64, np.float32):
-            xc, wc = x.astype(cast).astype(np.float64), w.astype(cast).astype(np.float64)
-            a = 127.0 / np.abs(xc).max(axis=-1, keepdims=True)
-            ok = _away_from_half(xc * a) and _away_from_half(wc / np.abs(wc).mean())
-            if not ok:
-                break
-        else:
-            return x, w
-
-
-def _case_bitlinear(rng):
-    x, w = _case_bitlinear_weights(rng)
-    return {"x": x}, {"weight": w, "bias": _normal(rng, w.shape[0])}, {"y": _normal(rng, x.shape[:-1] + (12,))}
-
-
-def bitlinear(inputs, params, upstream, config):
-    y, cache = ternary.bitlinear_forward(inputs["x"], params["weight"], params["bias"], layout="out_in")
-    dx, dw, db = ternary.bitlinear_backward(upstream["y"], cache)
-    return {"y": y}, {"x": dx, "weight": dw, "bias": db}
-
-
-def _case_ternary_pack(rng):
-    return {"weight": _case_bitlinear_weights(rng)[1]}, {}, {}
-
-
-def ternary_pack(inputs, params, upstream, config):
-    packed, scale, _ = ternary.pack_weight(inputs["weight"], layout="out_in")
-    return {"packed": packed, "scale": scale}, {}
-
-
 # --- the registry -----------------------------------------------------------------------------------
-# Each entry: the function above, its sampler, the config given to implementations, the float dtypes
-# written (float64 always; float32 where implementations commonly run in float32 and rounding matters),
-# which peer it matches, and the exact math.
+# Each entry: the component function (above, or in reference_cases_models.py), its sampler, the config
+# given to implementations, the float dtypes written (float64 always; float32 where implementations
+# commonly run in float32 and rounding matters), which peer it matches, and the exact math.
 
 COMPONENTS = {}
 
@@ -428,7 +293,7 @@ _add("adamw", adamw, _case_adamw,
      "one update, t = step + 1: p *= 1 - lr wd (only where decay[name]); m = b1 m + (1 - b1) g; "
      "v = b2 v + (1 - b2) g^2; p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps). "
      "inputs param.N, grad.N, exp_avg.N, exp_avg_sq.N -> outputs param.N, exp_avg.N, exp_avg_sq.N.")
-_add("moe", moe, _case_moe, {"d_model": 12, "d_ff": 10, "n_experts": 4, "top_k": 2},
+_add("moe", moe, _models._case_moe, {"d_model": 12, "d_ff": 10, "n_experts": 4, "top_k": 2},
      "transformers MixtralSparseMoeBlock + load_balancing_loss_func (one layer)",
      "router_logits = x gate^T; p = softmax(router_logits); top_k experts per token (inputs are away "
      "from ties); weights = top-k p renormalised to sum 1; y = sum_k weight_k E_k(x), "
@@ -438,23 +303,23 @@ _add("moe", moe, _case_moe, {"d_model": 12, "d_ff": 10, "n_experts": 4, "top_k":
      "include the aux_loss path. HF 5 "
      "fuses experts: gate_up_proj[e] = [w1; w3], down_proj[e] = w2; HF's router softmax runs in float32.",
      float32=True)
-_add("selective_scan", selective_scan, _case_selective_scan, {},
+_add("selective_scan", selective_scan, _models._case_selective_scan, {},
      "the scan of transformers MambaMixer.slow_forward (mamba_ssm selective_scan_ref, delta_softplus=False, "
      "no z)",
      "x, dt: (B, L, D), A: (D, N), B, C: (B, L, N), D: (D,); h_0 = 0; "
      "h_t = exp(dt_t A) * h_{t-1} + dt_t B_t x_t; y_t = C_t . h_t + D x_t. dt is used as given "
      "(no softplus, no bias).", float32=True)
-_add("mamba_block", mamba_block, _case_mamba_block,
+_add("mamba_block", mamba_block, _models._case_mamba_block,
      {"d_model": 8, "d_state": 4, "d_conv": 4, "expand": 2, "dt_rank": 2, "norm_eps": 1e-5},
      "transformers MambaBlock (use_bias=False, use_conv_bias=True, residual_in_fp32=False, slow path)",
      "y = x + mixer(rmsnorm(x)); mixer: x, z = split(in_proj x); x = silu(causal depthwise conv1d(x) + bias) "
      "(left zero padding d_conv - 1); dt, B, C = split(x_proj x); dt = softplus(dt_proj dt + bias) "
      "(identity above 20); A = -exp(A_log); selective scan with D; out_proj(y * silu(z)).")
-_add("wkv", wkv, _case_wkv, {},
+_add("wkv", wkv, _models._case_wkv, {},
      "transformers rwkv_linear_attention_cpu (RWKV-4 WKV)",
      "w = -exp(time_decay), u = time_first; y_t = (sum_{i<t} e^{(t-1-i) w + k_i} v_i + e^{u + k_t} v_t) / "
      "(sum_{i<t} e^{(t-1-i) w + k_i} + e^{u + k_t}) per channel; key, value, y: (B, T, C).", float32=True)
-_add("rwkv_block", rwkv_block, _case_rwkv_block, {"d_model": 8, "intermediate_size": 16,
+_add("rwkv_block", rwkv_block, _models._case_rwkv_block, {"d_model": 8, "intermediate_size": 16,
                                                   "layer_norm_epsilon": 1e-5},
      "transformers RwkvBlock(layer_id=0) with rescale_every=0 (pre_ln present)",
      "x = pre_ln(x); x = x + time_mix(ln1(x)); y = x + channel_mix(ln2(x)). Token shift s_t = x_{t-1}, "
@@ -465,12 +330,12 @@ _add("lora_linear", lora_linear, _case_lora_linear, {"rank": 4, "alpha": 8.0},
      "lora_B = lora_B.default.weight, weight / bias = base_layer's",
      "y = x weight^T + bias + (alpha / rank) (x lora_A^T) lora_B^T; weight and bias are frozen: "
      "grads for x, lora_A, lora_B only.")
-_add("bitlinear", bitlinear, _case_bitlinear, {},
+_add("bitlinear", bitlinear, _models._case_bitlinear, {},
      "transformers AutoBitLinear(online_quant=True) (BitNet b1.58; STE backward)",
      "s = max(mean |W|, 1e-5), W_q = clip(round(W / s), -1, 1); a = 127 / max(max_j |x_j|, 1e-5) per "
      "token, x_q = clip(round(x a), -128, 127); y = (x_q / a) (s W_q)^T + bias; round half to even. "
      "Straight-through backward: dx = dy (s W_q), dW = dy^T (x_q / a), dbias = sum dy.", float32=True)
-_add("ternary_pack", ternary_pack, _case_ternary_pack, {},
+_add("ternary_pack", ternary_pack, _models._case_ternary_pack, {},
      "transformers integrations.bitnet.pack_weights (on W_q) with weight_scale = s (AutoBitLinear's "
      "direction; BitLinear stores 1 / s)",
      "W (O, I) -> W_q as in bitlinear; packed (ceil(O / 4), I) uint8, packed[r, i] = "
