@@ -2,7 +2,7 @@
 
     attention_forward(x, p, config) -> (y, cache)        x, y: (B, T, C)
     attention_backward(dy, cache) -> (dx, grads)          grads keyed like p
-    init_kv_cache(batch, config, dtype) -> {"k", "v"}      each (B, H, context, hd), preallocated
+    init_kv_cache(batch, config, dtype, xp) -> {"k", "v"}  each (B, H, context, hd), preallocated
     attention_step(x_t, p, config, kv_cache, pos) -> (y_t, kv_cache)   x_t, y_t: (B, C)
 
 p is keyed like HF GPT2Attention: {"c_attn": {"weight": (C, 3C), "bias": (3C,)},
@@ -224,12 +224,12 @@ def attention_backward(dy, cache):
 # --- generation: one token at a time against a preallocated KV cache --------------------------------
 
 
-def init_kv_cache(batch, config, dtype):
-    """-> {"k": (B, H, context, hd), "v": (B, H, context, hd)} zeros (numpy)."""
+def init_kv_cache(batch, config, dtype, xp=np):
+    """-> {"k": (B, H, context, hd), "v": (B, H, context, hd)} zeros of array module xp."""
     C = int(config["d_model"])
     H, hd = _heads(config, C)
     shape = (batch, H, int(config["context"]), hd)
-    return {"k": np.zeros(shape, dtype=dtype), "v": np.zeros(shape, dtype=dtype)}
+    return {"k": xp.zeros(shape, dtype=dtype), "v": xp.zeros(shape, dtype=dtype)}
 
 
 def attention_step(x_t, p, config, kv_cache, pos):

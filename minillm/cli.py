@@ -137,8 +137,10 @@ def log(message):
 @click.option("--d-conv", type=click.IntRange(1), default=None, help="mamba: conv kernel width [4].")
 @click.option("--expand", type=click.IntRange(1), default=None, help="mamba: inner width factor [2].")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: CuPy arrays and numba.cuda kernels on an NVIDIA GPU (pip install \"minillm[cuda]\").")
 @loop_options(steps=1500, lr=3e-3, warmup=100, eval_every=250)
-def train(file, tokenizer_path, resume, steps, batch_size, lr, warmup, weight_decay, grad_clip, seed,
+def train(file, tokenizer_path, resume, device, steps, batch_size, lr, warmup, weight_decay, grad_clip, seed,
           eval_every, out, quiet, **config):
     """Train a language model on FILE (one document per line), writing a checkpoint to --out."""
     from minillm.train import train as run
@@ -149,6 +151,7 @@ def train(file, tokenizer_path, resume, steps, batch_size, lr, warmup, weight_de
         raise UserError("--d-state/--d-conv/--expand only apply to --arch mamba")
     opts = make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, eval_every, out, quiet,
                         resume)
+    opts.device = device
     run(file, opts, config, tokenizer_path=tokenizer_path, log=log)
 
 
@@ -192,12 +195,13 @@ def merge(base, adapter, out):
 @click.option("--top-k", type=click.IntRange(1), default=None)
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
-def sample(checkpoint, adapter, num, prompt, max_tokens, temperature, top_k, top_p, seed):
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+def sample(checkpoint, adapter, num, prompt, max_tokens, temperature, top_k, top_p, seed, device):
     """Print -n samples from a trained checkpoint, one per line."""
     from minillm.generate import sample_lines
 
     for line in sample_lines(checkpoint, num, prompt, max_tokens, temperature, top_k, top_p, seed,
-                             adapter=adapter):
+                             adapter=adapter, device=device):
         click.echo(line)
 # --- end train and sample ---
 

@@ -10,6 +10,8 @@ Temperature 0 means greedy (argmax; ties go to the lowest id).
 import numpy as np
 
 from minillm import ops
+from minillm.device import to_host
+from minillm.tree import flatten
 
 POSITIONAL_ARCHS = ("gpt", "moe")  # learned positions: at most `context` tokens in all
 
@@ -57,13 +59,15 @@ def generate(model, params, config, prompts, max_new_tokens, rng, stop_id=None,
         if room < 1:
             raise ValueError(f"the prompt is {prompt.shape[1]} tokens; this model's context is {config['context']}")
         max_new_tokens = min(max_new_tokens, room)
+    leaves = list(flatten(params).values()) if isinstance(params, dict) else []
+    xp = ops.array_module(leaves[0]) if leaves else np  # the tokens go where the params are
     state = model.init_state(params, config, batch)
     for t in range(prompt.shape[1]):
-        logits, state = model.step(params, prompt[:, t], state)
+        logits, state = model.step(params, xp.asarray(prompt[:, t]), state)
     out = [[] for _ in range(batch)]
     done = np.zeros(batch, dtype=bool)
     for _ in range(max_new_tokens):
-        tokens = sample_next(logits, rng, temperature, top_k, top_p)
+        tokens = sample_next(to_host(logits), rng, temperature, top_k, top_p)
         for i in np.flatnonzero(~done):
             if stop_id is not None and tokens[i] == stop_id:
                 done[i] = True
@@ -71,12 +75,12 @@ def generate(model, params, config, prompts, max_new_tokens, rng, stop_id=None,
                 out[i].append(int(tokens[i]))
         if done.all():
             break
-        logits, state = model.step(params, tokens, state)
+        logits, state = model.step(params, xp.asarray(tokens), state)
     return out
 
 
 def sample_lines(checkpoint_dir, num, prompt="", max_tokens=64, temperature=0.8, top_k=None, top_p=None,
-                 seed=0, adapter=None):
+                 seed=0, adapter=None, device="cpu"):
     """Load a checkpoint (and optionally a LoRA adapter for it) and return `num` samples as text lines,
     each starting with `prompt`.
 
@@ -84,6 +88,7 @@ def sample_lines(checkpoint_dir, num, prompt="", max_tokens=64, temperature=0.8,
     and stops at the next <|endoftext|> or after `max_tokens` new tokens.
     """
     from minillm import checkpoint, models
+    from minillm.device import array_module_for, to_device
     from minillm.tokenizer import Tokenizer
 
     if adapter is None:
@@ -94,9 +99,10 @@ def sample_lines(checkpoint_dir, num, prompt="", max_tokens=64, temperature=0.8,
         ckpt = load_with_adapter(checkpoint_dir, adapter)
     tokenizer = Tokenizer.load(ckpt.tokenizer_path)
     model = models.get_model(ckpt.config["arch"])
+    params = to_device(ckpt.params, array_module_for(device))
     start = [tokenizer.eot_id] + tokenizer.encode(prompt)
     rng = np.random.default_rng(seed)
-    new = generate(model, ckpt.params, ckpt.config, [start] * num, max_tokens, rng, tokenizer.eot_id,
+    new = generate(model, params, ckpt.config, [start] * num, max_tokens, rng, tokenizer.eot_id,
                    temperature, top_k, top_p)
     # One sample per line: a line break inside a sample (possible from an undertrained model) becomes a space.
     return [" ".join((prompt + tokenizer.decode(ids)).splitlines()) for ids in new]

@@ -163,11 +163,12 @@ def init(config, rng):
 
 
 def _check_ids(idx, config, what="idx"):
-    idx = np.asarray(idx)
+    if not hasattr(idx, "dtype"):
+        idx = np.asarray(idx)  # a list; numpy and cupy arrays stay where they are
     if not np.issubdtype(idx.dtype, np.integer):
         raise ValueError(f"{what} must hold integer token ids, got {idx.dtype}")
     V = int(config["vocab_size"])
-    if idx.size and (idx.min() < 0 or idx.max() >= V):
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= V):
         raise ValueError(f"{what} holds token ids outside [0, {V})")
     return idx
 
@@ -211,7 +212,7 @@ def backward(dlogits, cache):
         embedding_kernels.embedding_backward_numba(dx, idx, dwte.shape, out=dwte)
     else:
         dwte += ops.embedding_backward(dx, (idx, dwte.shape))
-    dwpe = np.zeros((int(config["context"]), C), dtype=dx.dtype)
+    dwpe = ops.array_module(dx).zeros((int(config["context"]), C), dtype=dx.dtype)
     dwpe[:T] = dx.sum(axis=0)
     return {"transformer": {"wte": {"weight": dwte}, "wpe": {"weight": dwpe}, "h": h,
                             "ln_f": {"weight": dwf, "bias": dbf}}}
@@ -246,8 +247,9 @@ def stats(cache):
 
 def init_state(params, config, batch):
     """-> state for `step`: position 0 and an empty (B, H, context, hd) KV cache per layer."""
-    dtype = params["transformer"]["wte"]["weight"].dtype
-    kv = [attention.init_kv_cache(batch, config, dtype) for _ in range(int(config["n_layer"]))]
+    wte = params["transformer"]["wte"]["weight"]
+    xp = ops.array_module(wte)
+    kv = [attention.init_kv_cache(batch, config, wte.dtype, xp) for _ in range(int(config["n_layer"]))]
     return {"config": config, "pos": 0, "kv": kv}
 
 

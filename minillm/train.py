@@ -13,7 +13,7 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from minillm import checkpoint, data, models, ops, optim
+from minillm import checkpoint, data, device, models, ops, optim
 from minillm.tokenizer import Tokenizer, read_text_file
 from minillm.tree import flatten
 
@@ -34,20 +34,28 @@ class TrainOptions:
     out: str = "out"
     resume: bool = False
     progress: bool = True
+    device: str = "cpu"
 
 
 def format_stat(value):
     """Progress-bar text for a model statistic: counts as integers (e.g. tokens per expert), else 3 digits."""
-    value = np.asarray(value)
+    value = device.to_host(value)
     if value.ndim:
         return "/".join(str(int(v)) for v in value.ravel())
     return f"{float(value):.3f}"
 
 
+def params_array_module(params):
+    """numpy or cupy: where the params live (the batches are moved there)."""
+    return ops.array_module(next(iter(flatten(params).values())))
+
+
 def evaluate(model, params, config, batches):
     """Mean cross-entropy (nats/token) over the given (x, y) batches, weighted by token count."""
     total, count = 0.0, 0
+    xp = params_array_module(params)
     for x, y in batches:
+        x, y = xp.asarray(x), xp.asarray(y)
         logits, _ = model.forward(params, x, config)
         loss, _ = ops.cross_entropy_forward(logits, y)
         total += loss * y.size
@@ -81,6 +89,7 @@ def fit(model, params, config, train_ids, val_ids, opts, log=print,
     """
     rng = np.random.default_rng(opts.seed) if rng_state is None else checkpoint.rng_from_state(rng_state)
     flat = flatten(params)
+    xp = params_array_module(params)
     mask = optim.decay_mask(flat)
     if opt_state is None:
         opt_state = optim.adamw_init(params, trainable)
@@ -100,7 +109,7 @@ def fit(model, params, config, train_ids, val_ids, opts, log=print,
                unit="step", disable=not opts.progress, dynamic_ncols=True)
     started = time.perf_counter()
     for step in bar:
-        x, y = data.get_batch(train_ids, opts.batch_size, config["context"], rng)
+        x, y = (xp.asarray(a) for a in data.get_batch(train_ids, opts.batch_size, config["context"], rng))
         logits, cache = model.forward(params, x, config)
         loss, loss_cache = ops.cross_entropy_forward(logits, y)
         aux = model.aux_loss(cache) if hasattr(model, "aux_loss") else 0.0
@@ -147,6 +156,7 @@ def train(text_path, opts, config_overrides, tokenizer_path=None, log=print):
     """Train a model on the text file at `text_path`; writes a checkpoint to opts.out. -> summary dict."""
     arch = config_overrides.pop("arch", None) or "gpt"
     text = read_text_file(text_path)  # validates early: missing, empty, binary, non-UTF-8
+    xp = device.array_module_for(opts.device)  # and fails early without a GPU for --device cuda
     trainer_state, opt_state, params = {}, None, None
     if opts.resume:
         ckpt = checkpoint.load_checkpoint(opts.out, arch=arch)
@@ -171,6 +181,9 @@ def train(text_path, opts, config_overrides, tokenizer_path=None, log=print):
     train_ids, val_ids = prepare_tokens(text, tokenizer, opts, config["context"])
     if params is None:
         params = model.init(config, np.random.default_rng(opts.seed))
+    params = device.to_device(params, xp)
+    if opt_state is not None:
+        opt_state = {**opt_state, "m": device.to_device(opt_state["m"], xp), "v": device.to_device(opt_state["v"], xp)}
     n_params = sum(p.size for p in flatten(params).values())
     log(f"{config['arch']}: {n_params / 1e6:.2f}M parameters, {len(train_ids)} training and "
         f"{len(val_ids)} validation tokens")
