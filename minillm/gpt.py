@@ -22,6 +22,7 @@ reference; ops.py serves cupy); `step` runs OpenBLAS single-threaded (see attent
 import numpy as np
 
 from minillm import attention, layers, ops
+from minillm.models import check_token_ids, param_dtype
 from minillm.kernels import embedding as embedding_kernels
 from minillm.kernels import gelu as gelu_kernels
 from minillm.kernels import layernorm as layernorm_kernels
@@ -34,13 +35,6 @@ STEP_SINGLE_THREAD_BATCH = 16
 
 def _is_moe(config):
     return int(config.get("n_experts", 0) or 0) > 0
-
-
-def _dtype(config):
-    name = config.get("dtype", "float32")
-    if name not in ("float32", "float64"):
-        raise ValueError(f"dtype must be float32 or float64, got {name!r}")
-    return np.dtype(name)
 
 
 def _use_kernel(a):
@@ -57,7 +51,7 @@ def ffn_init(config, rng):
         from minillm import moe
 
         return moe.moe_init(config, rng)
-    C, L, dtype = int(config["d_model"]), int(config["n_layer"]), _dtype(config)
+    C, L, dtype = int(config["d_model"]), int(config["n_layer"]), param_dtype(config)
     return {
         "c_fc": {"weight": _normal(rng, (C, 4 * C), 0.02, dtype), "bias": np.zeros(4 * C, dtype)},
         "c_proj": {"weight": _normal(rng, (4 * C, C), 0.02 / np.sqrt(2 * L), dtype),
@@ -142,7 +136,7 @@ def _normal(rng, shape, std, dtype):
 def init(config, rng):
     """-> params (nested dict, config["dtype"], default float32); deterministic given rng's state."""
     V, T, C = int(config["vocab_size"]), int(config["context"]), int(config["d_model"])
-    L, dtype = int(config["n_layer"]), _dtype(config)
+    L, dtype = int(config["n_layer"]), param_dtype(config)
     if C % int(config["n_head"]):
         raise ValueError(f"d_model {C} is not divisible by n_head {config['n_head']}")
     tr = {"wte": {"weight": _normal(rng, (V, C), 0.02, dtype)},
@@ -162,20 +156,9 @@ def init(config, rng):
     return {"transformer": tr}
 
 
-def _check_ids(idx, config, what="idx"):
-    if not hasattr(idx, "dtype"):
-        idx = np.asarray(idx)  # a list; numpy and cupy arrays stay where they are
-    if not np.issubdtype(idx.dtype, np.integer):
-        raise ValueError(f"{what} must hold integer token ids, got {idx.dtype}")
-    V = int(config["vocab_size"])
-    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= V):
-        raise ValueError(f"{what} holds token ids outside [0, {V})")
-    return idx
-
-
 def forward(params, idx, config):
     """idx: (B, T) int, T <= context -> logits: (B, T, V). Returns (logits, cache)."""
-    idx = _check_ids(idx, config)
+    idx = check_token_ids(idx, config)
     if idx.ndim != 2 or idx.shape[1] < 1:
         raise ValueError(f"idx must be (B, T) with T >= 1, got shape {idx.shape}")
     B, T = idx.shape
@@ -259,7 +242,7 @@ def step(params, tokens, state):
     The KV cache is updated in place and pos advanced; equals the last row of `forward` on the prefix.
     """
     config = state["config"]
-    tokens = _check_ids(tokens, config, "tokens")
+    tokens = check_token_ids(tokens, config, "tokens")
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be (B,), got shape {tokens.shape}")
     pos = state["pos"]

@@ -25,6 +25,7 @@ import numpy as np
 
 from minillm import ops
 from minillm.layers import dense_backward, dense_forward
+from minillm.models import check_token_ids
 
 DEFAULTS = {
     "d_state": 16,          # N, state size per channel
@@ -201,9 +202,7 @@ def mixer_backward(dout, cache):
 def _check_idx(idx, config):
     if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
         raise ValueError(f"mamba: token ids must be an integer array (B, T), got {idx.dtype} {idx.shape}")
-    V = int(config["vocab_size"])
-    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= V):
-        raise ValueError(f"mamba: token ids must lie in [0, {V}), got [{int(idx.min())}, {int(idx.max())}]")
+    check_token_ids(idx, config, "mamba: idx")
 
 
 def forward(params, idx, config):

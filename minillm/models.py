@@ -7,6 +7,8 @@ aux_loss(cache) and stats(cache).
 
 import importlib
 
+import numpy as np
+
 ARCHITECTURES = {
     "gpt": "minillm.gpt",
     "moe": "minillm.moe",
@@ -46,3 +48,23 @@ def build_config(arch, **overrides):
         if int(config[key]) < 1:
             raise ValueError(f"{key} must be positive, got {config[key]}")
     return config
+
+
+def param_dtype(config):
+    """config["dtype"] ("float32" by default, or "float64") as a numpy dtype."""
+    name = config.get("dtype", "float32")
+    if name not in ("float32", "float64"):
+        raise ValueError(f"dtype must be float32 or float64, got {name!r}")
+    return np.dtype(name)
+
+
+def check_token_ids(idx, config, what="idx"):
+    """Integer ids in [0, vocab_size) -> idx (a list becomes a NumPy array; NumPy and CuPy arrays stay put)."""
+    if not hasattr(idx, "dtype"):
+        idx = np.asarray(idx)
+    if not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"{what} must hold integer token ids, got {idx.dtype}")
+    V = int(config["vocab_size"])
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= V):
+        raise ValueError(f"{what} holds token ids outside [0, {V})")
+    return idx

@@ -28,17 +28,11 @@ import math
 import numpy as np
 
 from minillm import layers, ops
+from minillm.models import check_token_ids, param_dtype
 from minillm.kernels import wkv as wkv_cpu
 
 # F = intermediate_size (None: 4 d_model); eps of the block LayerNorms (ln_out always uses 1e-5, as HF).
 DEFAULTS = {"intermediate_size": None, "layer_norm_epsilon": 1e-5}
-
-
-def _dtype(config):
-    name = config.get("dtype", "float32")
-    if name not in ("float32", "float64"):
-        raise ValueError(f"dtype must be float32 or float64, got {name!r}")
-    return np.dtype(name)
 
 
 def _ffn_size(config):
@@ -212,7 +206,7 @@ def init(config, rng):
     orthogonal linears with gain sqrt(out / in) when out > in (0.5 more for the head), a tiny
     orthogonal embedding, per-layer time_decay / time_mix ramps."""
     V, C, L, F = int(config["vocab_size"]), int(config["d_model"]), int(config["n_layer"]), _ffn_size(config)
-    dtype = _dtype(config)
+    dtype = param_dtype(config)
     if L < 1 or C < 2:
         raise ValueError(f"rwkv needs n_layer >= 1 and d_model >= 2, got {L} and {C}")
 
@@ -251,17 +245,6 @@ def init(config, rng):
             "head": linear(V, C, 0.5)}
 
 
-def _check_ids(idx, config, what="idx"):
-    if ops.array_module(idx) is np:
-        idx = np.asarray(idx)
-    if not np.issubdtype(idx.dtype, np.integer):
-        raise ValueError(f"{what} must hold integer token ids, got {idx.dtype}")
-    V = int(config["vocab_size"])
-    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= V):
-        raise ValueError(f"{what} holds token ids outside [0, {V})")
-    return idx
-
-
 def _run(params, idx, config, state):
     """Embedding -> blocks -> ln_out -> head; state None (training) or the generation state."""
     tr = params["rwkv"]
@@ -282,7 +265,7 @@ def _run(params, idx, config, state):
 def forward(params, idx, config):
     """idx: (B, T) int -> logits: (B, T, V). Returns (logits, cache). T is not limited by the context
     (RWKV is recurrent); the trainer still feeds context-long windows."""
-    idx = _check_ids(idx, config)
+    idx = check_token_ids(idx, config)
     if idx.ndim != 2 or idx.shape[1] < 1:
         raise ValueError(f"idx must be (B, T) with T >= 1, got shape {idx.shape}")
     logits, caches, _ = _run(params, idx, config, None)
@@ -333,7 +316,7 @@ def _advance(params, idx, state):
 def step(params, tokens, state):
     """tokens: (B,) int, the next token of each row -> (logits: (B, V), new state). O(1) in the
     position: equals the last row of `forward` on the whole prefix."""
-    tokens = _check_ids(tokens, state["config"], "tokens")
+    tokens = check_token_ids(tokens, state["config"], "tokens")
     if tokens.ndim != 1 or tokens.shape[0] != state["num"].shape[1]:
         raise ValueError(f"tokens must be ({state['num'].shape[1]},), got shape {tokens.shape}")
     logits, state = _advance(params, tokens[:, None], state)
@@ -342,7 +325,7 @@ def step(params, tokens, state):
 
 def prefill(params, idx, state):
     """idx: (B, T) int -> (logits: (B, T, V), state after the T tokens): `step` T times in one pass."""
-    idx = _check_ids(idx, state["config"])
+    idx = check_token_ids(idx, state["config"])
     if idx.ndim != 2 or idx.shape[0] != state["num"].shape[1]:
         raise ValueError(f"idx must be ({state['num'].shape[1]}, T), got shape {idx.shape}")
     return _advance(params, idx, state)

@@ -41,3 +41,15 @@ def test_build_config_rejects_bad_sizes(overrides, match):
 def test_unknown_architecture_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown architecture 'llama'"):
         models.get_model("llama")
+
+
+def test_token_ids_and_dtype_are_checked():
+    config = models.build_config("gpt", vocab_size=10)
+    assert models.check_token_ids([1, 2], config).tolist() == [1, 2]
+    with pytest.raises(ValueError, match="outside"):
+        models.check_token_ids(np.array([0, 10]), config)
+    with pytest.raises(ValueError, match="integer"):
+        models.check_token_ids(np.zeros(2), config, "tokens")
+    assert models.param_dtype({"dtype": "float64"}) == np.float64
+    with pytest.raises(ValueError, match="float16"):
+        models.param_dtype({"dtype": "float16"})
