@@ -78,10 +78,9 @@ def main():
     if args.device == "cuda":
         import cupy
 
-        def to_gpu(tree):
-            return {k: to_gpu(v) if isinstance(v, dict) else cupy.asarray(v) for k, v in tree.items()}
+        from minillm.device import to_device
 
-        p, x, dy = to_gpu(p), cupy.asarray(x), cupy.asarray(dy)
+        p, x, dy = to_device(p, cupy), cupy.asarray(x), cupy.asarray(dy)
         block, xt, dyt = block.cuda(), xt.cuda(), dyt.cuda()
 
         def sync():

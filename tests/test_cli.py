@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from clirun import run_cli
 from minillm import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -14,19 +15,8 @@ TINY = ["--vocab-size", "300", "--context", "16", "--layers", "1", "--heads", "2
         "--batch-size", "4", "--quiet"]
 
 
-def minillm(capsys, *args):
-    """Run the CLI in-process -> (exit code, stdout, stderr). A traceback would fail the test."""
-    try:
-        cli.main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def one_error_line(capsys, *args, match):
-    code, out, err = minillm(capsys, *args)
+    code, out, err = run_cli(capsys, *args)
     assert code != 0, f"expected a failure, got {out!r} {err!r}"
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
@@ -51,10 +41,10 @@ def trained(small_corpus, tmp_path_factory):
 
 
 def test_sample_prints_n_lines_and_is_seeded(capsys, trained):
-    code, out, _ = minillm(capsys, "sample", "--checkpoint", trained, "-n", "5", "--seed", "3", "--max-tokens", "8")
+    code, out, _ = run_cli(capsys, "sample", "--checkpoint", trained, "-n", "5", "--seed", "3", "--max-tokens", "8")
     assert code == 0 and len(out.splitlines()) == 5
-    assert minillm(capsys, "sample", "--checkpoint", trained, "-n", "5", "--seed", "3", "--max-tokens", "8")[1] == out
-    code, out2, _ = minillm(capsys, "sample", "--checkpoint", trained, "-n", "2", "--prompt", "police",
+    assert run_cli(capsys, "sample", "--checkpoint", trained, "-n", "5", "--seed", "3", "--max-tokens", "8")[1] == out
+    code, out2, _ = run_cli(capsys, "sample", "--checkpoint", trained, "-n", "2", "--prompt", "police",
                             "--top-k", "5", "--top-p", "0.9", "--temperature", "1.2")
     assert code == 0 and all(line.startswith("police") for line in out2.splitlines())
 
@@ -108,15 +98,15 @@ def test_python_dash_m_and_no_traceback_in_a_real_process(tmp_path):
 def test_finetune_sample_with_adapter_and_merge(capsys, trained, small_corpus, tmp_path):
     base_bytes = open(os.path.join(trained, "model.safetensors"), "rb").read()
     adapter = str(tmp_path / "lora")
-    code, _, err = minillm(capsys, "finetune", trained, small_corpus, "--lora-rank", "2", "--lora-alpha", "4",
+    code, _, err = run_cli(capsys, "finetune", trained, small_corpus, "--lora-rank", "2", "--lora-alpha", "4",
                            "--steps", "3", "--batch-size", "4", "--out", adapter, "--quiet")
     assert code == 0, err
     assert "trainable" in err.lower()
     assert open(os.path.join(trained, "model.safetensors"), "rb").read() == base_bytes
     args = ["-n", "3", "--seed", "1", "--max-tokens", "6", "--temperature", "0"]
-    code, with_adapter, _ = minillm(capsys, "sample", "--checkpoint", trained, "--adapter", adapter, *args)
+    code, with_adapter, _ = run_cli(capsys, "sample", "--checkpoint", trained, "--adapter", adapter, *args)
     assert code == 0 and len(with_adapter.splitlines()) == 3
     merged = str(tmp_path / "merged")
-    assert minillm(capsys, "merge", trained, adapter, "--out", merged)[0] == 0
-    assert minillm(capsys, "sample", "--checkpoint", merged, *args)[1] == with_adapter
+    assert run_cli(capsys, "merge", trained, adapter, "--out", merged)[0] == 0
+    assert run_cli(capsys, "sample", "--checkpoint", merged, *args)[1] == with_adapter
     one_error_line(capsys, "sample", "--checkpoint", trained, "--adapter", str(tmp_path / "missing"), match="missing")

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from minillm import cli, reference
+from clirun import run_cli
+from minillm import reference
 from minillm import reference_cases as rc
 
 
@@ -17,16 +18,6 @@ def golden(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("golden"))
     reference.make(path)
     return path
-
-
-def run_cli(capsys, *args):
-    try:
-        cli.main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_error_line(capsys, *args, match):

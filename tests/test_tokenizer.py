@@ -12,7 +12,7 @@ import regex
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-from minillm import cli
+from clirun import run_cli
 from minillm.kernels import bpe_train
 from minillm.kernels.bpe import GPT2_PATTERN
 from minillm.tokenizer import EOT, Tokenizer, read_text_file
@@ -253,17 +253,6 @@ def test_read_text_file(tmp_path):
 
 
 # ---------------------------------------------------------------- CLI
-
-def run_cli(capsys, *args):
-    """minillm.cli.main in-process: (exit code, stdout, stderr)."""
-    try:
-        cli.main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
 
 def test_cli_train_encode_decode(tmp_path, capsys, monkeypatch):
     corpus = tmp_path / "corpus.txt"
