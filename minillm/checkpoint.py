@@ -251,7 +251,8 @@ def _names(names):
                                        else "")
 
 
-def _check_expected(flat, expected, path):
+def check_expected(flat, expected, path):
+    """Raise one ValueError naming the missing, unexpected and mis-shaped tensors of `flat` vs `expected`."""
     problems = []
     missing = [n for n in expected if n not in flat]
     unexpected = [n for n in flat if n not in expected]
@@ -326,7 +327,7 @@ def load_checkpoint(path, expected=None, arch=None):
     del config["format"]
     flat, _ = _read_safetensors(root / MODEL_FILE)
     if expected is not None:
-        _check_expected(flat, expected, root)
+        check_expected(flat, expected, root)
     try:
         params = unflatten(flat)
     except ValueError as e:

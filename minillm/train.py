@@ -163,7 +163,7 @@ def train(text_path, opts, config_overrides, tokenizer_path=None, log=print):
         _check_resume_config(ckpt.config, config_overrides)
         config = ckpt.config
         expected = checkpoint.expected_from(models.get_model(arch).init(config, np.random.default_rng(0)))
-        ckpt = checkpoint.load_checkpoint(opts.out, expected=expected, arch=arch)
+        checkpoint.check_expected(flatten(ckpt.params), expected, opts.out)
         tokenizer = Tokenizer.load(ckpt.tokenizer_path)
         params, opt_state, trainer_state = ckpt.params, ckpt.optimizer_state, ckpt.trainer_state or {}
         if opt_state is None:
