@@ -55,6 +55,10 @@ def dense_backward(dy, cache):
         from minillm import ternary
 
         dx, dw, db = ternary.bitlinear_backward(dy, base_cache)
+    elif lora_cache is not None:  # the base weight is frozen: its gradient is never needed
+        _, w, _ = base_cache
+        dx, dw = dy @ w.T, None
+        db = dy.reshape(-1, dy.shape[-1]).sum(axis=0) if has_bias else None
     else:
         dx, dw, db = ops.linear_backward(dy, base_cache)
         dw = dw if layout == "in_out" else dw.T
