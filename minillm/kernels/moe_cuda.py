@@ -62,7 +62,10 @@ def _chunk_count_kernel(flat, chunk, counts):
     if c < counts.shape[0]:
         for e in range(counts.shape[1]):
             counts[c, e] = 0
-        for a in range(c * chunk, min((c + 1) * chunk, flat.shape[0])):
+        end = (c + 1) * chunk
+        if end > flat.shape[0]:   # (no 2-argument min in kernels: numba#10753)
+            end = flat.shape[0]
+        for a in range(c * chunk, end):
             counts[c, flat[a]] += 1
 
 

@@ -80,7 +80,9 @@ def _packed_words_kernel(packed, xq, out, n_out):
     of the packed row is read once for all of them."""
     r = cuda.blockIdx.x
     m0 = cuda.blockIdx.y * TOKENS
-    nm = min(TOKENS, xq.shape[0] - m0)
+    nm = xq.shape[0] - m0
+    if nm > TOKENS:   # (no 2-argument min in kernels: numba#10753)
+        nm = TOKENS
     part = cuda.shared.array((5, THREADS), dtype=int32)
     acc = cuda.local.array((TOKENS, 5), dtype=int32)
     for mm in range(TOKENS):

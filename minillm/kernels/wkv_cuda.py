@@ -41,7 +41,7 @@ def _forward_kernel(k, v, w, u, a0, b0, p0, y, q_out, dinv_out, a1, b1, p1, one)
         e2 = one if uk > p else e
         dinv = one / (e1 * b + e2)
         y[bi, t, c] = (e1 * a + e2 * vt) * dinv
-        q_out[bi, t, c] = max(p, uk)
+        q_out[bi, t, c] = uk if uk > p else p  # (no 2-argument max: numba#10753)
         dinv_out[bi, t, c] = dinv
         pw = p + wc
         e = math.exp(-abs(kt - pw))
@@ -49,7 +49,7 @@ def _forward_kernel(k, v, w, u, a0, b0, p0, y, q_out, dinv_out, a1, b1, p1, one)
         e2 = one if kt > pw else e
         a = e1 * a + e2 * vt
         b = e1 * b + e2
-        p = max(pw, kt)
+        p = kt if kt > pw else pw
     a1[bi, c], b1[bi, c], p1[bi, c] = a, b, p
 
 
@@ -82,7 +82,7 @@ def _backward_kernel(k, v, w, u, y, q_in, dinv_in, dy, dk, dv, dw_part, du_part,
         e = math.exp(-abs(qt + rw))  # r_{t-1} = max(r_t + w, -q_t)
         e_old = e if -qt > rw else one
         e_new = one if -qt > rw else e
-        r = max(rw, -qt)
+        r = -qt if -qt > rw else rw
         gd = gdinv * e_new
         ha = e_old * (ha + ga)
         hb = e_old * (hb + gb)
@@ -129,7 +129,11 @@ def wkv_forward(k, v, w, u, state=None):
     kind = _kind(k)
     k, v, w, u = (_on_device(x, kind, dtype) for x in (k, v, w, u))
     if state is None:
-        state = (np.zeros((B, C), dtype), np.zeros((B, C), dtype), np.full((B, C), -BIG, dtype))
+        if kind == "cupy":    # made on the GPU: no host-to-device copy per call
+            import cupy as xp
+        else:
+            xp = np
+        state = (xp.zeros((B, C), dtype), xp.zeros((B, C), dtype), xp.full((B, C), -BIG, dtype))
         has_state = False
     else:
         has_state = True
