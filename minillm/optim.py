@@ -30,6 +30,12 @@ def _xp(a):
     return np
 
 
+def _on_gpu(a):
+    """True for CuPy and numba device arrays (anything with __cuda_array_interface__, or the CUDA
+    simulator's arrays, which have copy_to_host)."""
+    return hasattr(a, "__cuda_array_interface__") or hasattr(a, "copy_to_host")
+
+
 def decay_mask(flat_params, no_decay=NO_DECAY_NAMES):
     """{name: array} -> {name: bool}: which parameters get decoupled weight decay.
 
@@ -132,8 +138,15 @@ def adamw_step(params, grads, state, lr, betas=(0.9, 0.95), eps=1e-8, weight_dec
     for name in names:
         p, g = flat_p[name], flat_g[name]
         m, v = state["m"][name], state["v"][name]
+        decayed = weight_decay != 0.0 and mask.get(name, False)
+        if _on_gpu(p):            # the same arithmetic in one fused pass (kernels/adamw_cuda.py)
+            from minillm.kernels.adamw_cuda import adamw_update_cuda
+
+            adamw_update_cuda(p, g, m, v, 1.0 - lr * weight_decay if decayed else 1.0, b1, b2, step_size,
+                              bias_correction2_sqrt, eps)
+            continue
         xp = _xp(p)
-        if weight_decay != 0.0 and mask.get(name, False):
+        if decayed:
             p *= 1.0 - lr * weight_decay
         tmp = g - m                       # m <- lerp(m, g, 1 - b1)
         tmp *= 1.0 - b1
@@ -162,11 +175,13 @@ def clip_grad_norm(grads, max_norm):
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
     flat = flatten(grads)
-    sq = 0.0
+    xp = _xp(next(iter(flat.values()))) if flat else np
+    sq = 0.0 if xp is np else xp.zeros((), np.float64)  # on a GPU: summed there, one transfer
     for g in flat.values():
-        n = float(_xp(g).linalg.norm(g.reshape(-1)))
+        n = xp.linalg.norm(g.reshape(-1))
+        n = float(n) if xp is np else n.astype(np.float64)
         sq += n * n
-    total = math.sqrt(sq)
+    total = math.sqrt(float(sq))
     coef = max_norm / (total + 1e-6)
     if not coef < 1.0:        # multiplying by the clamped 1.0 is exact: skip it (nan falls through)
         return total
