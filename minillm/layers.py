@@ -73,3 +73,19 @@ def dense_backward(dy, cache):
     if has_bias:
         grads["bias"] = db
     return dx, grads
+
+
+def embedding_backward(dy, cache, out=None):
+    """dy: (..., C), cache from ops.embedding_forward -> dw: (V, C), added into `out` when given.
+
+    The same sums as ops.embedding_backward, in a fixed order on both devices: the Numba kernel on host
+    arrays, the numba.cuda kernel on the GPU (cupy.add.at adds repeated ids atomically, in a different
+    order each run, so training would not be reproducible)."""
+    ids, shape = cache
+    if ops.array_module(dy).__name__ == "numpy":
+        from minillm.kernels.embedding import embedding_backward_numba
+
+        return embedding_backward_numba(dy, ids, shape, out=out)
+    from minillm.kernels.embedding_cuda import embedding_backward_cuda
+
+    return embedding_backward_cuda(dy, ids, shape, out=out)

@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from minillm import ops
-from minillm.layers import dense_backward, dense_forward
+from minillm.layers import dense_backward, dense_forward, embedding_backward
 from minillm.models import check_token_ids
 
 DEFAULTS = {
@@ -236,7 +236,7 @@ def backward(dlogits, cache):
         dx, dnw = ops.rmsnorm_backward(dhn, c_norm)
         dh = dh + dx
         layers[str(i)] = {"norm": {"weight": dnw}, "mixer": g_mix}
-    dE = ops.embedding_backward(dh, c_emb) + dET.T
+    dE = embedding_backward(dh, c_emb) + dET.T
     return {"backbone": {"embeddings": {"weight": dE},
                          "layers": {str(i): layers[str(i)] for i in range(len(layer_caches))},
                          "norm_f": {"weight": dnf}}}

@@ -281,7 +281,7 @@ def backward(dlogits, cache):
     for i in reversed(range(len(block_caches))):
         dx, blocks[str(i)] = block_backward(dx, block_caches[i])
     blocks = {str(i): blocks[str(i)] for i in range(len(block_caches))}
-    demb = ops.embedding_backward(dx, c_emb)
+    demb = layers.embedding_backward(dx, c_emb)
     return {"rwkv": {"embeddings": {"weight": demb}, "blocks": blocks,
                      "ln_out": {"weight": dlw, "bias": dlb}},
             "head": {"weight": dW.T}}

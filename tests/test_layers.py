@@ -38,3 +38,18 @@ def test_ternary_config_routes_through_bitlinear():
     y, _ = layers.dense_forward(x, {"weight": w}, {"ternary": True}, "out_in")
     np.testing.assert_array_equal(y, ternary.bitlinear_forward(x, w, None, layout="out_in")[0])
     assert not np.allclose(y, x @ w.T)
+
+
+def test_embedding_backward_equals_ops_and_adds_into_out():
+    from minillm import ops
+
+    ids = rng.integers(0, 6, (3, 5))
+    ids[0, :3] = 4                                           # repeated ids accumulate
+    w, dy = rng.standard_normal((6, 4)), rng.standard_normal((3, 5, 4))
+    _, cache = ops.embedding_forward(ids, w)
+    want = ops.embedding_backward(dy, cache)
+    np.testing.assert_allclose(layers.embedding_backward(dy, cache), want, rtol=1e-14, atol=1e-14)
+    base = rng.standard_normal((6, 4))
+    out = base.copy()
+    assert layers.embedding_backward(dy, cache, out=out) is out
+    np.testing.assert_allclose(out, base + want, rtol=1e-14, atol=1e-14)
