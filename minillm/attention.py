@@ -161,17 +161,32 @@ def _use_kernel(a_size, xp):
     return xp is np and a_size >= KERNEL_MIN_SIZE
 
 
+def _on_gpu(xp):
+    return xp is not np
+
+
 def _causal_softmax(s):
-    """s: (B, H, T, T) scores -> causal softmax in place (zeros above the diagonal)."""
-    if _use_kernel(s.size, array_module(s)):
+    """s: (B, H, T, T) scores -> causal softmax in place (zeros above the diagonal): the Numba kernel on
+    host arrays, the numba.cuda kernel on the GPU (kernels/softmax_cuda.py), the reference otherwise."""
+    xp = array_module(s)
+    if _use_kernel(s.size, xp):
         return softmax_kernels.causal_softmax_numba(s)
+    if _on_gpu(xp):
+        from minillm.kernels.softmax_cuda import causal_softmax_cuda
+
+        return causal_softmax_cuda(s)
     return softmax_kernels.causal_softmax_reference(s)
 
 
 def _causal_softmax_backward(dp, prob):
     """dp, prob: (B, H, T, T) -> dS in place of dp."""
-    if _use_kernel(dp.size, array_module(dp)):
+    xp = array_module(dp)
+    if _use_kernel(dp.size, xp):
         return softmax_kernels.causal_softmax_backward_numba(dp, prob)
+    if _on_gpu(xp):
+        from minillm.kernels.softmax_cuda import causal_softmax_backward_cuda
+
+        return causal_softmax_backward_cuda(dp, prob)
     return softmax_kernels.causal_softmax_backward_reference(dp, prob)
 
 
@@ -253,6 +268,10 @@ def attention_step(x_t, p, config, kv_cache, pos):
     s = q @ keys.transpose(0, 1, 3, 2)                    # (B, H, 1, L)
     if _use_kernel(s.size, xp):
         e = softmax_kernels.softmax_rows_numba(s)
+    elif _on_gpu(xp):
+        from minillm.kernels.softmax_cuda import softmax_rows_cuda
+
+        e = softmax_rows_cuda(s)
     else:
         e = softmax_kernels.softmax_rows_reference(s)
     o = (e @ values).reshape(B, C)

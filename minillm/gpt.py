@@ -23,7 +23,6 @@ import numpy as np
 
 from minillm import attention, layers, ops
 from minillm.models import check_token_ids, param_dtype
-from minillm.kernels import embedding as embedding_kernels
 from minillm.kernels import gelu as gelu_kernels
 from minillm.kernels import layernorm as layernorm_kernels
 
@@ -38,8 +37,33 @@ def _is_moe(config):
 
 
 def _use_kernel(a):
-    """The Numba kernels run on host (NumPy) arrays; cupy arrays take the ops path."""
+    """The Numba kernels run on host (NumPy) arrays (from KERNEL_MIN_SIZE elements on)."""
     return type(a) is np.ndarray and a.size >= KERNEL_MIN_SIZE
+
+
+def _on_gpu(a):
+    """CuPy arrays take the numba.cuda kernels (kernels/*_cuda.py, imported on first use)."""
+    return type(a).__module__.startswith("cupy")
+
+
+def _gelu_forward(h):
+    if _use_kernel(h):
+        return gelu_kernels.gelu_forward_numba(h)
+    if _on_gpu(h):
+        from minillm.kernels.gelu_cuda import gelu_forward_cuda
+
+        return gelu_forward_cuda(h)
+    return ops.gelu_forward(h)
+
+
+def _gelu_backward(dg, cache):
+    if _use_kernel(dg):
+        return gelu_kernels.gelu_backward_numba(dg, cache)
+    if _on_gpu(dg):
+        from minillm.kernels.gelu_cuda import gelu_backward_cuda
+
+        return gelu_backward_cuda(dg, cache)
+    return ops.gelu_backward(dg, cache)
 
 
 # --- feed-forward: GPT-2 MLP or MoE -----------------------------------------------------------------
@@ -68,7 +92,7 @@ def ffn_forward(x, p, config):
         return y, ("moe", cache)
     shape = x.shape
     h, c_fc = layers.dense_forward(x.reshape(-1, shape[-1]), p["c_fc"], config, "in_out")
-    g, c_gelu = (gelu_kernels.gelu_forward_numba if _use_kernel(h) else ops.gelu_forward)(h)
+    g, c_gelu = _gelu_forward(h)
     y, c_proj = layers.dense_forward(g, p["c_proj"], config, "in_out")
     return y.reshape(shape), ("mlp", (c_fc, c_gelu, c_proj))
 
@@ -82,7 +106,7 @@ def ffn_backward(dy, cache):
         return moe.moe_backward(dy, inner)
     c_fc, c_gelu, c_proj = inner
     dg, g_proj = layers.dense_backward(dy.reshape(-1, dy.shape[-1]), c_proj)
-    dh = (gelu_kernels.gelu_backward_numba if _use_kernel(dg) else ops.gelu_backward)(dg, c_gelu)
+    dh = _gelu_backward(dg, c_gelu)
     dx, g_fc = layers.dense_backward(dh, c_fc)
     return dx.reshape(dy.shape), {"c_fc": g_fc, "c_proj": g_proj}
 
@@ -91,13 +115,24 @@ def ffn_backward(dy, cache):
 
 
 def _layernorm_forward(x, p):
-    """LayerNorm with eps 1e-5: the Numba kernel on host arrays, ops otherwise (same cache)."""
-    fwd = layernorm_kernels.layernorm_forward_numba if _use_kernel(x) else ops.layernorm_forward
+    """LayerNorm with eps 1e-5: the Numba kernel on host arrays, the numba.cuda one on the GPU, ops
+    otherwise (all three make the same cache)."""
+    if _use_kernel(x):
+        fwd = layernorm_kernels.layernorm_forward_numba
+    elif _on_gpu(x):
+        from minillm.kernels.layernorm_cuda import layernorm_forward_cuda as fwd
+    else:
+        fwd = ops.layernorm_forward
     return fwd(x, p["weight"], p["bias"], LN_EPS)
 
 
 def _layernorm_backward(dy, cache):
-    bwd = layernorm_kernels.layernorm_backward_numba if _use_kernel(dy) else ops.layernorm_backward
+    if _use_kernel(dy):
+        bwd = layernorm_kernels.layernorm_backward_numba
+    elif _on_gpu(dy):
+        from minillm.kernels.layernorm_cuda import layernorm_backward_cuda as bwd
+    else:
+        bwd = ops.layernorm_backward
     return bwd(dy, cache)
 
 
@@ -191,8 +226,8 @@ def backward(dlogits, cache):
         dx, h[str(i)] = block_backward(dx, block_caches[i])
     h = {str(i): h[str(i)] for i in range(len(block_caches))}
     C = dx.shape[-1]
-    if _use_kernel(dx):                                        # embedding part
-        embedding_kernels.embedding_backward_numba(dx, idx, dwte.shape, out=dwte)
+    if _use_kernel(dx) or _on_gpu(dx):                         # embedding part, in a fixed order
+        layers.embedding_backward(dx, (idx, dwte.shape), out=dwte)
     else:
         dwte += ops.embedding_backward(dx, (idx, dwte.shape))
     dwpe = ops.array_module(dx).zeros((int(config["context"]), C), dtype=dx.dtype)
