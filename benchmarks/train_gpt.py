@@ -11,6 +11,12 @@ gpt.step in a loop vs a manual PyTorch loop over HF GPT2 with past_key_values, a
 The sampling model is the shakespeare-char size with a context of 512 (so 257 positions fit).
 
     python benchmarks/train_gpt.py [--repeats 5] [--only small|shakespeare] [--skip-sampling]
+    python benchmarks/train_gpt.py --device cuda [--only shakespeare]  # on a GPU: CuPy vs torch eager CUDA
+
+With --device cuda the training step runs on the GPU on both sides: minillm on CuPy arrays (cuBLAS matrix
+products, the numba.cuda kernels for softmax, cross-entropy, LayerNorm, GELU and AdamW, CuPy elementwise
+for the rest) against the same torch eager step on torch's CUDA device; each timed call ends with a
+device synchronisation.
     python benchmarks/train_gpt.py --profile [--only ...]   # where a minillm step spends its time
 """
 
@@ -29,7 +35,8 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from minillm import gpt, ops, optim  # noqa: E402
+from minillm import gpt, ops, optim, train  # noqa: E402
+from minillm.device import array_module_for, to_device  # noqa: E402
 from minillm.tree import flatten  # noqa: E402
 
 CONFIGS = {
@@ -60,7 +67,7 @@ def hf_model(config, attn, params):
     return model
 
 
-def median_times(fns, repeats, warmup=1):
+def median_times(fns, repeats, warmup=2):
     """Median wall time of each function; repeats are interleaved (a, b, c, a, b, c, ...) so that
     every implementation sees the same background load."""
     for fn in fns:
@@ -75,7 +82,16 @@ def median_times(fns, repeats, warmup=1):
     return [statistics.median(ts) for ts in times]
 
 
-def bench_train(name, repeats):
+def _synchronize(device):
+    """Wait for the GPU (both CuPy's and torch's queues) when timing on one."""
+    if device == "cuda":
+        import cupy
+
+        cupy.cuda.Device().synchronize()
+        torch.cuda.synchronize()
+
+
+def bench_train(name, repeats, device="cpu"):
     c = dict(CONFIGS[name])
     batch = c.pop("batch")
     config = {"arch": "gpt", **c, "dtype": "float32"}
@@ -84,22 +100,26 @@ def bench_train(name, repeats):
     data = rng.integers(0, config["vocab_size"], (batch, config["context"] + 1))
     x, y = data[:, :-1], data[:, 1:]
     tokens = x.size
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    if device == "cuda":
+        params, x, y = (to_device(a, array_module_for("cuda")) for a in (params, x, y))
+        tx, ty = tx.cuda(), ty.cuda()
 
     state = optim.adamw_init(params)
 
     def ours():
         logits, cache = gpt.forward(params, x, config)
-        loss, lcache = ops.cross_entropy_forward(logits, y)
-        grads = gpt.backward(ops.cross_entropy_backward(1.0, lcache), cache)
+        loss, lcache = train.loss_forward(logits, y)
+        grads = gpt.backward(train.loss_backward(lcache), cache)
         optim.adamw_step(params, grads, state, LR, BETAS, EPS, WD)
+        _synchronize(device)
         return loss
 
     labels, fns = ["minillm"], [ours]
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
     init_params = gpt.init(config, np.random.default_rng(0))
     mask = optim.decay_mask(flatten(init_params))
     for attn in ("sdpa", "eager"):
-        model = hf_model(config, attn, init_params)
+        model = hf_model(config, attn, init_params).to(device)
         named = dict(model.named_parameters())
         groups = [{"params": [p for n, p in named.items() if mask[n]], "weight_decay": WD},
                   {"params": [p for n, p in named.items() if not mask[n]], "weight_decay": 0.0}]
@@ -111,12 +131,14 @@ def bench_train(name, repeats):
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ty.reshape(-1))
             loss.backward()
             opt.step()
+            _synchronize(device)
             return loss
 
         labels.append(f"torch eager ({attn} attn)")
         fns.append(theirs)
     rows = list(zip(labels, median_times(fns, repeats)))
-    print(f"\ntraining step, {name}: B={batch} T={config['context']} C={config['d_model']} "
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"\ntraining step on {where}, {name}: B={batch} T={config['context']} C={config['d_model']} "
           f"L={config['n_layer']} H={config['n_head']} V={config['vocab_size']}, float32, "
           f"median of {repeats} (interleaved)")
     print(f"  {'implementation':28s} {'s/step':>9s} {'tokens/s':>10s} {'minillm speed-up':>17s}")
@@ -233,6 +255,8 @@ def main():
     ap.add_argument("--only", choices=sorted(CONFIGS))
     ap.add_argument("--skip-sampling", action="store_true")
     ap.add_argument("--profile", action="store_true", help="time the parts of a minillm step instead")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: time the training step on the GPU (needs CuPy and torch with CUDA)")
     args = ap.parse_args()
     hf_logging.set_verbosity_error()
     threads = numpy_threads()
@@ -247,8 +271,8 @@ def main():
             profile_step(name, args.repeats)
         return
     for name in ([args.only] if args.only else CONFIGS):
-        bench_train(name, args.repeats)
-    if not args.skip_sampling:
+        bench_train(name, args.repeats, args.device)
+    if not args.skip_sampling and args.device == "cpu":
         bench_sampling(args.repeats)
 
 
