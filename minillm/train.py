@@ -50,11 +50,15 @@ def params_array_module(params):
     return ops.array_module(next(iter(flatten(params).values())))
 
 
+def _on_gpu(a):
+    return ops.array_module(a) is not np
+
+
 def loss_forward(logits, targets):
     """Mean cross-entropy of logits (B, T, V) against targets (B, T) -> (loss: float, cache): ops on the
     CPU, the fused numba.cuda kernel (kernels/softmax_cuda.py) on the GPU, where only the loss crosses to
     the host."""
-    if ops.array_module(logits) is np:
+    if not _on_gpu(logits):
         forward, backward = ops.cross_entropy_forward, ops.cross_entropy_backward
     else:
         from minillm.kernels import softmax_cuda

@@ -1,0 +1,90 @@
+"""The GPU path of GPT's forward/backward and of the loss, without a GPU: the dispatch predicates are made to
+answer "on the GPU" for host arrays, so the numba.cuda kernels (in Numba's CUDA simulator, or on a real GPU
+when there is one) run inside the model where CuPy arrays would take them. This checks the wiring (which
+kernel each step calls, that their caches fit together) against the CPU path; tests/test_cuda_models.py
+checks the whole GPU path with CuPy where a GPU exists."""
+
+import os
+
+if not (os.path.exists("/dev/nvidia0") or os.environ.get("MINILLM_REAL_GPU")):
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from minillm import attention, gpt, train  # noqa: E402
+from minillm.kernels import gelu_cuda, layernorm_cuda, softmax_cuda  # noqa: E402
+
+CONFIG = {"arch": "gpt", "vocab_size": 11, "context": 6, "n_layer": 2, "n_head": 2, "d_model": 8,
+          "dtype": "float64"}
+
+
+@pytest.fixture(autouse=True)
+def quick_simulator(monkeypatch):
+    """Blocks of 8 threads (rows still span several) and frequent thread switches: the simulator runs each
+    GPU thread as a Python thread and polls at every barrier."""
+    monkeypatch.setattr(softmax_cuda, "MIN_THREADS", 8)
+    monkeypatch.setattr(softmax_cuda, "MAX_THREADS", 8)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    yield
+    sys.setswitchinterval(old)
+
+
+def _step(params, idx, targets):
+    logits, cache = gpt.forward(params, idx, CONFIG)
+    loss, loss_cache = train.loss_forward(logits, targets)
+    return logits, loss, gpt.backward(train.loss_backward(loss_cache), cache)
+
+
+def test_gpt_step_through_the_cuda_kernels_equals_the_cpu_path(monkeypatch):
+    rng = np.random.default_rng(0)
+    params = gpt.init(CONFIG, rng)
+    idx = rng.integers(0, 11, (2, 5))
+    targets = rng.integers(0, 11, (2, 5))
+    want_logits, want_loss, want_grads = _step(params, idx, targets)
+
+    calls = []
+
+    def spy(module, name):
+        fn = getattr(module, name)
+
+        def wrapped(*a, **k):
+            calls.append(name)
+            return fn(*a, **k)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    for module, names in ((layernorm_cuda, ("layernorm_forward_cuda", "layernorm_backward_cuda")),
+                          (gelu_cuda, ("gelu_forward_cuda", "gelu_backward_cuda")),
+                          (softmax_cuda, ("causal_softmax_cuda", "causal_softmax_backward_cuda",
+                                          "cross_entropy_forward_cuda", "cross_entropy_backward_cuda"))):
+        for name in names:
+            spy(module, name)
+    monkeypatch.setattr(gpt, "KERNEL_MIN_SIZE", 1 << 60)        # no Numba CPU kernels...
+    monkeypatch.setattr(attention, "KERNEL_MIN_SIZE", 1 << 60)
+    monkeypatch.setattr(gpt, "_on_gpu", lambda a: True)          # ...the CUDA ones instead
+    monkeypatch.setattr(attention, "_on_gpu", lambda xp: True)
+    monkeypatch.setattr(train, "_on_gpu", lambda a: True)
+    logits, loss, grads = _step(params, idx, targets)
+
+    L = CONFIG["n_layer"]
+    assert calls.count("layernorm_forward_cuda") == 2 * L + 1 and calls.count("layernorm_backward_cuda") == 2 * L + 1
+    assert calls.count("gelu_forward_cuda") == L and calls.count("gelu_backward_cuda") == L
+    assert calls.count("causal_softmax_cuda") == L and calls.count("causal_softmax_backward_cuda") == L
+    assert calls.count("cross_entropy_forward_cuda") == 1 and calls.count("cross_entropy_backward_cuda") == 1
+    # float64: the same operations, summed in other (fixed) orders by the kernels' trees
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-12, atol=1e-12)
+    assert loss == pytest.approx(want_loss, rel=1e-12)
+    flat, want = gpt_flat(grads), gpt_flat(want_grads)
+    assert flat.keys() == want.keys()
+    for name in want:
+        np.testing.assert_allclose(flat[name], want[name], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def gpt_flat(tree):
+    from minillm.tree import flatten
+
+    return flatten(tree)
