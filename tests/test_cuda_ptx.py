@@ -4,7 +4,7 @@ The simulator tests run the kernels as plain Python, so they miss what only the 
 (numba 0.66-0.68, for one, cannot compile the built-in two-argument max/min in a kernel: numba#10753).
 This test compiles each kernel with the argument types its host wrapper passes, in a subprocess without
 the simulator. It needs NVVM (the CUDA toolkit's compiler library; no GPU or driver): where there is none
-it is skipped, and says so.
+it is skipped, and says why.
 """
 
 import os
@@ -26,6 +26,13 @@ import numba.cuda.dispatcher
 # device functions and shared arrays are compiled for the current device's compute capability; without
 # a driver there is no current device: name one (the same 9.0 the kernels are compiled for)
 numba.cuda.dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
+def _probe(a):
+    a[0] = 1.0
+try:      # the toolchain itself (NVVM, and NVRTC for numba-cuda) must work before the kernels are judged
+    cuda.compile_ptx(_probe, (T.Array(T.float32, 1, "C"),), cc=(9, 0))
+except Exception as e:
+    print(" | ".join(str(e).strip().splitlines()[:2]))
+    sys.exit(77)
 from minillm.kernels import (adamw_cuda, embedding_cuda, gelu_cuda, layernorm_cuda, moe_cuda, scan_cuda,
                              softmax_cuda, ternary_cuda, wkv_cuda)
 
@@ -90,5 +97,6 @@ def test_every_cuda_kernel_compiles_to_ptx():
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode == 77:
-        pytest.skip("NVVM (the CUDA toolkit's compiler library) is not installed: kernels not compiled")
+        pytest.skip("no working CUDA compiler toolchain (NVVM, and NVRTC for numba-cuda): kernels not "
+                    "compiled: " + proc.stdout.strip()[-300:])
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]

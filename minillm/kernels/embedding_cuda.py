@@ -41,18 +41,25 @@ def _add_runs_kernel(dy, sorted_ids, order, dw):
     dw[v, c] = acc
 
 
-def _stable_order(ids, kind):
-    """(sorted ids, positions in sorted order) as GPU arrays of kind `kind`; ties keep position order."""
+def _stable_order(ids, kind, V):
+    """(sorted ids, positions in sorted order) as GPU arrays of kind `kind`; ties keep position order.
+    Raises ValueError for ids outside [0, V) (one small transfer to the host)."""
     if kind == "cupy":
         import cupy
 
         flat = cupy.asarray(ids).reshape(-1).astype(cupy.int64)
         order = cupy.argsort(flat)      # CuPy's sort is stable (a CUB radix sort)
-        return cupy.ascontiguousarray(flat[order]), cupy.ascontiguousarray(order)
-    host = ids.copy_to_host() if array_kind(ids) == "device" else np.asarray(ids)
-    flat = host.reshape(-1).astype(np.int64)
-    order = np.argsort(flat, kind="stable")
-    return cuda.to_device(np.ascontiguousarray(flat[order])), cuda.to_device(order)
+        flat = cupy.ascontiguousarray(flat[order])
+        lo, hi = (int(v) for v in flat[cupy.asarray([0, flat.size - 1])].get()) if flat.size else (0, 0)
+    else:
+        host = ids.copy_to_host() if array_kind(ids) == "device" else np.asarray(ids)
+        host = host.reshape(-1).astype(np.int64)
+        order = np.argsort(host, kind="stable")
+        lo, hi = (int(host.min()), int(host.max())) if host.size else (0, 0)
+        flat, order = cuda.to_device(np.ascontiguousarray(host[order])), cuda.to_device(order)
+    if lo < 0 or hi >= V:
+        raise ValueError(f"embedding backward: ids outside [0, {V})")
+    return flat, order
 
 
 def embedding_backward_cuda(dy, ids, shape, out=None):
@@ -67,10 +74,8 @@ def embedding_backward_cuda(dy, ids, shape, out=None):
     dtype = np.dtype(dy.dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"embedding backward: needs float32 or float64 gradients, got {dtype}")
-    sorted_ids, order = _stable_order(ids, kind)
+    sorted_ids, order = _stable_order(ids, kind, V)
     N = int(sorted_ids.shape[0])
-    if N and (int(sorted_ids[0]) < 0 or int(sorted_ids[N - 1]) >= V):
-        raise ValueError(f"embedding backward: ids outside [0, {V})")
     if out is None:
         dw = empty(kind, (V, C), dtype)
         if kind == "cupy":
