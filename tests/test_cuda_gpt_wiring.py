@@ -88,3 +88,28 @@ def gpt_flat(tree):
     from minillm.tree import flatten
 
     return flatten(tree)
+
+
+def test_gpt_decoding_step_through_the_cuda_softmax_equals_the_cpu_path(monkeypatch):
+    rng = np.random.default_rng(1)
+    params = gpt.init(CONFIG, rng)
+    tokens = rng.integers(0, 11, (2, 3))
+
+    def decode():
+        state = gpt.init_state(params, CONFIG, 2)
+        out = []
+        for t in range(tokens.shape[1]):
+            logits, state = gpt.step(params, tokens[:, t], state)
+            out.append(logits)
+        return np.stack(out)
+
+    want = decode()
+    calls = []
+    rows = softmax_cuda.softmax_rows_cuda
+    monkeypatch.setattr(softmax_cuda, "softmax_rows_cuda", lambda s: calls.append(1) or rows(s))
+    monkeypatch.setattr(gpt, "KERNEL_MIN_SIZE", 1 << 60)
+    monkeypatch.setattr(attention, "KERNEL_MIN_SIZE", 1 << 60)
+    monkeypatch.setattr(attention, "_on_gpu", lambda xp: True)
+    got = decode()
+    assert len(calls) == CONFIG["n_layer"] * tokens.shape[1]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
