@@ -61,6 +61,22 @@ def test_adamw_step_on_gpu_arrays_matches_numpy(dtype):
     assert gpu_state["step"] == 3
 
 
+def test_a_transposed_gradient_is_fine():
+    """RWKV's head gradient is a transposed view; p, m, v are updated in place so they must be contiguous."""
+    rng = np.random.default_rng(2)
+    p0, g = rng.standard_normal((4, 6)), rng.standard_normal((6, 4)).T
+    want = {"w": p0.copy()}
+    state = optim.adamw_init(want)
+    optim.adamw_step(want, {"w": g}, state, 1e-2)
+    p, m, v = cuda.to_device(p0), cuda.to_device(np.zeros((4, 6))), cuda.to_device(np.zeros((4, 6)))
+    g_view = cuda.to_device(np.asfortranarray(g))
+    assert not g_view.is_c_contiguous()
+    optim.adamw_step({"w": p}, {"w": g_view}, {"step": 0, "m": {"w": m}, "v": {"w": v}}, 1e-2)
+    np.testing.assert_allclose(p.copy_to_host(), want["w"], rtol=TOL[np.float64], atol=TOL[np.float64])
+    with pytest.raises(ValueError, match="p must be C-contiguous"):
+        adamw_update_cuda(g_view, cuda.to_device(g), m, v, 1.0, 0.9, 0.95, 1e-3, 1.0, 1e-8)
+
+
 def test_update_is_deterministic_and_moves_params():
     rng = np.random.default_rng(1)
     p0, g = rng.standard_normal(300), rng.standard_normal(300)

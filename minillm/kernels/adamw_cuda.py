@@ -17,7 +17,7 @@ independent, so the result is deterministic.
     adamw_update_cuda(p, g, m, v, decay, beta1, beta2, step_size, bias_correction2_sqrt, eps)
 
 p, m, v are updated in place; they and g must be GPU arrays (CuPy or numba device arrays) of one shape
-and dtype (a host call would update copies, so it is refused). This module imports nothing else of
+and dtype (a host call would update copies, so it is refused); p, m, v C-contiguous, g may be any view. This module imports nothing else of
 minillm.
 """
 
@@ -45,6 +45,18 @@ def _update_kernel(p, g, m, v, decay, one_minus_b1, b2, one_minus_b2, neg_step_s
         p[i] = p[i] * decay + (mi * neg_step_size) / (math.sqrt(vi) / c2 + eps)
 
 
+def _contiguous(a):
+    return a.is_c_contiguous() if array_kind(a) == "device" else a.flags.c_contiguous
+
+
+def _contiguous_copy(a):
+    if array_kind(a) == "cupy":
+        import cupy
+
+        return cupy.ascontiguousarray(a)
+    return cuda.to_device(np.ascontiguousarray(a.copy_to_host()))   # (numba device arrays: tests only)
+
+
 def _flat(a):
     """A 1-D view of a C-contiguous GPU array (no copy)."""
     return a.reshape(a.size) if array_kind(a) == "device" else a.reshape(-1)
@@ -62,9 +74,11 @@ def adamw_update_cuda(p, g, m, v, decay, beta1, beta2, step_size, bias_correctio
         if tuple(a.shape) != tuple(p.shape) or np.dtype(a.dtype) != dtype:
             raise ValueError(f"adamw_update_cuda: {name} is {a.dtype} {tuple(a.shape)}, "
                              f"p is {dtype} {tuple(p.shape)}")
-        contiguous = a.is_c_contiguous() if array_kind(a) == "device" else a.flags.c_contiguous
-        if not contiguous:
-            raise ValueError(f"adamw_update_cuda: {name} must be C-contiguous")
+        if name != "g" and not _contiguous(a):
+            raise ValueError(f"adamw_update_cuda: {name} must be C-contiguous (it is updated in place)")
+    if not _contiguous(g):    # a gradient may be a transposed view (e.g. a head stored (out, in))
+        g = _contiguous_copy(g)
+    arrays = (p, g, m, v)
     if p.size == 0:
         return
     s = dtype.type
