@@ -29,12 +29,13 @@ import time
 if "--smoke" in sys.argv and not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import minillm  # noqa: E402,F401  (first: it sets Numba's environment, see minillm/__init__.py)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from numba import cuda  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minillm.kernels import (adamw_cuda, embedding_cuda, gelu_cuda, layernorm_cuda, moe_cuda,  # noqa: E402
                              scan_cuda, softmax_cuda, ternary, ternary_cuda, wkv_cuda)
