@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from minillm import __version__, checkpoint, lora, models
-from minillm.tree import flatten, unflatten
+from minillm.tree import flatten
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -122,23 +122,6 @@ def merge_checkpoint(base_dir, adapter_dir, out_dir):
     return checkpoint.save_checkpoint(out_dir, merged, config, tokenizer=ckpt.tokenizer_path)
 
 
-class _AdapterGradsOnly:
-    """The model with a backward that returns only the adapter gradients, so that the trainer's
-    gradient clipping measures the trainable parameters only (as torch does with peft)."""
-
-    def __init__(self, model, params):
-        self._model, self._params = model, params
-        for name in ("aux_loss", "stats"):
-            if hasattr(model, name):
-                setattr(self, name, getattr(model, name))
-
-    def forward(self, params, idx, config):
-        return self._model.forward(params, idx, config)
-
-    def backward(self, dlogits, cache):
-        return unflatten(lora.adapter_grads(self._model.backward(dlogits, cache), self._params))
-
-
 def finetune(base_dir, text_path, opts, rank, alpha=None, targets=None, log=print):
     """Train LoRA adapters on the text file at text_path on top of the checkpoint base_dir; the
     base weights stay bit-identical. opts: train.TrainOptions (opts.out is the adapter directory).
@@ -166,7 +149,7 @@ def finetune(base_dir, text_path, opts, rank, alpha=None, targets=None, log=prin
     def save(params_, _opt_state, _trainer_state):
         save_adapter(opts.out, params_, config, base=str(base_dir))
 
-    val_loss = train.fit(_AdapterGradsOnly(model, params), params, config, train_ids, val_ids, opts,
+    val_loss = train.fit(model, params, config, train_ids, val_ids, opts,
                          log=log, trainable=trainable, save=save)
     sizes = {k: os.path.getsize(p) for k, p in
              (("adapter_bytes", os.path.join(opts.out, ADAPTER_WEIGHTS)),

@@ -56,7 +56,7 @@ def decay_mask(flat_params, no_decay=NO_DECAY_NAMES):
     return mask
 
 
-def _is_trainable(trainable):
+def trainable_predicate(trainable):
     """Turn None / a collection of names / a predicate into a predicate on names."""
     if trainable is None:
         return lambda name: True
@@ -72,7 +72,7 @@ def adamw_init(params, trainable=None):
     params: nested dict of arrays. trainable: None (all), a set of dotted names, or a predicate
     name -> bool; frozen parameters get no m/v at all.
     """
-    keep = _is_trainable(trainable)
+    keep = trainable_predicate(trainable)
     flat = flatten(params)
     m, v = {}, {}
     for name, p in flat.items():
@@ -115,7 +115,7 @@ def adamw_step(params, grads, state, lr, betas=(0.9, 0.95), eps=1e-8, weight_dec
     if trainable is None:     # the parameters adamw_init set up
         names = [n for n in flat_p if n in state["m"]]
     else:
-        keep = _is_trainable(trainable)
+        keep = trainable_predicate(trainable)
         names = [n for n in flat_p if keep(n)]
     # Check everything before touching anything, so a bad call leaves params and state intact.
     for name in names:

@@ -109,12 +109,16 @@ def fit(model, params, config, train_ids, val_ids, opts, log=print,
         trainable=None, opt_state=None, start_step=0, rng_state=None, save=None):
     """Train `params` in place for steps start_step..opts.steps-1; -> final validation loss (nats/token).
 
-    save(params, opt_state, trainer_state) writes a checkpoint; it runs at every evaluation and at the end.
+    trainable (as in optim.adamw_init: None for all, names, or a predicate on dotted names): only these are
+    updated, and gradient clipping measures only their gradients (as torch does, whose frozen parameters
+    have none). save(params, opt_state, trainer_state) writes a checkpoint; it runs at every evaluation and
+    at the end.
     """
     rng = np.random.default_rng(opts.seed) if rng_state is None else checkpoint.rng_from_state(rng_state)
     flat = flatten(params)
     xp = params_array_module(params)
     mask = optim.decay_mask(flat)
+    is_trainable = optim.trainable_predicate(trainable)
     if opt_state is None:
         opt_state = optim.adamw_init(params, trainable)
     val_batches = data.eval_batches(val_ids, opts.batch_size, config["context"], opts.eval_batches)
@@ -141,6 +145,8 @@ def fit(model, params, config, train_ids, val_ids, opts, log=print,
             raise ValueError(f"the loss became {loss + aux} at step {step}; stopped without saving "
                              f"(the last good checkpoint in {opts.out!r} is kept); try a lower --lr")
         grads = model.backward(loss_backward(loss_cache), cache)
+        if trainable is not None:   # frozen params' gradients are neither clipped nor used (as torch)
+            grads = {n: g for n, g in flatten(grads).items() if is_trainable(n)}
         optim.clip_grad_norm(grads, opts.grad_clip)
         lr = optim.lr_at(step, opts.lr, opts.warmup, opts.steps, opts.min_lr_ratio)
         optim.adamw_step(params, grads, opt_state, lr, weight_decay=opts.weight_decay, mask=mask,

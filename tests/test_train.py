@@ -79,3 +79,24 @@ def test_text_too_short_for_one_batch(tmp_path):
     path.write_text("one short headline\n" * 3)
     with pytest.raises(ValueError, match="too short"):
         run(str(path), tmp_path / "e", vocab_size=260)
+
+
+def test_fit_clips_and_updates_only_the_trainable_gradients(monkeypatch, tmp_path):
+    from minillm import gpt, models, optim
+
+    config = models.build_config("gpt", vocab_size=50, context=8, n_layer=1, n_head=2, d_model=16)
+    params = gpt.init(config, np.random.default_rng(0))
+    before = {n: a.copy() for n, a in flatten(params).items()}
+    trainable = {"h.0.attn.c_attn.weight", "ln_f.bias"}
+    trainable = {n for n in before if n.endswith(tuple(trainable))}
+    assert len(trainable) == 2
+    clipped = []
+    clip = optim.clip_grad_norm
+    monkeypatch.setattr(optim, "clip_grad_norm", lambda g, m: clipped.append(set(flatten(g))) or clip(g, m))
+    ids = np.random.default_rng(1).integers(0, 50, 400)
+    opts = train.TrainOptions(steps=2, batch_size=2, warmup=1, eval_every=10, eval_batches=1,
+                              out=str(tmp_path), progress=False)
+    train.fit(gpt, params, config, ids, ids[:100], opts, log=lambda m: None, trainable=trainable)
+    assert clipped == [trainable, trainable]
+    for name, a in flatten(params).items():
+        assert (name in trainable) != np.array_equal(a, before[name]), name
