@@ -26,7 +26,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from minillm.kernels.cuda_arrays import array_kind
+from minillm.kernels.cuda_arrays import array_kind, float_dtype
 
 THREADS = 256
 MAX_BLOCKS = 4096   # grid-stride loop beyond this many blocks
@@ -67,9 +67,7 @@ def adamw_update_cuda(p, g, m, v, decay, beta1, beta2, step_size, bias_correctio
     arrays = (p, g, m, v)
     if any(array_kind(a) == "host" for a in arrays):
         raise ValueError("adamw_update_cuda: p, g, m and v must be GPU arrays (CuPy or numba device arrays)")
-    dtype = np.dtype(p.dtype)
-    if dtype not in (np.float32, np.float64):
-        raise ValueError(f"adamw_update_cuda: needs float32 or float64 arrays, got {dtype}")
+    dtype = float_dtype(p, "adamw_update_cuda")
     for name, a in zip("pgmv", arrays):
         if tuple(a.shape) != tuple(p.shape) or np.dtype(a.dtype) != dtype:
             raise ValueError(f"adamw_update_cuda: {name} is {a.dtype} {tuple(a.shape)}, "

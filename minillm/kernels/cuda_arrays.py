@@ -48,6 +48,15 @@ def on_device(x, kind, dtype=None, check=None):
     return cuda.to_device(np.ascontiguousarray(np.asarray(x), dtype=dtype))
 
 
+def float_dtype(a, name):
+    """a's dtype, which must be float32 or float64 (the kernels are compiled for those); else ValueError
+    naming the caller."""
+    dtype = np.dtype(a.dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"{name}: needs float32 or float64 arrays, got {dtype}")
+    return dtype
+
+
 def to_kind(x, kind):
     """A result computed on the GPU, as the caller's kind: copied to a NumPy array for "host"."""
     return x.copy_to_host() if kind == "host" else x

@@ -19,7 +19,7 @@ runs in CuPy for CuPy arrays, else in NumPy on the host. This module imports not
 import numpy as np
 from numba import cuda
 
-from minillm.kernels.cuda_arrays import array_kind, empty, on_device, to_kind
+from minillm.kernels.cuda_arrays import array_kind, empty, float_dtype, on_device, to_kind
 
 THREADS = 128
 
@@ -71,9 +71,7 @@ def embedding_backward_cuda(dy, ids, shape, out=None):
     if dy_shape[:-1] != tuple(ids.shape) or dy_shape[-1] != C:
         raise ValueError(f"embedding backward: dy must be ids.shape + ({C},), got {tuple(dy.shape)} for ids "
                          f"{tuple(ids.shape)}")
-    dtype = np.dtype(dy.dtype)
-    if dtype not in (np.float32, np.float64):
-        raise ValueError(f"embedding backward: needs float32 or float64 gradients, got {dtype}")
+    dtype = float_dtype(dy, "embedding backward")
     sorted_ids, order = _stable_order(ids, kind, V)
     N = int(sorted_ids.shape[0])
     if out is None:

@@ -24,7 +24,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from minillm.kernels.cuda_arrays import array_kind, empty, on_device, to_kind
+from minillm.kernels.cuda_arrays import array_kind, empty, float_dtype, on_device, to_kind
 
 C = math.sqrt(2.0 / math.pi)
 A = 0.044715
@@ -56,16 +56,9 @@ def _flat(a):
     return a.reshape(int(np.prod(tuple(a.shape), dtype=np.int64)))
 
 
-def _dtype(a, name):
-    dtype = np.dtype(a.dtype)
-    if dtype not in (np.float32, np.float64):
-        raise ValueError(f"{name}: needs float32 or float64 arrays, got {dtype}")
-    return dtype
-
-
 def gelu_forward_cuda(x):
     """x: (...) float32/float64 -> (y, (x, t)), y and t of x's shape and kind."""
-    dtype = _dtype(x, "gelu_forward_cuda")
+    dtype = float_dtype(x, "gelu_forward_cuda")
     kind = array_kind(x)
     shape = tuple(x.shape)
     xd = on_device(x, kind, dtype, check="gelu_forward_cuda")
@@ -84,7 +77,7 @@ def gelu_backward_cuda(dy, cache):
     shape = tuple(x.shape)
     if tuple(dy.shape) != shape or tuple(t.shape) != shape:
         raise ValueError(f"gelu_backward_cuda: dy is {tuple(dy.shape)}, x is {shape}, t is {tuple(t.shape)}")
-    dtype = _dtype(x, "gelu_backward_cuda")
+    dtype = float_dtype(x, "gelu_backward_cuda")
     kind = array_kind(dy)
     dyd, xd, td = (on_device(a, kind, dtype, check="gelu_backward_cuda") for a in (dy, x, t))
     dx = empty(kind, shape, dtype)

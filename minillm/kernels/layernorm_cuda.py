@@ -38,7 +38,7 @@ import numpy as np
 from numba import cuda, float32, float64
 
 from minillm.kernels import softmax_cuda
-from minillm.kernels.cuda_arrays import array_kind, empty, on_device, to_kind
+from minillm.kernels.cuda_arrays import array_kind, empty, float_dtype, on_device, to_kind
 from minillm.kernels.softmax_cuda import SHARED, block_reduce
 
 ROW_GROUPS = 512  # most row groups (blocks) in the backward; partials are ROW_GROUPS x C per parameter
@@ -138,13 +138,6 @@ def _sum_groups(dw_part, db_part, dw, db):
 # --- host side ---------------------------------------------------------------------------------------
 
 
-def _dtype(a, name):
-    dtype = np.dtype(a.dtype)
-    if dtype not in (np.float32, np.float64):
-        raise ValueError(f"{name}: needs float32 or float64 arrays, got {dtype}")
-    return dtype
-
-
 def _rows(shape):
     return int(np.prod(shape[:-1], dtype=np.int64))
 
@@ -155,7 +148,7 @@ def layernorm_forward_cuda(x, w, b, eps=1e-5):
     if len(shape) < 1 or shape[-1] < 1 or tuple(w.shape) != shape[-1:] or tuple(b.shape) != shape[-1:]:
         raise ValueError(f"layernorm_forward_cuda: needs x (..., C) and w, b (C,), got {shape}, "
                          f"{tuple(w.shape)} and {tuple(b.shape)}")
-    dtype = _dtype(x, "layernorm_forward_cuda")
+    dtype = float_dtype(x, "layernorm_forward_cuda")
     kind = array_kind(x)
     C, N = shape[-1], _rows(shape)
     xd, wd, bd = (on_device(a, kind, dtype, check="layernorm_forward_cuda") for a in (x, w, b))
@@ -178,7 +171,7 @@ def layernorm_backward_cuda(dy, cache):
     if tuple(dy.shape) != shape or tuple(rstd.shape) != shape[:-1] + (1,) or tuple(w.shape) != (C,):
         raise ValueError(f"layernorm_backward_cuda: dy is {tuple(dy.shape)}, but the cache holds xhat "
                          f"{shape}, rstd {tuple(rstd.shape)} and w {tuple(w.shape)}")
-    dtype = _dtype(xhat, "layernorm_backward_cuda")
+    dtype = float_dtype(xhat, "layernorm_backward_cuda")
     kind = array_kind(dy)
     dyd, hd, rd, wd = (on_device(a, kind, dtype, check="layernorm_backward_cuda")
                        for a in (dy, xhat, rstd, w))

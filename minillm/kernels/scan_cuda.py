@@ -37,7 +37,7 @@ import math
 import numpy as np
 from numba import cuda, float32, float64
 
-from minillm.kernels.cuda_arrays import array_kind as _kind, empty, on_device, to_kind
+from minillm.kernels.cuda_arrays import array_kind as _kind, empty, float_dtype, on_device, to_kind
 
 THREADS = 128  # threads per block (32 * NP when N <= 2: a block holds at most DBMAX channels)
 MAX_N = 32     # largest state size (so a block of THREADS holds at least 4 channels)
@@ -249,10 +249,7 @@ def _check(x, dt, A, B, C, D):
         raise ValueError(f"selective scan: D must be ({Dm},), got {D.shape}")
     if N > MAX_N:
         raise ValueError(f"selective scan (cuda): d_state is at most {MAX_N}, got {N}")
-    dtype = np.dtype(x.dtype)
-    if dtype not in (np.float32, np.float64):
-        raise ValueError(f"selective scan: needs float32 or float64 arrays, got {dtype}")
-    return dtype
+    return float_dtype(x, "selective scan")
 
 
 def selective_scan_forward(x, dt, A, B, C, D):

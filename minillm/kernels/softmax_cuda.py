@@ -36,7 +36,7 @@ import math
 import numpy as np
 from numba import cuda, float32, float64
 
-from minillm.kernels.cuda_arrays import array_kind, empty, on_device, to_kind
+from minillm.kernels.cuda_arrays import array_kind, empty, float_dtype, on_device, to_kind
 
 SHARED = 256       # shared-memory slots per block: the most threads a block may have
 MAX_THREADS = 256  # a power of two <= SHARED
@@ -188,13 +188,6 @@ def _ce_total(rowloss, flag, out):
 # --- host side ---------------------------------------------------------------------------------------
 
 
-def _float_dtype(a, name):
-    dtype = np.dtype(a.dtype)
-    if dtype not in (np.float32, np.float64):
-        raise ValueError(f"{name}: needs float32 or float64 arrays, got {dtype}")
-    return dtype
-
-
 def _rows(a, L):
     n = int(np.prod(tuple(a.shape)[:-1], dtype=np.int64))
     return a.reshape(n, L), n
@@ -203,7 +196,7 @@ def _rows(a, L):
 def _in_place(name, which, s, L, *args, p=None):
     """Run kernel `which` on the rows (length L) of s in place (p: a second, read-only array of s's
     shape); for a host or non-contiguous CuPy s, the result is copied back into s. Returns s."""
-    dtype = _float_dtype(s, name)
+    dtype = float_dtype(s, name)
     kind = array_kind(s)
     d = on_device(s, kind, None, check=name)
     d2, R = _rows(d, L)
@@ -256,7 +249,7 @@ def cross_entropy_forward_cuda(logits, targets, ignore_index=-100):
                          f"{shape} and {tuple(targets.shape)}")
     if not np.issubdtype(np.dtype(targets.dtype), np.integer):
         raise ValueError(f"cross_entropy_forward_cuda: targets must be integers, got {targets.dtype}")
-    dtype = _float_dtype(logits, "cross_entropy_forward_cuda")
+    dtype = float_dtype(logits, "cross_entropy_forward_cuda")
     kind = array_kind(logits)
     V = shape[-1]
     z, N = _rows(on_device(logits, kind, dtype, check="cross_entropy_forward_cuda"), V)
