@@ -3,7 +3,6 @@ shapes: on a real GPU when there is one, else in Numba's CUDA simulator (set her
 first imported, in case this file runs on its own)."""
 
 import os
-import sys
 
 if not (os.path.exists("/dev/nvidia0") or os.environ.get("MINILLM_REAL_GPU")):
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
@@ -17,15 +16,11 @@ from minillm.kernels import gelu as ref, gelu_cuda as gc  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def small_grid(monkeypatch):
+def small_grid(monkeypatch, fast_simulator_threads):
     """Blocks of 8 threads, at most 3 blocks: the grid-stride loop wraps around on tiny arrays. (A short
     GIL switch interval speeds up the simulator, which runs every thread as a Python thread.)"""
     monkeypatch.setattr(gc, "THREADS", 8)
     monkeypatch.setattr(gc, "MAX_BLOCKS", 3)
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(old)
 
 
 # Same operations in the same order as the reference; libdevice's tanh is within 1-2 ulps of NumPy's and

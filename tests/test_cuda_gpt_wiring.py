@@ -9,7 +9,6 @@ import os
 if not (os.path.exists("/dev/nvidia0") or os.environ.get("MINILLM_REAL_GPU")):
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
-import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -22,15 +21,11 @@ CONFIG = {"arch": "gpt", "vocab_size": 11, "context": 6, "n_layer": 2, "n_head":
 
 
 @pytest.fixture(autouse=True)
-def quick_simulator(monkeypatch):
+def quick_simulator(monkeypatch, fast_simulator_threads):
     """Blocks of 8 threads (rows still span several) and frequent thread switches: the simulator runs each
     GPU thread as a Python thread and polls at every barrier."""
     monkeypatch.setattr(softmax_cuda, "MIN_THREADS", 8)
     monkeypatch.setattr(softmax_cuda, "MAX_THREADS", 8)
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(old)
 
 
 def _step(params, idx, targets):

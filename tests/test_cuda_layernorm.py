@@ -3,7 +3,6 @@
 (set here too, before numba is first imported, in case this file runs on its own)."""
 
 import os
-import sys
 
 if not (os.path.exists("/dev/nvidia0") or os.environ.get("MINILLM_REAL_GPU")):
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
@@ -17,7 +16,7 @@ from minillm.kernels import layernorm as ref, layernorm_cuda as lc, softmax_cuda
 
 
 @pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
+def small_blocks(monkeypatch, fast_simulator_threads):
     """Blocks of 4 threads (tiny rows are still longer than a block) and at most 2 row groups in the
     backward (several rows per group, the last group short). One test keeps the real sizes. The
     simulator runs a block's threads as Python threads and polls them at every barrier: a short GIL
@@ -25,10 +24,6 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(softmax_cuda, "MIN_THREADS", 4)
     monkeypatch.setattr(softmax_cuda, "MAX_THREADS", 4)
     monkeypatch.setattr(lc, "ROW_GROUPS", 2)
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(old)
 
 
 def _inputs(rng, shape, dtype):
@@ -65,8 +60,7 @@ def test_forward_backward_match_reference(dtype, shape):
 
 def test_real_block_sizes(monkeypatch):
     """The module's own sizes: C = 40 in one block of 64 threads, one row per group."""
-    monkeypatch.undo()
-    sys.setswitchinterval(1e-4)
+    monkeypatch.undo()   # (the switch interval stays short: it is not a monkeypatch)
     x, w, b, dy = _inputs(np.random.default_rng(0), (3, 40), np.float64)
     y0, c0 = ref.layernorm_forward_reference(x, w, b)
     y1, c1 = lc.layernorm_forward_cuda(x, w, b)

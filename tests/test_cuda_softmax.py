@@ -3,7 +3,6 @@
 CUDA simulator (set here too, before numba is first imported, in case this file runs on its own)."""
 
 import os
-import sys
 
 if not (os.path.exists("/dev/nvidia0") or os.environ.get("MINILLM_REAL_GPU")):
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
@@ -17,16 +16,12 @@ from minillm.kernels import softmax as ref, softmax_cuda as sc  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
+def small_blocks(monkeypatch, fast_simulator_threads):
     """Blocks of 4 threads, so that tiny rows are still longer than a block (one test keeps the real
     sizes). The simulator runs a block's threads as Python threads and polls them at every barrier: a
     short GIL switch interval makes that ~8x faster."""
     monkeypatch.setattr(sc, "MIN_THREADS", 4)
     monkeypatch.setattr(sc, "MAX_THREADS", 4)
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(old)
 
 
 # float64: the same operations as the reference, sums in another (fixed) order, libdevice's exp within
@@ -99,8 +94,7 @@ def test_cross_entropy_matches_ops(dtype, shape, V, ignore_index):
 
 def test_real_block_sizes(monkeypatch):
     """The module's own block sizes (256 threads): rows longer than a block, V not a multiple of it."""
-    monkeypatch.undo()
-    sys.setswitchinterval(1e-4)
+    monkeypatch.undo()   # (the switch interval stays short: it is not a monkeypatch)
     rng = np.random.default_rng(5)
     logits, targets = _ce_inputs(rng, (2,), 300, np.float64)
     targets[1] = 299
