@@ -3,7 +3,6 @@ per seed, float64, README shapes; the margins the module promises (MoE routing a
 values away from rounding boundaries, also after a float32 cast); the upstream-gradient contract by central
 differences (BitLinear: its straight-through backward, written out from the manifest's math)."""
 
-import json
 import os
 import subprocess
 import sys
@@ -11,19 +10,11 @@ import sys
 import numpy as np
 import pytest
 
+from casecheck import check_upstream_grads, run, sample
 from minillm import reference_cases as rc
 from minillm import reference_cases_models as rcm
 
 MODELS = ["moe", "selective_scan", "mamba_block", "wkv", "rwkv_block", "bitlinear", "ternary_pack"]
-
-
-def sample(name, seed=0):
-    return rc.COMPONENTS[name]["sample"](np.random.default_rng(seed))
-
-
-def run(name, inputs, params, upstream):
-    spec = rc.COMPONENTS[name]
-    return spec["fn"](inputs, params, upstream, json.loads(json.dumps(spec["config"])))
 
 
 def dist_to_half(v):
@@ -141,17 +132,4 @@ def test_gradients_are_those_of_the_upstream_weighted_sum(name):
     inputs, params, upstream = sample(name, 1)
     outputs, grads = run(name, inputs, params, upstream)
     assert set(upstream) <= set(outputs) and set(grads) == set(inputs) | set(params)
-    rng = np.random.default_rng(0)
-    for key, g in grads.items():
-        sec = inputs if key in inputs else params
-        d, eps, f = g + rng.standard_normal(g.shape) * (np.abs(g).mean() or 1.0), 1e-6, []
-        d /= np.sqrt(np.mean(d * d))        # along g (catches scaled grads) plus noise (catches the rest)
-        assert g.shape == sec[key].shape and g.dtype == np.float64
-        for s in (eps, -eps):
-            moved = {**sec, key: sec[key] + s * d}
-            out = run(name, *((moved, params) if sec is inputs else (inputs, moved)), upstream)[0]
-            f.append(sum(float(np.sum(out[o] * upstream[o])) for o in upstream))
-            size = sum(float(np.sum(np.abs(out[o] * upstream[o]))) for o in upstream)
-        # 1e-6 relative, plus a floor for the rounding of f itself (~1e-16 |f| / eps = 1e-10 |f|)
-        err = abs((f[0] - f[1]) / (2 * eps) - np.sum(g * d))
-        assert err <= 1e-6 * np.sum(np.abs(g * d)) + 1e-8 * size, key
+    check_upstream_grads(name, inputs, params, upstream, grads)
