@@ -43,7 +43,7 @@ def _use_kernel(a):
 
 def _on_gpu(a):
     """CuPy arrays take the numba.cuda kernels (kernels/*_cuda.py, imported on first use)."""
-    return type(a).__module__.startswith("cupy")
+    return ops.array_module(a) is not np
 
 
 def _gelu_forward(h):
