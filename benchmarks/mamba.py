@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minillm import mamba  # noqa: E402
+from minillm.models import mamba  # noqa: E402
 from minillm.kernels import scan  # noqa: E402
 
 
@@ -161,7 +161,7 @@ def bench_mixer(args):
 
 
 def bench_generation(args):
-    from minillm import gpt
+    from minillm.models import gpt
 
     base = dict(vocab_size=2048, context=args.gen_context, n_layer=4, n_head=4, d_model=256, dtype="float32")
     rng = np.random.default_rng(0)

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minillm import moe  # noqa: E402
+from minillm.nn import moe  # noqa: E402
 
 
 def hf_block(config, p, impl):

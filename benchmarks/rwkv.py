@@ -142,7 +142,7 @@ def bench_cuda(args):
 
 
 def bench_generation(args):
-    from minillm import gpt, rwkv
+    from minillm.models import gpt, rwkv
 
     base = dict(vocab_size=2048, context=args.gen_context, n_layer=4, n_head=4, d_model=256,
                 dtype="float32")

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minillm import ternary  # noqa: E402
+from minillm.nn import ternary  # noqa: E402
 from minillm.kernels import ternary as kt  # noqa: E402
 
 

@@ -19,7 +19,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minillm import checkpoint, generate, gpt, models, quantize  # noqa: E402
+from minillm import checkpoint, generate, models, quantize  # noqa: E402
+from minillm.models import gpt
 
 
 def tokens_per_second(params, config, n_tokens, repeats):

@@ -35,7 +35,9 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from minillm import gpt, ops, optim, train  # noqa: E402
+from minillm.models import gpt
+from minillm.nn import ops
+from minillm import optim, train  # noqa: E402
 from minillm.device import array_module_for, to_device  # noqa: E402
 from minillm.tree import flatten  # noqa: E402
 
@@ -198,7 +200,7 @@ def profile_step(name, repeats):
     their children (attention_forward includes its two dense layers)."""
     import collections
 
-    from minillm import attention, layers
+    from minillm.nn import attention, dense
     from minillm.kernels import gelu, layernorm, softmax
 
     c = dict(CONFIGS[name])

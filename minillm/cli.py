@@ -278,7 +278,7 @@ def reference_check(directory, impl, components, variant, forward_only, quiet):
 @reference_group.command("list")
 def reference_list():
     """Print the components, the peer each matches, and their math."""
-    from minillm.reference_cases import COMPONENTS
+    from minillm.reference.cases import COMPONENTS
 
     for name, spec in COMPONENTS.items():
         click.echo(f"{name}  ({', '.join(spec['variants'])})\n  matches: {spec['matches']}\n  math: {spec['math']}")

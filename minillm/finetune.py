@@ -16,7 +16,8 @@ import os
 
 import numpy as np
 
-from minillm import __version__, checkpoint, lora, models
+from minillm import __version__, checkpoint, models
+from minillm.nn import lora
 from minillm.tree import flatten
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

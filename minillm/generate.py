@@ -9,7 +9,7 @@ Temperature 0 means greedy (argmax; ties go to the lowest id).
 
 import numpy as np
 
-from minillm import ops
+from minillm.nn import ops
 from minillm.device import to_host
 from minillm.tree import flatten
 

@@ -14,7 +14,8 @@ import os
 
 import numpy as np
 
-from minillm import checkpoint, ternary
+from minillm import checkpoint
+from minillm.nn import ternary
 from minillm.tree import flatten, unflatten
 
 

@@ -13,7 +13,8 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from minillm import checkpoint, data, device, models, ops, optim
+from minillm import checkpoint, data, device, models, optim
+from minillm.nn import ops
 from minillm.tokenizer import Tokenizer, read_text_file
 from minillm.tree import flatten
 

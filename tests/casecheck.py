@@ -1,11 +1,11 @@
-"""Shared by test_reference_cases.py and test_reference_cases_models.py: draw a golden case, run its minillm
+"""Shared by test_cases.py and test_cases_models.py: draw a golden case, run its minillm
 function as `minillm reference check` does, and check its gradients by central differences."""
 
 import json
 
 import numpy as np
 
-from minillm import reference_cases as rc
+from minillm.reference import cases as rc
 
 
 def sample(name, seed=0):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gradcheck import check_grads, weighted_sum
-from minillm import attention
+from minillm.nn import attention
 from minillm.kernels import softmax as sk
 
 CONFIG = {"n_head": 3, "d_model": 12, "context": 8}

@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from numba import cuda  # noqa: E402
 
-from minillm import ops  # noqa: E402
+from minillm.nn import ops  # noqa: E402
 from minillm.kernels import gelu as ref, gelu_cuda as gc  # noqa: E402
 
 

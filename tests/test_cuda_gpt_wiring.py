@@ -13,7 +13,9 @@ if not (os.path.exists("/dev/nvidia0") or os.environ.get("MINILLM_REAL_GPU")):
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from minillm import attention, gpt, train  # noqa: E402
+from minillm.nn import attention
+from minillm.models import gpt
+from minillm import train  # noqa: E402
 from minillm.kernels import gelu_cuda, layernorm_cuda, softmax_cuda  # noqa: E402
 
 CONFIG = {"arch": "gpt", "vocab_size": 11, "context": 6, "n_layer": 2, "n_head": 2, "d_model": 8,

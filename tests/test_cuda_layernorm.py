@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from numba import cuda  # noqa: E402
 
-from minillm import ops  # noqa: E402
+from minillm.nn import ops  # noqa: E402
 from minillm.kernels import layernorm as ref, layernorm_cuda as lc, softmax_cuda  # noqa: E402
 
 

@@ -77,7 +77,7 @@ def test_moe_layer_on_cupy_matches_numpy():
     cupy = pytest.importorskip("cupy")
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         pytest.skip("CuPy needs a real GPU")
-    from minillm import moe
+    from minillm.nn import moe
 
     config = {"d_model": 12, "d_ff": 10, "n_experts": 4, "top_k": 2, "n_layer": 2,
               "aux_loss_coef": 0.1, "router_z_loss_coef": 0.05}

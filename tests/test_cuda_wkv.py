@@ -73,7 +73,7 @@ def test_cupy_arrays_and_rwkv_model_on_gpu():
     cp = pytest.importorskip("cupy")
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         pytest.skip("CuPy arrays need a real GPU")
-    from minillm import rwkv
+    from minillm.models import rwkv
     from minillm.tree import flatten, unflatten
 
     rng = np.random.default_rng(3)

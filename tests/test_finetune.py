@@ -3,14 +3,16 @@
 import numpy as np
 import pytest
 
-from minillm import finetune, lora
+from minillm import finetune
+from minillm.nn import lora
 from minillm.tree import flatten
 
 
 def test_finetune_end_to_end(tmp_path):
     """finetune -> adapter dir (base bit-identical), sample-time loading, merge -> plain checkpoint;
     an adapter on a different base is refused."""
-    from minillm import checkpoint, gpt, models, train
+    from minillm import checkpoint, models, train
+    from minillm.models import gpt
     from minillm.tokenizer import Tokenizer
 
     text = "\n".join(f"line {i} of a tiny corpus, word {i * 7 % 13}" for i in range(300)) + "\n"

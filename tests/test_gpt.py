@@ -1,7 +1,6 @@
 """gpt.py: float64 gradient checks (block, whole model), HF GPT2LMHeadModel parity (logits, loss,
 every gradient), KV-cache decoding, init, float32 flow, the pluggable feed-forward, bad input."""
 
-import sys
 import types
 
 import numpy as np
@@ -12,7 +11,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import minillm
 from gradcheck import check_grads, weighted_sum
-from minillm import attention, gpt, ops
+from minillm.nn import attention, ops
+from minillm.models import gpt
 from minillm.kernels import embedding as embedding_kernels
 from minillm.kernels import gelu as gelu_kernels
 from minillm.kernels import layernorm as layernorm_kernels
@@ -192,8 +192,8 @@ def test_bad_input():
 
 
 def fake_moe():
-    """A stand-in for minillm.moe: a plain linear feed-forward with a fake aux loss and stats."""
-    m = types.ModuleType("minillm.moe")
+    """A stand-in for minillm.nn.moe: a plain linear feed-forward with a fake aux loss and stats."""
+    m = types.ModuleType("minillm.nn.moe")
     m.moe_init = lambda config, rng: {"w": rng.standard_normal((config["d_model"],) * 2) * 0.1}
 
     def moe_forward(x, p, config):
@@ -211,8 +211,7 @@ def fake_moe():
 
 def test_feed_forward_dispatches_to_moe(monkeypatch):
     stub = fake_moe()
-    monkeypatch.setitem(sys.modules, "minillm.moe", stub)
-    monkeypatch.setattr(minillm, "moe", stub, raising=False)
+    monkeypatch.setattr(gpt, "moe_layer", stub)
     config = {**CONFIG, "n_experts": 2}
     rng = np.random.default_rng(5)
     params = scaled(perturbed(gpt.init(config, rng), rng))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from gradcheck import check_grads, weighted_sum
 
-from minillm import finetune, layers, lora, optim
+from minillm import finetune, optim
+from minillm.nn import dense, lora
 from minillm.tree import flatten
 
 C = 6
@@ -37,29 +38,29 @@ def toy_forward(params, x, config):
     blk = params["transformer"]["h"]["0"]
     caches = []
 
-    def dense(p, name, h):
-        y, c = layers.dense_forward(h, p, config, lora.layout_of(name))
+    def layer(p, name, h):
+        y, c = dense.dense_forward(h, p, config, lora.layout_of(name))
         caches.append(c)
         return y
 
-    y1 = dense(blk["attn"]["c_attn"], "attn.c_attn", x)
+    y1 = layer(blk["attn"]["c_attn"], "attn.c_attn", x)
     u = np.tanh(y1[..., :C] + y1[..., C:2 * C] * y1[..., 2 * C:])
-    y2 = dense(blk["attn"]["c_proj"], "attn.c_proj", u)
-    y3 = dense(blk["mixer"]["in_proj"], "mixer.in_proj", y2)
-    y4 = dense(blk["mixer"]["out_proj"], "mixer.out_proj", y3[..., :C] * y3[..., C:])
+    y2 = layer(blk["attn"]["c_proj"], "attn.c_proj", u)
+    y3 = layer(blk["mixer"]["in_proj"], "mixer.in_proj", y2)
+    y4 = layer(blk["mixer"]["out_proj"], "mixer.out_proj", y3[..., :C] * y3[..., C:])
     return y4, (caches, y1, u, y3)
 
 
 def toy_backward(dy, cache):
     (c1, c2, c3, c4), y1, u, y3 = cache
     d3 = np.zeros_like(y3)
-    dh, g4 = layers.dense_backward(dy, c4)
+    dh, g4 = dense.dense_backward(dy, c4)
     d3[..., :C], d3[..., C:] = dh * y3[..., C:], dh * y3[..., :C]
-    dy2, g3 = layers.dense_backward(d3, c3)
-    du, g2 = layers.dense_backward(dy2, c2)
+    dy2, g3 = dense.dense_backward(d3, c3)
+    du, g2 = dense.dense_backward(dy2, c2)
     dpre = du * (1 - u ** 2)
     dy1 = np.concatenate([dpre, dpre * y1[..., 2 * C:], dpre * y1[..., C:2 * C]], axis=-1)
-    dx, g1 = layers.dense_backward(dy1, c1)
+    dx, g1 = dense.dense_backward(dy1, c1)
     return dx, {"transformer": {"h": {"0": {"attn": {"c_attn": g1, "c_proj": g2},
                                             "mixer": {"in_proj": g3, "out_proj": g4}}}}}
 
@@ -115,15 +116,15 @@ def test_dense_with_adapter_gradcheck(layout):
          "lora_A": rng.standard_normal((r, I)), "lora_B": rng.standard_normal((O, r))}
     x, g = rng.standard_normal((2, 4, I)), rng.standard_normal((2, 4, O))
     config = cfg(r, 5.0)
-    y, cache = layers.dense_forward(x, p, config, layout)
+    y, cache = dense.dense_forward(x, p, config, layout)
     w_io = w if layout == "in_out" else w.T
     ref = x @ w_io + p["bias"] + (5.0 / 3) * (x @ p["lora_A"].T) @ p["lora_B"].T
     np.testing.assert_allclose(y, ref, rtol=1e-12)
-    dx, grads = layers.dense_backward(g, cache)
+    dx, grads = dense.dense_backward(g, cache)
     assert "weight" not in grads                    # the base weight is frozen: no gradient at all
     assert set(grads) == {"bias", "lora_A", "lora_B"}
     trainable = {k: p[k] for k in ("lora_A", "lora_B", "bias")}
-    check_grads(lambda: weighted_sum(layers.dense_forward(x, p, config, layout)[0], g),
+    check_grads(lambda: weighted_sum(dense.dense_forward(x, p, config, layout)[0], g),
                 {"x": x, **trainable}, {"x": dx, **grads})
 
 
@@ -334,7 +335,8 @@ def test_matches_peft_on_gpt2():
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from minillm import gpt, models
+    from minillm.models import gpt
+    from minillm import models
 
     rng = np.random.default_rng(11)
     config = models.build_config("gpt", vocab_size=37, context=12, n_layer=2, n_head=2, d_model=16,

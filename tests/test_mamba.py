@@ -11,7 +11,7 @@ from transformers import MambaConfig, MambaForCausalLM
 from transformers.models.mamba import modeling_mamba
 
 from gradcheck import check_grads, weighted_sum
-from minillm import mamba
+from minillm.models import mamba
 from minillm.tree import flatten, unflatten
 
 

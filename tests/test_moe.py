@@ -13,7 +13,8 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
 
 from gradcheck import check_grads, weighted_sum
-from minillm import moe
+from minillm.models import moe as moe_model
+from minillm.nn import moe
 
 
 def make_case(seed, E=4, k=2, N=16, C=12, F=10, dead_expert=None, min_gap=1e-3):
@@ -240,14 +241,14 @@ def model_case(seed=0):
                                  router_z_loss_coef=0.1)
     for s in range(seed, seed + 200):
         rng = np.random.default_rng(s)
-        params = moe.init(config, rng)
+        params = moe_model.init(config, rng)
         for layer in params["transformer"]["h"].values():
             layer["mlp"]["gate"]["weight"] *= 30.0  # a router far from uniform
             for ex in layer["mlp"]["experts"].values():  # experts that matter (measurable gradients)
                 for lin in ex.values():
                     lin["weight"] *= 20.0
         idx = rng.integers(0, 11, (2, 5))
-        _, cache = moe.forward(params, idx, config)
+        _, cache = moe_model.forward(params, idx, config)
         gaps = [np.diff(np.sort(c[3][1]["logits"], axis=1), axis=1).min() for c in cache[3]]
         if min(gaps) > 1e-3:
             return config, params, idx, rng.integers(0, 11, (2, 5))
@@ -255,18 +256,18 @@ def model_case(seed=0):
 
 
 def test_model_gradients_include_aux_losses():
-    from minillm import ops
+    from minillm.nn import ops
 
     config, params, idx, targets = model_case()
     assert config["n_experts"] == 4 and config["aux_loss_coef"] == 0.3
 
     def loss_and_cache():
-        logits, cache = moe.forward(params, idx, config)
+        logits, cache = moe_model.forward(params, idx, config)
         ce, ce_cache = ops.cross_entropy_forward(logits, targets)
-        return ce + moe.aux_loss(cache), cache, ce_cache
+        return ce + moe_model.aux_loss(cache), cache, ce_cache
 
     total, cache, ce_cache = loss_and_cache()
-    grads = moe.backward(ops.cross_entropy_backward(1.0, ce_cache), cache)
+    grads = moe_model.backward(ops.cross_entropy_backward(1.0, ce_cache), cache)
     layer = params["transformer"]["h"]["1"]["mlp"]
     arrays = {"wte": params["transformer"]["wte"]["weight"], "gate": layer["gate"]["weight"],
               "w1": layer["experts"]["2"]["w1"]["weight"], "ln_2": params["transformer"]["h"]["0"]["ln_2"]["weight"]}
@@ -274,17 +275,17 @@ def test_model_gradients_include_aux_losses():
     analytic = {"wte": g["wte"]["weight"], "gate": g["h"]["1"]["mlp"]["gate"]["weight"],
                 "w1": g["h"]["1"]["mlp"]["experts"]["2"]["w1"]["weight"], "ln_2": g["h"]["0"]["ln_2"]["weight"]}
     check_grads(lambda: loss_and_cache()[0], arrays, analytic, max_entries=10)
-    assert moe.aux_loss(cache) > 0
-    stats = moe.stats(cache)
+    assert moe_model.aux_loss(cache) > 0
+    stats = moe_model.stats(cache)
     assert stats["expert_tokens"].shape == (4,) and stats["expert_tokens"].sum() == 2 * 10 * 2
 
 
 def test_model_step_matches_forward():
     config, params, idx, _ = model_case(1)
-    logits, _ = moe.forward(params, idx, config)
-    state = moe.init_state(params, config, idx.shape[0])
+    logits, _ = moe_model.forward(params, idx, config)
+    state = moe_model.init_state(params, config, idx.shape[0])
     for t in range(idx.shape[1]):
-        step_logits, state = moe.step(params, idx[:, t], state)
+        step_logits, state = moe_model.step(params, idx[:, t], state)
         np.testing.assert_allclose(step_logits, logits[:, t], rtol=1e-10, atol=1e-12)
 
 
@@ -294,4 +295,4 @@ def test_model_defaults():
     config = models.build_config("moe")
     assert config["n_experts"] == 8 and config["top_k"] == 2 and config["aux_loss_coef"] == 0.01
     with pytest.raises(ValueError, match="top-k"):
-        moe.init({**config, "top_k": 9}, np.random.default_rng(0))
+        moe_model.init({**config, "top_k": 9}, np.random.default_rng(0))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from gradcheck import check_grads, weighted_sum
-from minillm import ops
+from minillm.nn import ops
 
 rng = np.random.default_rng(0)
 

@@ -10,7 +10,7 @@ import pytest
 
 from clirun import run_cli
 from minillm import reference
-from minillm import reference_cases as rc
+from minillm.reference import cases as rc
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_minillm_passes_every_case_in_both_dtypes(golden):
 
 def numpy_gpt_block(gelu):
     """A GPT-2 block assembled from minillm's layers with a choice of GELU (its value, derivative)."""
-    from minillm import attention, ops
+    from minillm.nn import attention, ops
     from minillm.tree import unflatten
 
     def fn(inputs, params, upstream, config):
@@ -181,7 +181,7 @@ def test_bad_directories(golden, tmp_path):
 
 WRONG_IMPL = '''
 import numpy as np
-from minillm import reference_cases as rc
+from minillm.reference import cases as rc
 
 def gelu(inputs, params, upstream, config):          # erf GELU instead of tanh
     from math import erf, sqrt
@@ -195,9 +195,9 @@ def layernorm(inputs, params, upstream, config):
 
 
 def test_cli_check(golden, tmp_path, capsys):
-    code, out, _ = run_cli(capsys, "reference", "check", golden, "--impl", "minillm.reference_cases", "--quiet")
+    code, out, _ = run_cli(capsys, "reference", "check", golden, "--impl", "minillm.reference.cases", "--quiet")
     assert code == 0 and out.startswith("ok: 17 component(s)")
-    code, out, _ = run_cli(capsys, "reference", "check", golden, "--impl", "minillm.reference_cases:gelu")
+    code, out, _ = run_cli(capsys, "reference", "check", golden, "--impl", "minillm.reference.cases:gelu")
     assert code == 0 and "gelu [float64]" in out and "outputs/y" in out
     impl = tmp_path / "mine.py"
     impl.write_text(WRONG_IMPL)
@@ -209,30 +209,30 @@ def test_cli_check(golden, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "reference", "check", golden, "--impl", f"{impl}:gelu", "--forward-only",
                            "--components", "gelu")
     assert code == 1 and "grads/x" not in out
-    code, out, _ = run_cli(capsys, "reference", "check", golden, "--impl", "minillm.reference_cases",
+    code, out, _ = run_cli(capsys, "reference", "check", golden, "--impl", "minillm.reference.cases",
                            "--components", "wkv,bitlinear", "--variant", "float32")
     assert code == 0 and "wkv [float32]" in out and "[float64]" not in out
 
 
 def test_cli_errors_are_one_line(golden, tmp_path, capsys):
-    one_error_line(capsys, "reference", "check", str(tmp_path / "none"), "--impl", "minillm.reference_cases",
+    one_error_line(capsys, "reference", "check", str(tmp_path / "none"), "--impl", "minillm.reference.cases",
                    match="no such directory")
     one_error_line(capsys, "reference", "check", golden, "--impl", "no_such_module_xyz", match="cannot import")
-    one_error_line(capsys, "reference", "check", golden, "--impl", "minillm.reference_cases:nope",
+    one_error_line(capsys, "reference", "check", golden, "--impl", "minillm.reference.cases:nope",
                    match="has no function 'nope'")
-    one_error_line(capsys, "reference", "check", golden, "--impl", "minillm.reference_cases:_normal",
+    one_error_line(capsys, "reference", "check", golden, "--impl", "minillm.reference.cases:_normal",
                    match="--components")
-    one_error_line(capsys, "reference", "check", golden, "--impl", "minillm.ops", match="none of the component")
+    one_error_line(capsys, "reference", "check", golden, "--impl", "minillm.nn.ops", match="none of the component")
     one_error_line(capsys, "reference", "make", str(tmp_path / "x"), "--components", "gelu,bogus",
                    match="unknown component 'bogus'")
-    one_error_line(capsys, "reference", "check", golden, "--impl", "minillm.reference_cases:gelu", "--variant",
+    one_error_line(capsys, "reference", "check", golden, "--impl", "minillm.reference.cases:gelu", "--variant",
                    "float32", match="has a float32 variant")
     reference.make(tmp_path / "g", ["gelu"])
-    one_error_line(capsys, "reference", "check", str(tmp_path / "g"), "--impl", "minillm.reference_cases",
+    one_error_line(capsys, "reference", "check", str(tmp_path / "g"), "--impl", "minillm.reference.cases",
                    "--components", "wkv", match="no golden case for 'wkv'")
     with open(tmp_path / "g" / "gelu.safetensors", "r+b") as f:
         f.write(b"garbage!")
-    one_error_line(capsys, "reference", "check", str(tmp_path / "g"), "--impl", "minillm.reference_cases",
+    one_error_line(capsys, "reference", "check", str(tmp_path / "g"), "--impl", "minillm.reference.cases",
                    match="checksum")
 
 

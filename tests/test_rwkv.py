@@ -9,7 +9,8 @@ from transformers import RwkvConfig, RwkvForCausalLM
 from transformers.models.rwkv import modeling_rwkv
 
 from gradcheck import check_grads, weighted_sum
-from minillm import ops, rwkv
+from minillm.nn import ops
+from minillm.models import rwkv
 from minillm.kernels import wkv
 from minillm.tree import flatten
 

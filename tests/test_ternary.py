@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradcheck import check_grads, weighted_sum
-from minillm import layers, ternary
+from minillm.nn import dense, ternary
 from minillm.kernels import ternary as kt
 
 torch._dynamo.config.disable = True  # HF wraps its quantisers in torch.compile: run them eagerly
@@ -194,14 +194,14 @@ def test_dtype_flows_and_no_bias(dtype):
 
 
 def test_dense_layer_hook():
-    """layers.dense_forward / dense_backward route config["ternary"] through bitlinear, grads keyed like p."""
+    """dense.dense_forward / dense_backward route config["ternary"] through bitlinear, grads keyed like p."""
     rng = np.random.default_rng(6)
     x, w, b = _case(rng, "in_out")
     p = {"weight": w, "bias": b}
-    y, cache = layers.dense_forward(x, p, {"ternary": True}, "in_out")
+    y, cache = dense.dense_forward(x, p, {"ternary": True}, "in_out")
     y_ref, c_ref = ternary.bitlinear_forward(x, w, b, layout="in_out")
     np.testing.assert_array_equal(y, y_ref)
-    dx, grads = layers.dense_backward(np.ones_like(y), cache)
+    dx, grads = dense.dense_backward(np.ones_like(y), cache)
     _, dw, db = ternary.bitlinear_backward(np.ones_like(y), c_ref)
     assert set(grads) == {"weight", "bias"}
     np.testing.assert_array_equal(grads["weight"], dw)

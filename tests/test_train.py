@@ -82,7 +82,8 @@ def test_text_too_short_for_one_batch(tmp_path):
 
 
 def test_fit_clips_and_updates_only_the_trainable_gradients(monkeypatch, tmp_path):
-    from minillm import gpt, models, optim
+    from minillm.models import gpt
+    from minillm import models, optim
 
     config = models.build_config("gpt", vocab_size=50, context=8, n_layer=1, n_head=2, d_model=16)
     params = gpt.init(config, np.random.default_rng(0))

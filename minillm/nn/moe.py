@@ -1,4 +1,4 @@
-"""Sparse Mixture-of-Experts feed-forward layer (Mixtral), and the "moe" model: GPT with MoE MLPs.
+"""Sparse Mixture-of-Experts feed-forward layer (Mixtral); models/gpt.py plugs it into GPT-2 blocks ("moe").
 
 Layer (HF MixtralSparseMoeBlock), for tokens x: (N, C):
 
@@ -35,14 +35,14 @@ Parameters (named like the released Mixtral checkpoints' `block_sparse_moe`): ga
 experts.{e}.w1.weight (F, C), experts.{e}.w3.weight (F, C), experts.{e}.w2.weight (C, F).
 transformers 5 fuses them on load into experts.gate_up_proj (E, 2F, C) = [w1; w3] per expert and
 experts.down_proj (E, C, F) = w2 (see tests/test_moe.py). Expert linears go through
-layers.dense_forward (LoRA / ternary hook); the router gate is a plain linear, never quantised.
+dense.dense_forward (LoRA / ternary hook); the router gate is a plain linear, never quantised.
 """
 
 import math
 
 import numpy as np
 
-from minillm import layers, ops
+from minillm.nn import dense, ops
 from minillm.kernels import moe as kernels
 
 DEFAULTS = {
@@ -133,9 +133,9 @@ def moe_forward(x, p, config):
     expert_caches = []
     for e in range(E):
         pe, rows = p["experts"][str(e)], slice(offs[e], offs[e + 1])
-        h1, c1 = layers.dense_forward(xs[rows], pe["w1"], config, "out_in")
-        h3, c3 = layers.dense_forward(xs[rows], pe["w3"], config, "out_in")
-        ye, c2 = layers.dense_forward(K.swiglu(h1, h3), pe["w2"], config, "out_in")
+        h1, c1 = dense.dense_forward(xs[rows], pe["w1"], config, "out_in")
+        h3, c3 = dense.dense_forward(xs[rows], pe["w3"], config, "out_in")
+        ye, c2 = dense.dense_forward(K.swiglu(h1, h3), pe["w2"], config, "out_in")
         ys[rows] = ye
         expert_caches.append((c1, c3, c2, h1, h3))
     y = K.combine(ys, pos, w)
@@ -171,10 +171,10 @@ def moe_backward(dy, cache):
     expert_grads = {}
     for e, (c1, c3, c2, h1, h3) in enumerate(cache["experts"]):
         rows = slice(offs[e], offs[e + 1])
-        da, g2 = layers.dense_backward(dys[rows], c2)
+        da, g2 = dense.dense_backward(dys[rows], c2)
         dh1, dh3 = K.swiglu_backward(da, h1, h3)
-        dx1, g1 = layers.dense_backward(dh1, c1)
-        dx3, g3 = layers.dense_backward(dh3, c3)
+        dx1, g1 = dense.dense_backward(dh1, c1)
+        dx3, g3 = dense.dense_backward(dh3, c3)
         xp.add(dx1, dx3, out=dxs[rows])
         expert_grads[str(e)] = {"w1": g1, "w2": g2, "w3": g3}
     dx = K.combine(dxs, cache["pos"])  # backward of dispatch: sum over each token's k rows
@@ -202,62 +202,6 @@ def aux_loss_of(cache):
 
 def stats_of(cache):
     """{"expert_tokens": (E,) int64 tokens routed to each expert (sums to N k), "balance_loss": aux
-    without coefficient (k at perfect balance), "router_z_loss": z}; summable over layers."""
+    without coefficient (k at perfect balance), "router_z_loss": z}; summable over dense."""
     return {"expert_tokens": cache["counts"].copy(), "balance_loss": cache["aux"],
             "router_z_loss": cache["z"]}
-
-
-# --- the "moe" model: GPT blocks with the MLP replaced by this layer (see minillm/gpt.py) ---------
-
-
-def _config(config):
-    cfg = dict(config)
-    for key, value in DEFAULTS.items():
-        cfg.setdefault(key, value)
-    if int(cfg["n_experts"]) < 1:
-        raise ValueError(f"--experts must be positive for the moe architecture, got {cfg['n_experts']}")
-    if not 1 <= int(cfg["top_k"]) <= int(cfg["n_experts"]):
-        raise ValueError(f"--top-k must lie in 1..{cfg['n_experts']}, got {cfg['top_k']}")
-    return cfg
-
-
-def init(config, rng):
-    from minillm import gpt
-
-    return gpt.init(_config(config), rng)
-
-
-def forward(params, idx, config):
-    from minillm import gpt
-
-    return gpt.forward(params, idx, _config(config))
-
-
-def backward(dlogits, cache):
-    from minillm import gpt
-
-    return gpt.backward(dlogits, cache)
-
-
-def init_state(params, config, batch):
-    from minillm import gpt
-
-    return gpt.init_state(params, _config(config), batch)
-
-
-def step(params, tokens, state):
-    from minillm import gpt
-
-    return gpt.step(params, tokens, state)
-
-
-def aux_loss(cache):
-    from minillm import gpt
-
-    return gpt.aux_loss(cache)
-
-
-def stats(cache):
-    from minillm import gpt
-
-    return gpt.stats(cache)

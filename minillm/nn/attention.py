@@ -7,7 +7,7 @@
 
 p is keyed like HF GPT2Attention: {"c_attn": {"weight": (C, 3C), "bias": (3C,)},
 "c_proj": {"weight": (C, C), "bias": (C,)}}, weights in Conv1D (in, out) layout; both projections go
-through the dense hook (minillm.layers), so LoRA / ternary weights plug in here.
+through the dense hook (minillm.nn.dense), so LoRA / ternary weights plug in here.
 
 Math (Vaswani et al. 2017, eq. 1): per head, Y = softmax(Q K^T / sqrt(hd) + M) V with M = -inf above
 the diagonal. HF masks with the dtype's minimum instead of -inf; both give exactly zero weight after
@@ -28,9 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from minillm import layers
+from minillm.nn import dense
 from minillm.kernels import softmax as softmax_kernels
-from minillm.ops import array_module
+from minillm.nn.ops import array_module
 
 KERNEL_MIN_SIZE = 0         # use the Numba kernels from this many elements on (tests vary it)
 CAUSAL_BLOCKS = 4           # row blocks of the causal products (each at least 64 rows)
@@ -195,7 +195,7 @@ def attention_forward(x, p, config):
     xp = array_module(x)
     B, T, C = x.shape
     H, hd = _heads(config, C)
-    qkv, c_attn_cache = layers.dense_forward(x.reshape(B * T, C), p["c_attn"], config, "in_out")
+    qkv, c_attn_cache = dense.dense_forward(x.reshape(B * T, C), p["c_attn"], config, "in_out")
     qkv = qkv.reshape(B, T, 3, H, hd)
     q = qkv[:, :, 0].transpose(0, 2, 1, 3)               # (B, H, T, hd) strided views, no copies
     k = qkv[:, :, 1].transpose(0, 2, 1, 3)
@@ -207,7 +207,7 @@ def attention_forward(x, p, config):
     prob = _causal_softmax(s)                             # (B, H, T, T), zero above the diagonal
     o = xp.empty((B, T, H, hd), dtype=x.dtype)            # heads written straight into (B, T, C) order
     _tril_matmul(prob, v, o.transpose(0, 2, 1, 3), edges)
-    y, c_proj_cache = layers.dense_forward(o.reshape(B * T, C), p["c_proj"], config, "in_out")
+    y, c_proj_cache = dense.dense_forward(o.reshape(B * T, C), p["c_proj"], config, "in_out")
     return y.reshape(B, T, C), (c_attn_cache, c_proj_cache, q, k, v, prob, hd)
 
 
@@ -217,7 +217,7 @@ def attention_backward(dy, cache):
     xp = array_module(dy)
     B, T, C = dy.shape
     H = C // hd
-    do, g_proj = layers.dense_backward(dy.reshape(B * T, C), c_proj_cache)
+    do, g_proj = dense.dense_backward(dy.reshape(B * T, C), c_proj_cache)
     do = do.reshape(B, T, H, hd).transpose(0, 2, 1, 3)   # (B, H, T, hd)
     dqkv = xp.empty((B, T, 3, H, hd), dtype=dy.dtype)
     dq = dqkv[:, :, 0].transpose(0, 2, 1, 3)
@@ -232,7 +232,7 @@ def attention_backward(dy, cache):
     _tril_matmul(ds, k, dq, edges)
     dq *= 1.0 / math.sqrt(hd)
     _tril_t_matmul(ds, q, dk, edges)
-    dx, g_attn = layers.dense_backward(dqkv.reshape(B * T, 3 * C), c_attn_cache)
+    dx, g_attn = dense.dense_backward(dqkv.reshape(B * T, 3 * C), c_attn_cache)
     return dx.reshape(B, T, C), {"c_attn": g_attn, "c_proj": g_proj}
 
 
@@ -258,7 +258,7 @@ def attention_step(x_t, p, config, kv_cache, pos):
     H, hd = _heads(config, C)
     if not 0 <= pos < kv_cache["k"].shape[2]:
         raise ValueError(f"position {pos} is outside the KV cache of {kv_cache['k'].shape[2]} positions")
-    qkv, _ = layers.dense_forward(x_t, p["c_attn"], config, "in_out")
+    qkv, _ = dense.dense_forward(x_t, p["c_attn"], config, "in_out")
     qkv = qkv.reshape(B, 3, H, hd)
     kv_cache["k"][:, :, pos] = qkv[:, 1]
     kv_cache["v"][:, :, pos] = qkv[:, 2]
@@ -275,5 +275,5 @@ def attention_step(x_t, p, config, kv_cache, pos):
     else:
         e = softmax_kernels.softmax_rows_reference(s)
     o = (e @ values).reshape(B, C)
-    y, _ = layers.dense_forward(o, p["c_proj"], config, "in_out")
+    y, _ = dense.dense_forward(o, p["c_proj"], config, "in_out")
     return y, kv_cache

@@ -20,14 +20,14 @@ Time mixing: k, v, r = key(x_k), value(x_v), sigmoid(receptance(x_r)); output(r 
 w = -exp(time_decay), u = time_first (kernels/wkv.py). Channel mixing:
 sigmoid(receptance(x_r)) * value(relu(key(x_k))^2). No rescaling of activations: this is HF with
 rescale_every=0 (HF's default halves the hidden state every 6 layers at inference only).
-Linear layers go through layers.dense_forward (layout "out_in"); the embedding and head do not.
+Linear layers go through dense.dense_forward (layout "out_in"); the embedding and head do not.
 """
 
 import math
 
 import numpy as np
 
-from minillm import layers, ops
+from minillm.nn import dense, ops
 from minillm.models import check_token_ids, param_dtype
 from minillm.kernels import wkv as wkv_cpu
 
@@ -76,7 +76,7 @@ def _unshift(dx, ds):
 
 
 def _dense(x, p, config):
-    return layers.dense_forward(x, p, config, "out_in")
+    return dense.dense_forward(x, p, config, "out_in")
 
 
 # --- time mixing (attention) ------------------------------------------------------------------------
@@ -107,13 +107,13 @@ def time_mix_backward(dout, cache):
     """dout: (B, T, C) -> (dx: (B, T, C), grads keyed like p)."""
     c, p = cache, cache["p"]
     g = {}
-    dry, g["output"] = layers.dense_backward(dout, c["co"])
+    dry, g["output"] = dense.dense_backward(dout, c["co"])
     dr, dy = dry * c["y"], dry * c["r"]
     dk, dv, dw, g["time_first"] = _wkv(dy).wkv_backward(dy, c["cw"])
     g["time_decay"] = dw * c["w"]  # w = -exp(time_decay): dw/dtime_decay = w
-    dxr, g["receptance"] = layers.dense_backward(ops.sigmoid_backward(dr, c["cs"]), c["cr"])
-    dxv, g["value"] = layers.dense_backward(dv, c["cv"])
-    dxk, g["key"] = layers.dense_backward(dk, c["ck"])
+    dxr, g["receptance"] = dense.dense_backward(ops.sigmoid_backward(dr, c["cs"]), c["cr"])
+    dxv, g["value"] = dense.dense_backward(dv, c["cv"])
+    dxk, g["key"] = dense.dense_backward(dk, c["ck"])
     dx, ds = 0, 0
     for name, d in (("time_mix_key", dxk), ("time_mix_value", dxv), ("time_mix_receptance", dxr)):
         a, b, g[name] = _mix_backward(d, c["x"], c["s"], p[name])
@@ -141,9 +141,9 @@ def channel_mix_backward(dout, cache):
     """dout: (B, T, C) -> (dx: (B, T, C), grads keyed like p)."""
     c, p = cache, cache["p"]
     g = {}
-    dk, g["value"] = layers.dense_backward(dout * c["r"], c["cv"])
-    dxk, g["key"] = layers.dense_backward(ops.relu_squared_backward(dk, c["cq"]), c["ck"])
-    dxr, g["receptance"] = layers.dense_backward(ops.sigmoid_backward(dout * c["kv"], c["cs"]), c["cr"])
+    dk, g["value"] = dense.dense_backward(dout * c["r"], c["cv"])
+    dxk, g["key"] = dense.dense_backward(ops.relu_squared_backward(dk, c["cq"]), c["ck"])
+    dxr, g["receptance"] = dense.dense_backward(ops.sigmoid_backward(dout * c["kv"], c["cs"]), c["cr"])
     dx1, ds1, g["time_mix_key"] = _mix_backward(dxk, c["x"], c["s"], p["time_mix_key"])
     dx2, ds2, g["time_mix_receptance"] = _mix_backward(dxr, c["x"], c["s"], p["time_mix_receptance"])
     return _unshift(dx1 + dx2, ds1 + ds2), {name: g[name] for name in p}
@@ -281,7 +281,7 @@ def backward(dlogits, cache):
     for i in reversed(range(len(block_caches))):
         dx, blocks[str(i)] = block_backward(dx, block_caches[i])
     blocks = {str(i): blocks[str(i)] for i in range(len(block_caches))}
-    demb = layers.embedding_backward(dx, c_emb)
+    demb = dense.embedding_backward(dx, c_emb)
     return {"rwkv": {"embeddings": {"weight": demb}, "blocks": blocks,
                      "ln_out": {"weight": dlw, "bias": dlb}},
             "head": {"weight": dW.T}}

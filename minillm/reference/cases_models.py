@@ -1,14 +1,15 @@
 """Golden cases for the model-family components: Mixture of Experts, Mamba (selective scan, block),
 RWKV (WKV, block) and BitNet (BitLinear, ternary packing). Same conventions as reference_cases.py, which
 holds the registry (configs, tolerances, peers, math) and re-exports these functions, so
-`--impl minillm.reference_cases` covers them too. This module is the leaf: it imports no other
+`--impl minillm.reference.cases` covers them too. This module is the leaf: it imports no other
 reference module at import time (the samplers read their configs from the registry when called).
 """
 
 import numpy as np
 
-from minillm import mamba, ops, rwkv, ternary
-from minillm import moe as _moe
+from minillm.models import mamba, rwkv
+from minillm.nn import ops, ternary
+from minillm.nn import moe as _moe
 from minillm.tree import flatten, unflatten
 
 
@@ -24,7 +25,7 @@ def _away_from_half(values, margin=1e-3):
 
 def _config(name):
     """The registry's config of component `name` (imported here, at call time, to avoid a cycle)."""
-    from minillm.reference_cases import COMPONENTS
+    from minillm.reference.cases import COMPONENTS
 
     return COMPONENTS[name]["config"]
 

@@ -10,10 +10,10 @@ import importlib
 import numpy as np
 
 ARCHITECTURES = {
-    "gpt": "minillm.gpt",
-    "moe": "minillm.moe",
-    "mamba": "minillm.mamba",
-    "rwkv": "minillm.rwkv",
+    "gpt": "minillm.models.gpt",
+    "moe": "minillm.models.moe",
+    "mamba": "minillm.models.mamba",
+    "rwkv": "minillm.models.rwkv",
 }
 
 # Keys every architecture shares; each module's DEFAULTS adds its own.

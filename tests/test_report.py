@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minillm.reference import Case
-from minillm.reference_report import ImplementationError, Report, Row, compare_case, to_numpy
+from minillm.reference.report import ImplementationError, Report, Row, compare_case, to_numpy
 
 Y = np.array([[1.0, -4.0, 2.0], [0.5, 0.0, 3.0]])      # max |want| = 4
 DX = np.array([2.0, -1.0])

@@ -12,7 +12,7 @@ LayerNorm eps 1e-5, GELU tanh form (HF gelu_new), learned positions, init N(0, 0
 residual projections (every c_proj.weight) at 0.02 / sqrt(2 n_layer), biases 0, norms 1 (HF _init_weights).
 
 The feed-forward is pluggable: `ffn_forward` / `ffn_backward` run the GPT-2 MLP, or the
-Mixture-of-Experts layer of minillm.moe when config["n_experts"] > 0 (same blocks otherwise).
+Mixture-of-Experts layer of minillm.nn.moe when config["n_experts"] > 0 (same blocks otherwise).
 
 Speed: activations stay (B*T, C) for the dense layers (one GEMM each); on NumPy arrays LayerNorm,
 GELU and the embedding scatter-add run in serial Numba kernels (minillm/kernels/, each with its NumPy
@@ -21,7 +21,8 @@ reference; ops.py serves cupy); `step` runs OpenBLAS single-threaded (see attent
 
 import numpy as np
 
-from minillm import attention, layers, ops
+from minillm.nn import attention, dense, ops
+from minillm.nn import moe as moe_layer
 from minillm.models import check_token_ids, param_dtype
 from minillm.kernels import gelu as gelu_kernels
 from minillm.kernels import layernorm as layernorm_kernels
@@ -72,9 +73,7 @@ def _gelu_backward(dg, cache):
 def ffn_init(config, rng):
     """Params of one block's feed-forward ("mlp"); draws from rng after the block's attention."""
     if _is_moe(config):
-        from minillm import moe
-
-        return moe.moe_init(config, rng)
+        return moe_layer.moe_init(config, rng)
     C, L, dtype = int(config["d_model"]), int(config["n_layer"]), param_dtype(config)
     return {
         "c_fc": {"weight": _normal(rng, (C, 4 * C), 0.02, dtype), "bias": np.zeros(4 * C, dtype)},
@@ -86,14 +85,12 @@ def ffn_init(config, rng):
 def ffn_forward(x, p, config):
     """x: (B, T, C) -> y: (B, T, C). Returns (y, cache)."""
     if _is_moe(config):
-        from minillm import moe
-
-        y, cache = moe.moe_forward(x, p, config)
+        y, cache = moe_layer.moe_forward(x, p, config)
         return y, ("moe", cache)
     shape = x.shape
-    h, c_fc = layers.dense_forward(x.reshape(-1, shape[-1]), p["c_fc"], config, "in_out")
+    h, c_fc = dense.dense_forward(x.reshape(-1, shape[-1]), p["c_fc"], config, "in_out")
     g, c_gelu = _gelu_forward(h)
-    y, c_proj = layers.dense_forward(g, p["c_proj"], config, "in_out")
+    y, c_proj = dense.dense_forward(g, p["c_proj"], config, "in_out")
     return y.reshape(shape), ("mlp", (c_fc, c_gelu, c_proj))
 
 
@@ -101,13 +98,11 @@ def ffn_backward(dy, cache):
     """dy: (B, T, C) -> (dx: (B, T, C), grads keyed like p)."""
     kind, inner = cache
     if kind == "moe":
-        from minillm import moe
-
-        return moe.moe_backward(dy, inner)
+        return moe_layer.moe_backward(dy, inner)
     c_fc, c_gelu, c_proj = inner
-    dg, g_proj = layers.dense_backward(dy.reshape(-1, dy.shape[-1]), c_proj)
+    dg, g_proj = dense.dense_backward(dy.reshape(-1, dy.shape[-1]), c_proj)
     dh = _gelu_backward(dg, c_gelu)
-    dx, g_fc = layers.dense_backward(dh, c_fc)
+    dx, g_fc = dense.dense_backward(dh, c_fc)
     return dx.reshape(dy.shape), {"c_fc": g_fc, "c_proj": g_proj}
 
 
@@ -227,7 +222,7 @@ def backward(dlogits, cache):
     h = {str(i): h[str(i)] for i in range(len(block_caches))}
     C = dx.shape[-1]
     if _use_kernel(dx) or _on_gpu(dx):                         # embedding part, in a fixed order
-        layers.embedding_backward(dx, (idx, dwte.shape), out=dwte)
+        dense.embedding_backward(dx, (idx, dwte.shape), out=dwte)
     else:
         dwte += ops.embedding_backward(dx, (idx, dwte.shape))
     dwpe = ops.array_module(dx).zeros((int(config["context"]), C), dtype=dx.dtype)
@@ -241,21 +236,17 @@ def aux_loss(cache):
     config = cache[-1]
     if not _is_moe(config):
         return 0.0
-    from minillm import moe
-
-    return float(sum(moe.aux_loss_of(c[3][1]) for c in cache[3]))
+    return float(sum(moe_layer.aux_loss_of(c[3][1]) for c in cache[3]))
 
 
 def stats(cache):
-    """MoE: moe.stats_of summed over layers (e.g. per-expert token counts); {} for plain GPT."""
+    """MoE: moe_layer.stats_of summed over layers (e.g. per-expert token counts); {} for plain GPT."""
     config = cache[-1]
     if not _is_moe(config):
         return {}
-    from minillm import moe
-
     total = {}
     for c in cache[3]:
-        for key, value in moe.stats_of(c[3][1]).items():
+        for key, value in moe_layer.stats_of(c[3][1]).items():
             total[key] = total[key] + value if key in total else value
     return total
 

@@ -23,8 +23,8 @@ import math
 
 import numpy as np
 
-from minillm import ops
-from minillm.layers import dense_backward, dense_forward, embedding_backward
+from minillm.nn import ops
+from minillm.nn.dense import dense_backward, dense_forward, embedding_backward
 from minillm.models import check_token_ids
 
 DEFAULTS = {

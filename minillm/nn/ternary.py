@@ -40,7 +40,7 @@ Numba kernel on the packed bytes (int8 activations, int32 accumulation, then one
 import numpy as np
 
 from minillm.kernels import ternary as kt
-from minillm.ops import array_module
+from minillm.nn.ops import array_module
 
 EPS = 1e-5          # both scales' floor (HF: clamp(min=1e-5))
 QMIN, QMAX = -128, 127  # int8 activations
@@ -163,7 +163,7 @@ def quantize_params(params, config):
     Keys are dotted names as in the checkpoint. The unpacked shape (O, I) is the latent weight's shape
     read in (out, in) orientation (`packed_shapes`); biases, norms and embeddings stay as they are.
     """
-    from minillm.lora import dense_layers, layout_of  # the one definition of "dense layer"
+    from minillm.nn.lora import dense_layers, layout_of  # the one definition of "dense layer"
 
     packed, scales = {}, {}
     for name, (node, layout) in _dense_nodes(params, config, dense_layers, layout_of).items():
@@ -173,7 +173,7 @@ def quantize_params(params, config):
 
 def packed_shapes(params, config):
     """{dotted weight name: (O, I)} for the tensors `quantize_params` packs."""
-    from minillm.lora import dense_layers, layout_of
+    from minillm.nn.lora import dense_layers, layout_of
 
     out = {}
     for name, (node, layout) in _dense_nodes(params, config, dense_layers, layout_of).items():

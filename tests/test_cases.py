@@ -1,7 +1,7 @@
 """minillm/reference_cases.py: the registry, the samplers of the tokenizer / core-op / GPT-2 / AdamW / LoRA
 cases (deterministic per seed, float64, the README's shapes) and the component functions (the upstream-
 gradient contract, checked by central differences; forward values against the manifest's math written
-out here). The MoE / Mamba / RWKV / BitNet cases are in test_reference_cases_models.py."""
+out here). The MoE / Mamba / RWKV / BitNet cases are in test_cases_models.py."""
 
 import json
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from casecheck import check_upstream_grads, run, sample
-from minillm import reference_cases as rc
+from minillm.reference import cases as rc
 
 HERE = [n for n, s in rc.COMPONENTS.items() if s["fn"].__module__ == rc.__name__]
 WITH_GRADS = ["layernorm", "gelu", "cross_entropy", "attention", "gpt_block", "gpt", "lora_linear"]
@@ -20,7 +20,7 @@ def test_registry():
     assert set(HERE) == {"tokenizer_train", "tokenizer_encode", "layernorm", "gelu", "cross_entropy",
                          "attention", "gpt_block", "gpt", "adamw", "lora_linear"}
     for name, spec in rc.COMPONENTS.items():
-        assert getattr(rc, name) is spec["fn"]                              # `--impl minillm.reference_cases`
+        assert getattr(rc, name) is spec["fn"]                              # `--impl minillm.reference.cases`
         assert spec["matches"] and spec["math"] and json.loads(json.dumps(spec["config"])) == spec["config"]
         want = {"float64": 1e-9, **({"float32": 1e-5} if name in float32 else {})}
         assert spec["variants"] == want, name

@@ -15,16 +15,16 @@ the MoE, Mamba, RWKV and BitNet cases are in reference_cases_models.py.
 
 import numpy as np
 
-from minillm import attention as _attention
-from minillm import gpt as _gpt
-from minillm import lora, ops
+from minillm.nn import attention as _attention
+from minillm.models import gpt as _gpt
+from minillm.nn import lora, ops
 from minillm.optim import adamw_step
-from minillm import reference_cases_models as _models
-from minillm.reference_cases_models import _normal
+from minillm.reference import cases_models as _models
+from minillm.reference.cases_models import _normal
 # MoE, Mamba, RWKV and BitNet cases live in reference_cases_models.py; re-exported so this module has
-# a function for every component (`--impl minillm.reference_cases`)
-from minillm.reference_cases_models import bitlinear, mamba_block, moe, rwkv_block  # noqa: F401
-from minillm.reference_cases_models import selective_scan, ternary_pack, wkv  # noqa: F401
+# a function for every component (`--impl minillm.reference.cases`)
+from minillm.reference.cases_models import bitlinear, mamba_block, moe, rwkv_block  # noqa: F401
+from minillm.reference.cases_models import selective_scan, ternary_pack, wkv  # noqa: F401
 from minillm.tokenizer import Tokenizer
 from minillm.tree import flatten, unflatten
 
@@ -226,11 +226,11 @@ def _case_lora_linear(rng):
 
 
 def lora_linear(inputs, params, upstream, config):
-    from minillm import layers
+    from minillm.nn import dense
 
     cfg = {"lora": lora.lora_config(config["rank"], config["alpha"])}
-    y, cache = layers.dense_forward(inputs["x"], dict(params), cfg, "out_in")
-    dx, grads = layers.dense_backward(upstream["y"], cache)
+    y, cache = dense.dense_forward(inputs["x"], dict(params), cfg, "out_in")
+    dx, grads = dense.dense_backward(upstream["y"], cache)
     return {"y": y}, {"x": dx, "lora_A": grads["lora_A"], "lora_B": grads["lora_B"]}
 
 

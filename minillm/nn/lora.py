@@ -33,7 +33,7 @@ import re
 
 import numpy as np
 
-from minillm.ops import array_module
+from minillm.nn.ops import array_module
 from minillm.tree import flatten
 
 ADAPTER_KEYS = ("lora_A", "lora_B")

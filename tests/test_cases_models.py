@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from casecheck import check_upstream_grads, run, sample
-from minillm import reference_cases as rc
-from minillm import reference_cases_models as rcm
+from minillm.reference import cases as rc
+from minillm.reference import cases_models as rcm
 
 MODELS = ["moe", "selective_scan", "mamba_block", "wkv", "rwkv_block", "bitlinear", "ternary_pack"]
 
@@ -23,7 +23,7 @@ def dist_to_half(v):
 
 
 def test_leaf_module_and_reexports():
-    code = ("import sys, minillm.reference_cases_models as m; "
+    code = ("import sys, minillm.reference.cases_models as m; "
             "assert [k for k in sys.modules if k.startswith('minillm.reference')] == [m.__name__], sys.modules")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)   # the leaf: no other reference module

@@ -36,7 +36,7 @@ import numpy as np
 
 from minillm import __version__
 # the comparison and its report; ImplementationError, Report, Row and compare_case are part of this API
-from minillm.reference_report import ImplementationError, Report, Row, compare_case, to_numpy  # noqa: F401
+from minillm.reference.report import ImplementationError, Report, Row, compare_case, to_numpy  # noqa: F401
 
 FORMAT, VERSION = "minillm-reference", 1
 SECTIONS = ("inputs", "params", "upstream", "outputs", "grads")
@@ -46,7 +46,7 @@ ERROR_MEASURE = "rel = max|got - want| / max|want| (absolute when want is all ze
 
 
 def _registry():
-    from minillm.reference_cases import COMPONENTS
+    from minillm.reference.cases import COMPONENTS
 
     return COMPONENTS
 

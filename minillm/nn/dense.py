@@ -11,7 +11,7 @@ is then frozen and gets no gradient. When p holds "weight_scale", W is 2-bit pac
 and the layer runs the packed integer kernel (inference only).
 """
 
-from minillm import ops
+from minillm.nn import ops
 
 
 def _weight_in_out(w, layout):
@@ -25,12 +25,12 @@ def _weight_in_out(w, layout):
 def dense_forward(x, p, config, layout):
     """x: (..., I) -> y: (..., O)."""
     if "weight_scale" in p:  # a packed ternary checkpoint (quantize.py): inference only
-        from minillm import ternary
+        from minillm.nn import ternary
 
         y = ternary.packed_linear_forward(x, p["weight"], p["weight_scale"], p["weight_shape"], p.get("bias"))
         return y, ("packed", None, None, layout, "bias" in p)
     if config.get("ternary"):
-        from minillm import ternary
+        from minillm.nn import ternary
 
         y, base_cache = ternary.bitlinear_forward(x, p["weight"], p.get("bias"), layout=layout)
         kind = "ternary"
@@ -39,7 +39,7 @@ def dense_forward(x, p, config, layout):
         kind = "linear"
     lora_cache = None
     if "lora_A" in p:
-        from minillm import lora
+        from minillm.nn import lora
 
         dy_lora, lora_cache = lora.lora_delta_forward(x, p["lora_A"], p["lora_B"], config)
         y = y + dy_lora
@@ -52,7 +52,7 @@ def dense_backward(dy, cache):
     if kind == "packed":
         raise ValueError("a packed ternary checkpoint is for inference only; train from the unpacked checkpoint")
     if kind == "ternary":
-        from minillm import ternary
+        from minillm.nn import ternary
 
         dx, dw, db = ternary.bitlinear_backward(dy, base_cache)
     elif lora_cache is not None:  # the base weight is frozen: its gradient is never needed
@@ -66,7 +66,7 @@ def dense_backward(dy, cache):
     if lora_cache is None:
         grads["weight"] = dw
     else:
-        from minillm import lora
+        from minillm.nn import lora
 
         dx_lora, grads["lora_A"], grads["lora_B"] = lora.lora_delta_backward(dy, lora_cache)
         dx = dx + dx_lora

@@ -1,0 +1,36 @@
+"""The "moe" model: GPT-2 blocks whose MLP is the sparse Mixture-of-Experts layer of minillm.nn.moe.
+
+Everything but the config is GPT's (models/gpt.py plugs the layer in when config["n_experts"] > 0);
+this module adds the MoE keys to the config and checks them.
+"""
+
+from minillm.models import gpt
+from minillm.nn import moe as moe_layer
+
+DEFAULTS = dict(moe_layer.DEFAULTS)
+
+
+def _config(config):
+    cfg = dict(config)
+    for key, value in DEFAULTS.items():
+        cfg.setdefault(key, value)
+    if int(cfg["n_experts"]) < 1:
+        raise ValueError(f"--experts must be positive for the moe architecture, got {cfg['n_experts']}")
+    if not 1 <= int(cfg["top_k"]) <= int(cfg["n_experts"]):
+        raise ValueError(f"--top-k must lie in 1..{cfg['n_experts']}, got {cfg['top_k']}")
+    return cfg
+
+
+def init(config, rng):
+    return gpt.init(_config(config), rng)
+
+
+def forward(params, idx, config):
+    return gpt.forward(params, idx, _config(config))
+
+
+def init_state(params, config, batch):
+    return gpt.init_state(params, _config(config), batch)
+
+
+backward, step, aux_loss, stats = gpt.backward, gpt.step, gpt.aux_loss, gpt.stats
