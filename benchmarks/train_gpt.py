@@ -111,8 +111,8 @@ def bench_train(name, repeats, device="cpu"):
 
     def ours():
         logits, cache = gpt.forward(params, x, config)
-        loss, lcache = train.loss_forward(logits, y)
-        grads = gpt.backward(train.loss_backward(lcache), cache)
+        loss, lcache = ops.cross_entropy_forward(logits, y)
+        grads = gpt.backward(ops.cross_entropy_backward(1.0, lcache), cache)
         optim.adamw_step(params, grads, state, LR, BETAS, EPS, WD)
         _synchronize(device)
         return loss

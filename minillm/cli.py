@@ -5,6 +5,7 @@ import sys
 import click
 
 from minillm import __version__
+from minillm.models import ARCHITECTURES
 
 
 class UserError(Exception):
@@ -78,7 +79,21 @@ def tokenizer_decode(path, ids):
 # --- end tokenizer commands ---
 
 # --- train and sample ---
-ARCH_CHOICES = click.Choice(["gpt", "moe", "mamba", "rwkv"])
+ARCH_CHOICES = click.Choice(list(ARCHITECTURES))
+
+
+def _check_arch_options(config):
+    """An architecture-specific option (a key some model declares in OPTIONS, beyond the shared ones) given
+    for another architecture is one error line naming the flags."""
+    from minillm import models
+
+    flag = {p.name: p.opts[0] for p in click.get_current_context().command.params}
+    for arch in ARCHITECTURES:
+        own = [k for k in models.get_model(arch).OPTIONS if k not in models.BASE_DEFAULTS]
+        if arch != config["arch"] and any(config.get(k) is not None for k in own):
+            theirs = set(models.get_model(config["arch"]).OPTIONS)
+            if not all(k in theirs for k in own if config.get(k) is not None):
+                raise UserError(f"{'/'.join(flag[k] for k in own)} only apply to --arch {arch}")
 
 
 def loop_options(steps, lr, warmup, eval_every, out="out"):
@@ -145,10 +160,7 @@ def train(file, tokenizer_path, resume, device, steps, batch_size, lr, warmup, w
     """Train a language model on FILE (one document per line), writing a checkpoint to --out."""
     from minillm.train import train as run
 
-    if config["arch"] != "moe" and any(config[k] is not None for k in ("n_experts", "top_k", "aux_loss_coef")):
-        raise UserError("--experts/--top-k/--aux-loss-coef only apply to --arch moe")
-    if config["arch"] != "mamba" and any(config[k] is not None for k in ("d_state", "d_conv", "expand")):
-        raise UserError("--d-state/--d-conv/--expand only apply to --arch mamba")
+    _check_arch_options(config)
     opts = make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, eval_every, out, quiet,
                         resume)
     opts.device = device

@@ -8,6 +8,8 @@ cupy-cuda12x for a CUDA 12 driver).
 
 import numpy as np
 
+from minillm import arrays
+
 DEVICES = ("cpu", "cuda")
 
 
@@ -39,6 +41,4 @@ def to_device(tree, xp):
     return tree
 
 
-def to_host(a):
-    """A NumPy array (CuPy arrays are copied from the GPU)."""
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+to_host = arrays.to_host

@@ -13,8 +13,6 @@ from minillm.nn import ops
 from minillm.device import to_host
 from minillm.tree import flatten
 
-POSITIONAL_ARCHS = ("gpt", "moe")  # learned positions: at most `context` tokens in all
-
 
 def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
     """logits: (B, V) -> log-probabilities (B, V) after the filters, -inf where removed."""
@@ -54,7 +52,7 @@ def generate(model, params, config, prompts, max_new_tokens, rng, stop_id=None,
     prompt = np.asarray(prompts, dtype=np.int64)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ValueError("generate needs a batch of non-empty prompts of equal length")
-    if config["arch"] in POSITIONAL_ARCHS:
+    if getattr(model, "BOUNDED_POSITIONS", False):
         room = config["context"] - prompt.shape[1]
         if room < 1:
             raise ValueError(f"the prompt is {prompt.shape[1]} tokens; this model's context is {config['context']}")

@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from minillm import kernels
+from minillm.arrays import array_module
 from minillm.tree import flatten
 
 # Name fragments that mark a tensor as "not a dense layer matrix" (never decayed): token and
@@ -20,20 +22,6 @@ from minillm.tree import flatten
 # embedding in GPT-2, and not a dense layer in our design either), and Mamba's A_log, which the
 # reference implementation (mamba_ssm) marks `_no_weight_decay`.
 NO_DECAY_NAMES = ("wte", "wpe", "embeddings", "embed", "lm_head", "A_log")
-
-
-def _xp(a):
-    """numpy, or cupy for cupy arrays (kept local so optim imports nothing but minillm.tree)."""
-    if type(a).__module__.split(".")[0] == "cupy":
-        import cupy
-        return cupy
-    return np
-
-
-def _on_gpu(a):
-    """True for CuPy and numba device arrays (anything with __cuda_array_interface__, or the CUDA
-    simulator's arrays, which have copy_to_host)."""
-    return hasattr(a, "__cuda_array_interface__") or hasattr(a, "copy_to_host")
 
 
 def decay_mask(flat_params, no_decay=NO_DECAY_NAMES):
@@ -77,7 +65,7 @@ def adamw_init(params, trainable=None):
     m, v = {}, {}
     for name, p in flat.items():
         if keep(name):
-            xp = _xp(p)
+            xp = array_module(p)
             m[name] = xp.zeros_like(p)
             v[name] = xp.zeros_like(p)
     return {"step": 0, "m": m, "v": v}
@@ -139,28 +127,8 @@ def adamw_step(params, grads, state, lr, betas=(0.9, 0.95), eps=1e-8, weight_dec
         p, g = flat_p[name], flat_g[name]
         m, v = state["m"][name], state["v"][name]
         decayed = weight_decay != 0.0 and mask.get(name, False)
-        if _on_gpu(p):            # the same arithmetic in one fused pass (kernels/adamw_cuda.py)
-            from minillm.kernels.adamw_cuda import adamw_update_cuda
-
-            adamw_update_cuda(p, g, m, v, 1.0 - lr * weight_decay if decayed else 1.0, b1, b2, step_size,
-                              bias_correction2_sqrt, eps)
-            continue
-        xp = _xp(p)
-        if decayed:
-            p *= 1.0 - lr * weight_decay
-        tmp = g - m                       # m <- lerp(m, g, 1 - b1)
-        tmp *= 1.0 - b1
-        m += tmp
-        v *= b2                           # v <- b2 v + (1 - b2) g^2
-        tmp = g * (1.0 - b2)
-        tmp *= g
-        v += tmp
-        denom = xp.sqrt(v)
-        denom /= bias_correction2_sqrt
-        denom += eps
-        tmp = m * (-step_size)
-        tmp /= denom
-        p += tmp
+        kernels.pick("adamw", "update", p)(p, g, m, v, 1.0 - lr * weight_decay if decayed else 1.0, b1, b2,
+                                            step_size, bias_correction2_sqrt, eps)
     state["step"] = step
 
 
@@ -175,7 +143,7 @@ def clip_grad_norm(grads, max_norm):
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
     flat = flatten(grads)
-    xp = _xp(next(iter(flat.values()))) if flat else np
+    xp = array_module(next(iter(flat.values()))) if flat else np
     sq = 0.0 if xp is np else xp.zeros((), np.float64)  # on a GPU: summed there, one transfer
     for g in flat.values():
         n = xp.linalg.norm(g.reshape(-1))

@@ -51,30 +51,6 @@ def params_array_module(params):
     return ops.array_module(next(iter(flatten(params).values())))
 
 
-def _on_gpu(a):
-    return ops.array_module(a) is not np
-
-
-def loss_forward(logits, targets):
-    """Mean cross-entropy of logits (B, T, V) against targets (B, T) -> (loss: float, cache): ops on the
-    CPU, the fused numba.cuda kernel (kernels/softmax_cuda.py) on the GPU, where only the loss crosses to
-    the host."""
-    if not _on_gpu(logits):
-        forward, backward = ops.cross_entropy_forward, ops.cross_entropy_backward
-    else:
-        from minillm.kernels import softmax_cuda
-
-        forward, backward = softmax_cuda.cross_entropy_forward_cuda, softmax_cuda.cross_entropy_backward_cuda
-    loss, cache = forward(logits, targets)
-    return loss, (backward, cache)
-
-
-def loss_backward(cache, dloss=1.0):
-    """-> dlogits (B, T, V), the gradient of dloss * loss."""
-    backward, inner = cache
-    return backward(dloss, inner)
-
-
 def evaluate(model, params, config, batches):
     """Mean cross-entropy (nats/token) over the given (x, y) batches, weighted by token count."""
     total, count = 0.0, 0
@@ -82,7 +58,7 @@ def evaluate(model, params, config, batches):
     for x, y in batches:
         x, y = xp.asarray(x), xp.asarray(y)
         logits, _ = model.forward(params, x, config)
-        loss, _ = loss_forward(logits, y)
+        loss, _ = ops.cross_entropy_forward(logits, y)
         total += loss * y.size
         count += y.size
     return total / count
@@ -118,7 +94,7 @@ def fit(model, params, config, train_ids, val_ids, opts, log=print,
     rng = np.random.default_rng(opts.seed) if rng_state is None else checkpoint.rng_from_state(rng_state)
     flat = flatten(params)
     xp = params_array_module(params)
-    mask = optim.decay_mask(flat)
+    mask = optim.decay_mask(flat, no_decay=getattr(model, "NO_DECAY", optim.NO_DECAY_NAMES))
     is_trainable = optim.trainable_predicate(trainable)
     if opt_state is None:
         opt_state = optim.adamw_init(params, trainable)
@@ -140,12 +116,12 @@ def fit(model, params, config, train_ids, val_ids, opts, log=print,
     for step in bar:
         x, y = (xp.asarray(a) for a in data.get_batch(train_ids, opts.batch_size, config["context"], rng))
         logits, cache = model.forward(params, x, config)
-        loss, loss_cache = loss_forward(logits, y)
+        loss, loss_cache = ops.cross_entropy_forward(logits, y)
         aux = model.aux_loss(cache) if hasattr(model, "aux_loss") else 0.0
         if not math.isfinite(loss + aux):
             raise ValueError(f"the loss became {loss + aux} at step {step}; stopped without saving "
                              f"(the last good checkpoint in {opts.out!r} is kept); try a lower --lr")
-        grads = model.backward(loss_backward(loss_cache), cache)
+        grads = model.backward(ops.cross_entropy_backward(1.0, loss_cache), cache)
         if trainable is not None:   # frozen params' gradients are neither clipped nor used (as torch)
             grads = {n: g for n, g in flatten(grads).items() if is_trainable(n)}
         optim.clip_grad_norm(grads, opts.grad_clip)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gradcheck import check_grads, weighted_sum
+from minillm import kernels
 from minillm.nn import attention
 from minillm.kernels import softmax as sk
 
@@ -39,10 +40,10 @@ def torch_attention(x, p, n_head):
 
 
 @pytest.fixture(params=["numpy", "numba"])
-def kernel(request, monkeypatch):
-    """Run a test with the NumPy softmax and again with the Numba kernel (forced on small shapes)."""
-    monkeypatch.setattr(attention, "KERNEL_MIN_SIZE", 0 if request.param == "numba" else 1 << 62)
-    return request.param
+def kernel(request):
+    """Run a test with the NumPy softmax and again with the Numba kernel."""
+    with kernels.forced("reference" if request.param == "numpy" else "numba"):
+        yield request.param
 
 
 @pytest.mark.parametrize("T", [5, 130])
@@ -137,19 +138,19 @@ def test_head_count_must_divide_width():
 def test_softmax_kernels_match_reference(dtype, tol, shape):
     rng = np.random.default_rng(6)
     s = (rng.standard_normal(shape) * 4).astype(dtype)
-    ref = sk.causal_softmax_reference(s.copy())
-    got = sk.causal_softmax_numba(s.copy())
+    ref = sk.causal_reference(s.copy())
+    got = sk.causal(s.copy())
     np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
     assert (np.triu(got[0, 0], 1) == 0).all()
     dp = rng.standard_normal(shape).astype(dtype)
-    np.testing.assert_allclose(sk.causal_softmax_backward_numba(dp.copy(), got),
-                               sk.causal_softmax_backward_reference(dp.copy(), got), rtol=tol, atol=tol)
+    np.testing.assert_allclose(sk.causal_backward(dp.copy(), got),
+                               sk.causal_backward_reference(dp.copy(), got), rtol=tol, atol=tol)
     # deterministic: same input, same bits
-    np.testing.assert_array_equal(sk.causal_softmax_numba(s.copy()), got)
+    np.testing.assert_array_equal(sk.causal(s.copy()), got)
 
 
 def test_softmax_kernel_rejects_bad_input():
     with pytest.raises(ValueError):
-        sk.causal_softmax_numba(np.zeros((2, 3, 4)))
+        sk.causal(np.zeros((2, 3, 4)))
     with pytest.raises(ValueError):
-        sk.causal_softmax_numba(np.zeros((2, 4, 4))[:, ::2, ::2].copy().T)
+        sk.causal(np.zeros((2, 4, 4))[:, ::2, ::2].copy().T)

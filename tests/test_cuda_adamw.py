@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 from numba import cuda  # noqa: E402
 
 from minillm import optim  # noqa: E402
-from minillm.kernels.adamw_cuda import adamw_update_cuda  # noqa: E402
+from minillm.kernels import adamw_cuda  # noqa: E402
 
 # The kernel does the NumPy path's operations in the same order, but the GPU compiler may fuse a
 # multiply and an add into one rounding (FMA): a few ulps per step, compounding slowly over steps.
@@ -74,7 +74,7 @@ def test_a_transposed_gradient_is_fine():
     optim.adamw_step({"w": p}, {"w": g_view}, {"step": 0, "m": {"w": m}, "v": {"w": v}}, 1e-2)
     np.testing.assert_allclose(p.copy_to_host(), want["w"], rtol=TOL[np.float64], atol=TOL[np.float64])
     with pytest.raises(ValueError, match="p must be C-contiguous"):
-        adamw_update_cuda(g_view, cuda.to_device(g), m, v, 1.0, 0.9, 0.95, 1e-3, 1.0, 1e-8)
+        adamw_cuda.update(g_view, cuda.to_device(g), m, v, 1.0, 0.9, 0.95, 1e-3, 1.0, 1e-8)
 
 
 def test_update_is_deterministic_and_moves_params():
@@ -83,7 +83,7 @@ def test_update_is_deterministic_and_moves_params():
     results = []
     for _ in range(2):
         p, m, v = cuda.to_device(p0), cuda.to_device(np.zeros(300)), cuda.to_device(np.zeros(300))
-        adamw_update_cuda(p, cuda.to_device(g), m, v, 0.99, 0.9, 0.95, 1e-2, 0.2, 1e-8)
+        adamw_cuda.update(p, cuda.to_device(g), m, v, 0.99, 0.9, 0.95, 1e-2, 0.2, 1e-8)
         results.append(p.copy_to_host())
     assert np.array_equal(results[0], results[1])
     assert not np.array_equal(results[0], p0)
@@ -92,9 +92,9 @@ def test_update_is_deterministic_and_moves_params():
 def test_bad_calls():
     p = cuda.to_device(np.zeros(4))
     with pytest.raises(ValueError, match="GPU arrays"):
-        adamw_update_cuda(np.zeros(4), p, p, p, 1.0, 0.9, 0.95, 1e-3, 1.0, 1e-8)
+        adamw_cuda.update(np.zeros(4), p, p, p, 1.0, 0.9, 0.95, 1e-3, 1.0, 1e-8)
     with pytest.raises(ValueError, match="float32 or float64"):
         q = cuda.to_device(np.zeros(4, np.int32))
-        adamw_update_cuda(q, q, q, q, 1.0, 0.9, 0.95, 1e-3, 1.0, 1e-8)
+        adamw_cuda.update(q, q, q, q, 1.0, 0.9, 0.95, 1e-3, 1.0, 1e-8)
     with pytest.raises(ValueError, match="m is"):
-        adamw_update_cuda(p, p, cuda.to_device(np.zeros(5)), p, 1.0, 0.9, 0.95, 1e-3, 1.0, 1e-8)
+        adamw_cuda.update(p, p, cuda.to_device(np.zeros(5)), p, 1.0, 0.9, 0.95, 1e-3, 1.0, 1e-8)

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 from numba import cuda  # noqa: E402
 
 from minillm.kernels import embedding  # noqa: E402
-from minillm.kernels.embedding_cuda import embedding_backward_cuda  # noqa: E402
+from minillm.kernels import embedding_cuda  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -23,15 +23,15 @@ def test_matches_reference_bit_for_bit(dtype):
     ids = rng.integers(0, V, (3, 11))
     ids[0, :6] = 2                                  # a long run of one id
     dy = rng.standard_normal((3, 11, C)).astype(dtype)
-    want = embedding.embedding_backward_reference(dy, ids, (V, C))
-    got = embedding_backward_cuda(dy, ids, (V, C))
+    want = embedding.backward_reference(dy, ids, (V, C))
+    got = embedding_cuda.backward(dy, ids, (V, C))
     assert isinstance(got, np.ndarray) and got.dtype == dtype
     assert np.array_equal(got, want)
     base = rng.standard_normal((V, C)).astype(dtype)
     out = cuda.to_device(base)
-    res = embedding_backward_cuda(cuda.to_device(dy), cuda.to_device(ids), (V, C), out=out)
+    res = embedding_cuda.backward(cuda.to_device(dy), cuda.to_device(ids), (V, C), out=out)
     assert res is out
-    assert np.array_equal(out.copy_to_host(), embedding.embedding_backward_numba(dy, ids, (V, C), out=base.copy()))
+    assert np.array_equal(out.copy_to_host(), embedding.backward(dy, ids, (V, C), out=base.copy()))
 
 
 def test_more_channels_than_a_block_and_unused_rows():
@@ -39,16 +39,16 @@ def test_more_channels_than_a_block_and_unused_rows():
     V, C = 4, 130                                    # two channel blocks, the second nearly empty
     ids = np.array([3, 0, 3, 3])
     dy = rng.standard_normal((4, C))
-    got = embedding_backward_cuda(dy, ids, (V, C))
-    assert np.array_equal(got, embedding.embedding_backward_reference(dy, ids, (V, C)))
+    got = embedding_cuda.backward(dy, ids, (V, C))
+    assert np.array_equal(got, embedding.backward_reference(dy, ids, (V, C)))
     assert not got[1].any() and not got[2].any()
 
 
 def test_bad_inputs():
     dy = np.zeros((2, 3))
     with pytest.raises(ValueError, match=r"ids outside \[0, 4\)"):
-        embedding_backward_cuda(dy, np.array([0, 4]), (4, 3))
+        embedding_cuda.backward(dy, np.array([0, 4]), (4, 3))
     with pytest.raises(ValueError, match="ids.shape"):
-        embedding_backward_cuda(dy, np.array([0, 1, 2]), (4, 3))
+        embedding_cuda.backward(dy, np.array([0, 1, 2]), (4, 3))
     with pytest.raises(ValueError, match="GPU array"):
-        embedding_backward_cuda(dy, np.array([0, 1]), (4, 3), out=np.zeros((4, 3)))
+        embedding_cuda.backward(dy, np.array([0, 1]), (4, 3), out=np.zeros((4, 3)))

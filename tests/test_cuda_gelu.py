@@ -41,16 +41,16 @@ def test_forward_backward_match_reference(dtype, shape):
     rng = np.random.default_rng(len(shape))
     x = (3 * rng.normal(size=shape)).astype(dtype)
     dy = rng.normal(size=shape).astype(dtype)
-    y0, (_, t0) = ref.gelu_forward_reference(x)
-    y1, c1 = gc.gelu_forward_cuda(x)
+    y0, (_, t0) = ref.forward_reference(x)
+    y1, c1 = gc.forward(x)
     assert isinstance(y1, np.ndarray) and y1.dtype == dtype
     assert c1[0] is x and c1[1].dtype == dtype
     rtol = RTOL[dtype]
     assert_close(y1, y0, rtol, np.abs(x))
     assert_close(c1[1], t0, rtol, 1.0)
-    dx1 = gc.gelu_backward_cuda(dy, c1)
+    dx1 = gc.backward(dy, c1)
     assert dx1.dtype == dtype
-    assert_close(dx1, ref.gelu_backward_reference(dy, (x, t0)), rtol, np.abs(dy) * (1 + np.abs(x)) ** 3)
+    assert_close(dx1, ref.backward_reference(dy, (x, t0)), rtol, np.abs(dy) * (1 + np.abs(x)) ** 3)
 
 
 def test_caches_interchange():
@@ -58,36 +58,36 @@ def test_caches_interchange():
     rng = np.random.default_rng(1)
     x, dy = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
     _, c_ops = ops.gelu_forward(x)
-    _, c_cuda = gc.gelu_forward_cuda(x)
+    _, c_cuda = gc.forward(x)
     want = ops.gelu_backward(dy, c_ops)
-    np.testing.assert_allclose(gc.gelu_backward_cuda(dy, c_ops), want, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(gc.backward(dy, c_ops), want, rtol=1e-14, atol=1e-15)
     np.testing.assert_allclose(ops.gelu_backward(dy, c_cuda), want, rtol=1e-14, atol=1e-15)
-    np.testing.assert_allclose(ref.gelu_backward_numba(dy, c_cuda), want, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(ref.backward(dy, c_cuda), want, rtol=1e-14, atol=1e-15)
 
 
 def test_device_arrays_in_device_out():
     rng = np.random.default_rng(2)
     x, dy = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
-    y0, c0 = ref.gelu_forward_reference(x)
-    y1, c1 = gc.gelu_forward_cuda(cuda.to_device(x))
+    y0, c0 = ref.forward_reference(x)
+    y1, c1 = gc.forward(cuda.to_device(x))
     assert gc.array_kind(y1) == "device" and gc.array_kind(c1[1]) == "device"
     np.testing.assert_allclose(y1.copy_to_host(), y0, rtol=1e-14, atol=1e-16)
-    dx1 = gc.gelu_backward_cuda(cuda.to_device(dy), c1)
+    dx1 = gc.backward(cuda.to_device(dy), c1)
     assert gc.array_kind(dx1) == "device"
-    np.testing.assert_allclose(dx1.copy_to_host(), ref.gelu_backward_reference(dy, c0), rtol=1e-14, atol=1e-16)
+    np.testing.assert_allclose(dx1.copy_to_host(), ref.backward_reference(dy, c0), rtol=1e-14, atol=1e-16)
 
 
 def test_deterministic():
     x = np.random.default_rng(3).normal(size=(50,)).astype(np.float32)
-    (y1, c1), (y2, c2) = gc.gelu_forward_cuda(x), gc.gelu_forward_cuda(x)
+    (y1, c1), (y2, c2) = gc.forward(x), gc.forward(x)
     assert np.array_equal(y1, y2) and np.array_equal(c1[1], c2[1])
-    assert np.array_equal(gc.gelu_backward_cuda(x, c1), gc.gelu_backward_cuda(x, c2))
+    assert np.array_equal(gc.backward(x, c1), gc.backward(x, c2))
 
 
 def test_bad_input_raises():
     x = np.zeros((2, 3))
-    _, cache = gc.gelu_forward_cuda(x)
+    _, cache = gc.forward(x)
     with pytest.raises(ValueError, match="dy is"):
-        gc.gelu_backward_cuda(np.zeros((3, 2)), cache)
+        gc.backward(np.zeros((3, 2)), cache)
     with pytest.raises(ValueError, match="float32 or float64"):
-        gc.gelu_forward_cuda(np.zeros(3, dtype=np.int32))
+        gc.forward(np.zeros(3, dtype=np.int32))

@@ -1,5 +1,5 @@
-"""The GPU path of GPT's forward/backward and of the loss, without a GPU: the dispatch predicates are made to
-answer "on the GPU" for host arrays, so the numba.cuda kernels (in Numba's CUDA simulator, or on a real GPU
+"""The GPU path of GPT's forward/backward and of the loss, without a GPU: the one kernel dispatch is forced to
+the CUDA forms for host arrays (kernels.forced("cuda")), so the numba.cuda kernels (in Numba's CUDA simulator, or on a real GPU
 when there is one) run inside the model where CuPy arrays would take them. This checks the wiring (which
 kernel each step calls, that their caches fit together) against the CPU path; tests/test_cuda_models.py
 checks the whole GPU path with CuPy where a GPU exists."""
@@ -13,9 +13,9 @@ if not (os.path.exists("/dev/nvidia0") or os.environ.get("MINILLM_REAL_GPU")):
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from minillm.nn import attention
-from minillm.models import gpt
-from minillm import train  # noqa: E402
+from minillm import kernels  # noqa: E402
+from minillm.models import gpt  # noqa: E402
+from minillm.nn import ops  # noqa: E402
 from minillm.kernels import gelu_cuda, layernorm_cuda, softmax_cuda  # noqa: E402
 
 CONFIG = {"arch": "gpt", "vocab_size": 11, "context": 6, "n_layer": 2, "n_head": 2, "d_model": 8,
@@ -32,8 +32,8 @@ def quick_simulator(monkeypatch, fast_simulator_threads):
 
 def _step(params, idx, targets):
     logits, cache = gpt.forward(params, idx, CONFIG)
-    loss, loss_cache = train.loss_forward(logits, targets)
-    return logits, loss, gpt.backward(train.loss_backward(loss_cache), cache)
+    loss, loss_cache = ops.cross_entropy_forward(logits, targets)
+    return logits, loss, gpt.backward(ops.cross_entropy_backward(1.0, loss_cache), cache)
 
 
 def test_gpt_step_through_the_cuda_kernels_equals_the_cpu_path(monkeypatch):
@@ -49,29 +49,26 @@ def test_gpt_step_through_the_cuda_kernels_equals_the_cpu_path(monkeypatch):
         fn = getattr(module, name)
 
         def wrapped(*a, **k):
-            calls.append(name)
+            calls.append(f"{module.__name__.rsplit('.', 1)[-1]}.{name}")
             return fn(*a, **k)
 
         monkeypatch.setattr(module, name, wrapped)
 
-    for module, names in ((layernorm_cuda, ("layernorm_forward_cuda", "layernorm_backward_cuda")),
-                          (gelu_cuda, ("gelu_forward_cuda", "gelu_backward_cuda")),
-                          (softmax_cuda, ("causal_softmax_cuda", "causal_softmax_backward_cuda",
-                                          "cross_entropy_forward_cuda", "cross_entropy_backward_cuda"))):
+    for module, names in ((layernorm_cuda, ("forward", "backward")),
+                          (gelu_cuda, ("forward", "backward")),
+                          (softmax_cuda, ("causal", "causal_backward",
+                                          "cross_entropy_forward", "cross_entropy_backward"))):
         for name in names:
             spy(module, name)
-    monkeypatch.setattr(gpt, "KERNEL_MIN_SIZE", 1 << 60)        # no Numba CPU kernels...
-    monkeypatch.setattr(attention, "KERNEL_MIN_SIZE", 1 << 60)
-    monkeypatch.setattr(gpt, "_on_gpu", lambda a: True)          # ...the CUDA ones instead
-    monkeypatch.setattr(attention, "_on_gpu", lambda xp: True)
-    monkeypatch.setattr(train, "_on_gpu", lambda a: True)
-    logits, loss, grads = _step(params, idx, targets)
+    with kernels.forced("cuda", ops=("layernorm", "gelu", "softmax")):  # the CUDA kernels on host arrays
+        logits, loss, grads = _step(params, idx, targets)
 
     L = CONFIG["n_layer"]
-    assert calls.count("layernorm_forward_cuda") == 2 * L + 1 and calls.count("layernorm_backward_cuda") == 2 * L + 1
-    assert calls.count("gelu_forward_cuda") == L and calls.count("gelu_backward_cuda") == L
-    assert calls.count("causal_softmax_cuda") == L and calls.count("causal_softmax_backward_cuda") == L
-    assert calls.count("cross_entropy_forward_cuda") == 1 and calls.count("cross_entropy_backward_cuda") == 1
+    assert calls.count("layernorm_cuda.forward") == 2 * L + 1 and calls.count("layernorm_cuda.backward") == 2 * L + 1
+    assert calls.count("gelu_cuda.forward") == L and calls.count("gelu_cuda.backward") == L
+    assert calls.count("softmax_cuda.causal") == L and calls.count("softmax_cuda.causal_backward") == L
+    assert (calls.count("softmax_cuda.cross_entropy_forward") == 1
+            and calls.count("softmax_cuda.cross_entropy_backward") == 1)
     # float64: the same operations, summed in other (fixed) orders by the kernels' trees
     np.testing.assert_allclose(logits, want_logits, rtol=1e-12, atol=1e-12)
     assert loss == pytest.approx(want_loss, rel=1e-12)
@@ -102,11 +99,9 @@ def test_gpt_decoding_step_through_the_cuda_softmax_equals_the_cpu_path(monkeypa
 
     want = decode()
     calls = []
-    rows = softmax_cuda.softmax_rows_cuda
-    monkeypatch.setattr(softmax_cuda, "softmax_rows_cuda", lambda s: calls.append(1) or rows(s))
-    monkeypatch.setattr(gpt, "KERNEL_MIN_SIZE", 1 << 60)
-    monkeypatch.setattr(attention, "KERNEL_MIN_SIZE", 1 << 60)
-    monkeypatch.setattr(attention, "_on_gpu", lambda xp: True)
-    got = decode()
+    rows = softmax_cuda.rows
+    monkeypatch.setattr(softmax_cuda, "rows", lambda s: calls.append(1) or rows(s))
+    with kernels.forced("cuda", ops=("softmax",)):
+        got = decode()
     assert len(calls) == CONFIG["n_layer"] * tokens.shape[1]
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

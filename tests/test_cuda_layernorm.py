@@ -46,14 +46,14 @@ def assert_close(got, want, rtol):
 @pytest.mark.parametrize("shape", [(1, 1), (5, 3), (2, 3, 9)])
 def test_forward_backward_match_reference(dtype, shape):
     x, w, b, dy = _inputs(np.random.default_rng(shape[-1]), shape, dtype)
-    y0, c0 = ref.layernorm_forward_reference(x, w, b)
-    y1, c1 = lc.layernorm_forward_cuda(x, w, b)
+    y0, c0 = ref.forward_reference(x, w, b)
+    y1, c1 = lc.forward(x, w, b)
     assert isinstance(y1, np.ndarray) and y1.dtype == dtype and y1.shape == shape
     assert c1[0].shape == shape and c1[1].shape == shape[:-1] + (1,) and c1[2] is w
     for got, want in zip((y1,) + c1[:2], (y0,) + c0[:2]):
         assert got.dtype == dtype
         assert_close(got, want, RTOL[dtype])
-    for got, want in zip(lc.layernorm_backward_cuda(dy, c1), ref.layernorm_backward_reference(dy, c0)):
+    for got, want in zip(lc.backward(dy, c1), ref.backward_reference(dy, c0)):
         assert got.dtype == dtype and got.shape == want.shape
         assert_close(got, want, RTOL[dtype])
 
@@ -62,10 +62,10 @@ def test_real_block_sizes(monkeypatch):
     """The module's own sizes: C = 40 in one block of 64 threads, one row per group."""
     monkeypatch.undo()   # (the switch interval stays short: it is not a monkeypatch)
     x, w, b, dy = _inputs(np.random.default_rng(0), (3, 40), np.float64)
-    y0, c0 = ref.layernorm_forward_reference(x, w, b)
-    y1, c1 = lc.layernorm_forward_cuda(x, w, b)
+    y0, c0 = ref.forward_reference(x, w, b)
+    y1, c1 = lc.forward(x, w, b)
     assert_close(y1, y0, 1e-13)
-    for got, want in zip(lc.layernorm_backward_cuda(dy, c1), ref.layernorm_backward_reference(dy, c0)):
+    for got, want in zip(lc.backward(dy, c1), ref.backward_reference(dy, c0)):
         assert_close(got, want, 1e-13)
 
 
@@ -73,42 +73,42 @@ def test_caches_interchange():
     """The CUDA backward takes ops' and the Numba kernel's caches; ops' backward takes the CUDA one."""
     x, w, b, dy = _inputs(np.random.default_rng(1), (4, 6), np.float64)
     _, c_ops = ops.layernorm_forward(x, w, b)
-    _, c_numba = ref.layernorm_forward_numba(x, w, b)
-    _, c_cuda = lc.layernorm_forward_cuda(x, w, b)
+    _, c_numba = ref.forward(x, w, b)
+    _, c_cuda = lc.forward(x, w, b)
     want = ops.layernorm_backward(dy, c_ops)
-    for got in (lc.layernorm_backward_cuda(dy, c_ops), lc.layernorm_backward_cuda(dy, c_numba),
-                ops.layernorm_backward(dy, c_cuda), ref.layernorm_backward_numba(dy, c_cuda)):
+    for got in (lc.backward(dy, c_ops), lc.backward(dy, c_numba),
+                ops.layernorm_backward(dy, c_cuda), ref.backward(dy, c_cuda)):
         for g, w_ in zip(got, want):
             assert_close(g, w_, 1e-13)
 
 
 def test_device_arrays_in_device_out():
     x, w, b, dy = _inputs(np.random.default_rng(2), (2, 2, 5), np.float32)
-    y0, c0 = ref.layernorm_forward_reference(x, w, b)
-    y1, c1 = lc.layernorm_forward_cuda(*(cuda.to_device(a) for a in (x, w, b)))
+    y0, c0 = ref.forward_reference(x, w, b)
+    y1, c1 = lc.forward(*(cuda.to_device(a) for a in (x, w, b)))
     assert all(lc.array_kind(a) == "device" for a in (y1,) + c1)
     assert tuple(y1.shape) == x.shape and tuple(c1[1].shape) == (2, 2, 1)
     assert_close(y1.copy_to_host(), y0, 1e-5)
-    grads = lc.layernorm_backward_cuda(cuda.to_device(dy), c1)
-    for got, want in zip(grads, ref.layernorm_backward_reference(dy, c0)):
+    grads = lc.backward(cuda.to_device(dy), c1)
+    for got, want in zip(grads, ref.backward_reference(dy, c0)):
         assert lc.array_kind(got) == "device" and tuple(got.shape) == want.shape
         assert_close(got.copy_to_host(), want, 1e-5)
 
 
 def test_deterministic():
     x, w, b, dy = _inputs(np.random.default_rng(3), (7, 11), np.float32)
-    (y1, c1), (y2, c2) = lc.layernorm_forward_cuda(x, w, b), lc.layernorm_forward_cuda(x, w, b)
+    (y1, c1), (y2, c2) = lc.forward(x, w, b), lc.forward(x, w, b)
     assert np.array_equal(y1, y2) and np.array_equal(c1[1], c2[1])
-    for g1, g2 in zip(lc.layernorm_backward_cuda(dy, c1), lc.layernorm_backward_cuda(dy, c2)):
+    for g1, g2 in zip(lc.backward(dy, c1), lc.backward(dy, c2)):
         assert np.array_equal(g1, g2)
 
 
 def test_bad_input_raises():
     x, w, b, dy = _inputs(np.random.default_rng(4), (2, 3), np.float64)
     with pytest.raises(ValueError, match="w, b"):
-        lc.layernorm_forward_cuda(x, w[:2], b)
+        lc.forward(x, w[:2], b)
     with pytest.raises(ValueError, match="float32 or float64"):
-        lc.layernorm_forward_cuda(x.astype(np.int64), w, b)
-    _, cache = lc.layernorm_forward_cuda(x, w, b)
+        lc.forward(x.astype(np.int64), w, b)
+    _, cache = lc.forward(x, w, b)
     with pytest.raises(ValueError, match="dy is"):
-        lc.layernorm_backward_cuda(dy[:1], cache)
+        lc.backward(dy[:1], cache)

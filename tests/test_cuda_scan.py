@@ -29,13 +29,13 @@ def make(Bt, L, Dm, N, seed=0, dtype=np.float64):
 
 def reference(a, dy):
     """Forward output and the six gradients of the NumPy reference, in float64."""
-    y, cache = scan.selective_scan_forward_ref(*(v.astype(np.float64) for v in a))
-    return (y,) + scan.selective_scan_backward_ref(dy.astype(np.float64), cache)
+    y, cache = scan.forward_reference(*(v.astype(np.float64) for v in a))
+    return (y,) + scan.backward_reference(dy.astype(np.float64), cache)
 
 
 def run(a, dy):
-    y, cache = scan_cuda.selective_scan_forward(*a)
-    return (y,) + scan_cuda.selective_scan_backward(dy, cache)
+    y, cache = scan_cuda.forward(*a)
+    return (y,) + scan_cuda.backward(dy, cache)
 
 
 def assert_close(got, ref, dtype):
@@ -83,7 +83,7 @@ def test_cuda_device_arrays_stay_on_device_and_repeat_exactly():
 
 def test_cuda_bad_input():
     (x, dt, A, B, C, D), dy = make(1, 3, 2, 2)
-    f = scan_cuda.selective_scan_forward
+    f = scan_cuda.forward
     for args, match in [((x[0], dt[0], A, B, C, D), "x and dt"), ((x, dt[:, :2], A, B, C, D), "x and dt"),
                         ((x, dt, A[:1], B, C, D), "A must be"), ((x, dt, A, B[:, :2], C, D), "B and C"),
                         ((x, dt, A, B, C[..., :1], D), "B and C"), ((x, dt, A, B, C, D[:1]), "D must be"),
@@ -92,7 +92,7 @@ def test_cuda_bad_input():
         with pytest.raises(ValueError, match=match):
             f(*args)
     with pytest.raises(ValueError, match="dy must be"):
-        scan_cuda.selective_scan_backward(dy[:, :2], f(x, dt, A, B, C, D)[1])
+        scan_cuda.backward(dy[:, :2], f(x, dt, A, B, C, D)[1])
     (x, dt, A, B, C, D), _ = make(1, 2, 2, scan_cuda.MAX_N + 1)
     with pytest.raises(ValueError, match="d_state is at most 32"):
         f(x, dt, A, B, C, D)

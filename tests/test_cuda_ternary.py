@@ -31,9 +31,9 @@ if not SIM:
 @pytest.mark.parametrize("O,I,M", SHAPES)
 def test_cuda_matmul_equals_reference(O, I, M):
     packed, x = _case(O + I + M, O, I, M)
-    y = ktc.ternary_matmul_cuda(x, packed, O)
+    y = ktc.matmul(x, packed, O)
     assert y.dtype == np.int32 and y.shape == (M, O)
-    np.testing.assert_array_equal(y, kt.ternary_matmul_ref(x, packed, O))
+    np.testing.assert_array_equal(y, kt.matmul_reference(x, packed, O))
 
 
 def test_cuda_matvec_extremes():
@@ -41,7 +41,7 @@ def test_cuda_matvec_extremes():
     O, I = 3, 200
     packed = kt.pack_ternary(np.ones((O, I), np.int8))[0]
     x = np.full(I, -128, np.int8)
-    np.testing.assert_array_equal(ktc.ternary_matvec_cuda(x, packed, O), np.full(O, -128 * I))
+    np.testing.assert_array_equal(ktc.matvec(x, packed, O), np.full(O, -128 * I))
 
 
 def test_cuda_device_arrays():
@@ -50,14 +50,14 @@ def test_cuda_device_arrays():
 
     packed, x = _case(9, 7, 40, 2)
     out = cuda.device_array((2, 7), dtype=np.int32)
-    y = ktc.ternary_matmul_cuda(cuda.to_device(x), cuda.to_device(packed), 7, out=out)
+    y = ktc.matmul(cuda.to_device(x), cuda.to_device(packed), 7, out=out)
     assert y is out
-    np.testing.assert_array_equal(out.copy_to_host(), kt.ternary_matmul_ref(x, packed, 7))
+    np.testing.assert_array_equal(out.copy_to_host(), kt.matmul_reference(x, packed, 7))
 
 
 def test_cuda_bad_input():
     packed = kt.pack_ternary(np.zeros((4, 3), np.int8))[0]
     with pytest.raises(ValueError, match="int8"):
-        ktc.ternary_matmul_cuda(np.zeros((1, 4), np.int8), packed, 4)
+        ktc.matmul(np.zeros((1, 4), np.int8), packed, 4)
     with pytest.raises(ValueError, match="rows"):
-        ktc.ternary_matmul_cuda(np.zeros((1, 3), np.int8), packed, 8)
+        ktc.matmul(np.zeros((1, 3), np.int8), packed, 8)

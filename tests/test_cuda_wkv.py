@@ -32,14 +32,14 @@ def test_forward_backward_match_reference(dtype):
     rng = np.random.default_rng(0)
     k, v, w, u = _inputs(rng, 2, 5, 3, dtype)
     g = rng.normal(size=k.shape).astype(dtype)
-    y0, c0 = wkv.wkv_forward_reference(k, v, w, u)
-    y1, c1 = wkv_cuda.wkv_forward(k, v, w, u)
+    y0, c0 = wkv.forward_reference(k, v, w, u)
+    y1, c1 = wkv_cuda.forward(k, v, w, u)
     assert isinstance(y1, np.ndarray) and y1.dtype == dtype
     tol = TOL[dtype]
     np.testing.assert_allclose(y1, y0, rtol=tol, atol=tol)
     for a, b in zip(c1["state_out"], c0["state_out"]):
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
-    for a, b in zip(wkv_cuda.wkv_backward(g, c1), wkv.wkv_backward_reference(g, c0)):
+    for a, b in zip(wkv_cuda.backward(g, c1), wkv.backward_reference(g, c0)):
         assert a.dtype == dtype
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
 
@@ -48,23 +48,23 @@ def test_device_arrays_and_state():
     """numba device arrays in -> device arrays out; a forward from a carried state."""
     rng = np.random.default_rng(1)
     k, v, w, u = _inputs(rng, 1, 6, 4, np.float64)
-    y0, c0 = wkv.wkv_forward_reference(k, v, w, u)
-    _, c_first = wkv.wkv_forward_reference(k[:, :2], v[:, :2], w, u)
+    y0, c0 = wkv.forward_reference(k, v, w, u)
+    _, c_first = wkv.forward_reference(k[:, :2], v[:, :2], w, u)
     dk_, dv_ = cuda.to_device(np.ascontiguousarray(k[:, 2:])), cuda.to_device(np.ascontiguousarray(v[:, 2:]))
     state = tuple(cuda.to_device(x) for x in c_first["state_out"])
-    y2, c2 = wkv_cuda.wkv_forward(dk_, dv_, cuda.to_device(w), cuda.to_device(u), state=state)
+    y2, c2 = wkv_cuda.forward(dk_, dv_, cuda.to_device(w), cuda.to_device(u), state=state)
     assert wkv_cuda._kind(y2) == "device"
     np.testing.assert_allclose(y2.copy_to_host(), y0[:, 2:], rtol=1e-11, atol=1e-12)
     for a, b in zip(c2["state_out"], c0["state_out"]):
         np.testing.assert_allclose(a.copy_to_host(), b, rtol=1e-11, atol=1e-12)
     with pytest.raises(ValueError, match="inference only"):
-        wkv_cuda.wkv_backward(y2, c2)
+        wkv_cuda.backward(y2, c2)
 
 
 def test_bad_input_raises():
     k, v, w, u = _inputs(np.random.default_rng(2), 1, 2, 3, np.float64)
     with pytest.raises(ValueError, match="w and u"):
-        wkv_cuda.wkv_forward(k, v, w[:2], u)
+        wkv_cuda.forward(k, v, w[:2], u)
 
 
 def test_cupy_arrays_and_rwkv_model_on_gpu():
@@ -79,11 +79,11 @@ def test_cupy_arrays_and_rwkv_model_on_gpu():
     rng = np.random.default_rng(3)
     k, v, w, u = _inputs(rng, 2, 64, 96, np.float64)
     g = rng.normal(size=k.shape)
-    y0, c0 = wkv.wkv_forward_reference(k, v, w, u)
-    y1, c1 = wkv_cuda.wkv_forward(*(cp.asarray(x) for x in (k, v, w, u)))
+    y0, c0 = wkv.forward_reference(k, v, w, u)
+    y1, c1 = wkv_cuda.forward(*(cp.asarray(x) for x in (k, v, w, u)))
     assert isinstance(y1, cp.ndarray)
     np.testing.assert_allclose(y1.get(), y0, rtol=1e-11, atol=1e-12)
-    for a, b in zip(wkv_cuda.wkv_backward(cp.asarray(g), c1), wkv.wkv_backward_reference(g, c0)):
+    for a, b in zip(wkv_cuda.backward(cp.asarray(g), c1), wkv.backward_reference(g, c0)):
         np.testing.assert_allclose(a.get(), b, rtol=1e-10, atol=1e-10 * np.abs(b).max())
 
     cfg = dict(arch="rwkv", vocab_size=40, context=16, n_layer=2, n_head=1, d_model=32, dtype="float64")

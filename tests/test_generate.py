@@ -60,10 +60,14 @@ class Counter:
         return logits, state
 
 
+class PositionalCounter(Counter):
+    BOUNDED_POSITIONS = True    # as GPT: at most `context` tokens in all
+
+
 def test_generate_stops_at_stop_id_and_at_the_context():
     out = generate.generate(Counter, None, {"arch": "mamba"}, [[2], [5]], 20, np.random.default_rng(0), stop_id=6)
     assert out == [[3, 4, 5], []]
-    out = generate.generate(Counter, None, {"arch": "gpt", "context": 4}, [[0, 1]], 20, np.random.default_rng(0))
+    out = generate.generate(PositionalCounter, None, {"arch": "gpt", "context": 4}, [[0, 1]], 20, np.random.default_rng(0))
     assert out == [[2, 3]]
     with pytest.raises(ValueError, match="context"):
-        generate.generate(Counter, None, {"arch": "gpt", "context": 2}, [[0, 1]], 5, np.random.default_rng(0))
+        generate.generate(PositionalCounter, None, {"arch": "gpt", "context": 2}, [[0, 1]], 5, np.random.default_rng(0))

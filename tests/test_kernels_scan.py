@@ -32,12 +32,12 @@ def rel(a, b):
 def test_numba_equals_reference(shape):
     # Dm = 37 leaves a partial block of channels; (1, 1, 1, 1) is the smallest case
     a = make(*shape)
-    y_ref, c_ref = scan.selective_scan_forward_ref(*a.values())
-    y, c = scan.selective_scan_forward(*a.values())
+    y_ref, c_ref = scan.forward_reference(*a.values())
+    y, c = scan.forward(*a.values())
     # float64 rounding only (different summation order, exp polynomial within 2 ulp)
     assert rel(y, y_ref) < 1e-13
     dy = np.random.default_rng(1).standard_normal(y.shape)
-    for name, g, g_ref in zip(NAMES, scan.selective_scan_backward(dy, c), scan.selective_scan_backward_ref(dy, c_ref)):
+    for name, g, g_ref in zip(NAMES, scan.backward(dy, c), scan.backward_reference(dy, c_ref)):
         assert g.shape == a[name].shape
         assert rel(g, g_ref) < 1e-12, name
 
@@ -45,21 +45,21 @@ def test_numba_equals_reference(shape):
 def test_float32_kernel_close_to_float64():
     a = make(2, 50, 40, 8)
     a32 = {k: v.astype(np.float32) for k, v in a.items()}
-    y, c = scan.selective_scan_forward(*a32.values())
+    y, c = scan.forward(*a32.values())
     assert y.dtype == np.float32
-    y_ref, c_ref = scan.selective_scan_forward_ref(*a.values())
+    y_ref, c_ref = scan.forward_reference(*a.values())
     assert rel(y, y_ref) < 1e-5
     dy = np.random.default_rng(1).standard_normal(y.shape)
-    for name, g, g_ref in zip(NAMES, scan.selective_scan_backward(dy.astype(np.float32), c),
-                              scan.selective_scan_backward_ref(dy, c_ref)):
+    for name, g, g_ref in zip(NAMES, scan.backward(dy.astype(np.float32), c),
+                              scan.backward_reference(dy, c_ref)):
         assert g.dtype == np.float32
         assert rel(g, g_ref) < 1e-4, name
 
 
 @pytest.mark.parametrize("impl", ["numba", "reference"])
 def test_gradients(impl):
-    fwd, bwd = {"numba": (scan.selective_scan_forward, scan.selective_scan_backward),
-                "reference": (scan.selective_scan_forward_ref, scan.selective_scan_backward_ref)}[impl]
+    fwd, bwd = {"numba": (scan.forward, scan.backward),
+                "reference": (scan.forward_reference, scan.backward_reference)}[impl]
     a = make(2, 7, 5, 3)
     y, c = fwd(*a.values())
     g = np.random.default_rng(2).standard_normal(y.shape)
@@ -83,9 +83,9 @@ def test_matches_torch_autograd():
     y_t = torch_scan(*ts.values())
     dy = np.random.default_rng(3).standard_normal(y_t.shape)
     y_t.backward(torch.tensor(dy))
-    y, c = scan.selective_scan_forward(*a.values())
+    y, c = scan.forward(*a.values())
     assert rel(y, y_t.detach().numpy()) < 1e-13
-    for name, g in zip(NAMES, scan.selective_scan_backward(dy, c)):
+    for name, g in zip(NAMES, scan.backward(dy, c)):
         assert rel(g, ts[name].grad.numpy()) < 1e-12, name
 
 
@@ -94,18 +94,18 @@ def test_long_sequence_and_large_dt_stay_finite():
     # state stays bounded (|h| <= max |dt B x| / (1 - max a)); no overflow, no NaN, and still the reference.
     a = make(1, 4096, 40, 4, dt_max=100.0)
     a["dt"][0, ::97] = 0.0   # dt = 0 steps: a = 1, no input
-    y, c = scan.selective_scan_forward(*a.values())
-    y_ref, c_ref = scan.selective_scan_forward_ref(*a.values())
+    y, c = scan.forward(*a.values())
+    y_ref, c_ref = scan.forward_reference(*a.values())
     assert np.isfinite(y).all()
     assert rel(y, y_ref) < 1e-12
     dy = np.random.default_rng(4).standard_normal(y.shape)
-    for name, g, g_ref in zip(NAMES, scan.selective_scan_backward(dy, c), scan.selective_scan_backward_ref(dy, c_ref)):
+    for name, g, g_ref in zip(NAMES, scan.backward(dy, c), scan.backward_reference(dy, c_ref)):
         assert np.isfinite(g).all(), name
         assert rel(g, g_ref) < 1e-11, name
     a32 = {k: v.astype(np.float32) for k, v in a.items()}
-    y32, c32 = scan.selective_scan_forward(*a32.values())
+    y32, c32 = scan.forward(*a32.values())
     assert np.isfinite(y32).all() and rel(y32, y_ref) < 1e-4
-    assert all(np.isfinite(g).all() for g in scan.selective_scan_backward(dy.astype(np.float32), c32))
+    assert all(np.isfinite(g).all() for g in scan.backward(dy.astype(np.float32), c32))
 
 
 def test_deterministic_across_thread_counts():
@@ -116,8 +116,8 @@ def test_deterministic_across_thread_counts():
     try:
         for threads in sorted({1, before}):
             numba.set_num_threads(threads)
-            y, c = scan.selective_scan_forward(*a.values())
-            results.append((y, *scan.selective_scan_backward(dy, c)))
+            y, c = scan.forward(*a.values())
+            results.append((y, *scan.backward(dy, c)))
     finally:
         numba.set_num_threads(before)
     for r in results[1:]:
@@ -127,11 +127,11 @@ def test_deterministic_across_thread_counts():
 def test_bad_shapes_raise():
     a = make(2, 5, 4, 3)
     with pytest.raises(ValueError, match="A must be"):
-        scan.selective_scan_forward(a["x"], a["dt"], a["A"][:3], a["B"], a["C"], a["D"])
+        scan.forward(a["x"], a["dt"], a["A"][:3], a["B"], a["C"], a["D"])
     with pytest.raises(ValueError, match="B and C"):
-        scan.selective_scan_forward(a["x"], a["dt"], a["A"], a["B"][:, :4], a["C"], a["D"])
+        scan.forward(a["x"], a["dt"], a["A"], a["B"][:, :4], a["C"], a["D"])
     with pytest.raises(ValueError, match="float32 or float64"):
-        scan.selective_scan_forward(*(v.astype(np.int64) for v in a.values()))
-    y, c = scan.selective_scan_forward(*a.values())
+        scan.forward(*(v.astype(np.int64) for v in a.values()))
+    y, c = scan.forward(*a.values())
     with pytest.raises(ValueError, match="dy must be"):
-        scan.selective_scan_backward(y[:, 1:], c)
+        scan.backward(y[:, 1:], c)

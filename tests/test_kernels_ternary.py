@@ -75,9 +75,9 @@ def test_pack_bad_input():
     with pytest.raises(ValueError, match="code 3"):
         kt.unpack_ternary(bad, shape)
     with pytest.raises(ValueError, match="int8"):
-        kt.ternary_matvec(np.zeros(3, np.int16), packed, 8)
+        kt.matvec(np.zeros(3, np.int16), packed, 8)
     with pytest.raises(ValueError, match="features"):
-        kt.ternary_matmul(np.zeros((2, 4), np.int8), packed, 8)
+        kt.matmul(np.zeros((2, 4), np.int8), packed, 8)
 
 
 # --- the product ----------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def test_reference_is_integer_matmul():
     rng = np.random.default_rng(1)
     w, x = _w(rng, 10, 33), _x(rng, 4, 33)
     packed, _ = kt.pack_ternary(w)
-    y = kt.ternary_matmul_ref(x, packed, 10)
+    y = kt.matmul_reference(x, packed, 10)
     assert y.dtype == np.int32
     np.testing.assert_array_equal(y, x.astype(np.int64) @ w.T.astype(np.int64))
 
@@ -102,12 +102,12 @@ def test_kernels_equal_reference(O, I):
     w = _w(rng, O, I)
     packed, _ = kt.pack_ternary(w)
     x = _x(rng, 5, I)
-    ref = kt.ternary_matmul_ref(x, packed, O)
-    y = kt.ternary_matmul(x, packed, O)
+    ref = kt.matmul_reference(x, packed, O)
+    y = kt.matmul(x, packed, O)
     assert y.dtype == np.int32 and y.shape == (5, O)
     np.testing.assert_array_equal(y, ref)
     for m in range(2):
-        v = kt.ternary_matvec(x[m], packed, O)
+        v = kt.matvec(x[m], packed, O)
         assert v.dtype == np.int32 and v.shape == (O,)
         np.testing.assert_array_equal(v, ref[m])
 
@@ -121,8 +121,8 @@ def test_kernels_extremes_do_not_overflow(wval, xval):
     packed, _ = kt.pack_ternary(w)
     x = np.full((2, I), xval, np.int8)
     expect = np.full((2, O), wval * xval * I, np.int64)
-    np.testing.assert_array_equal(kt.ternary_matmul(x, packed, O), expect)
-    np.testing.assert_array_equal(kt.ternary_matvec(x[0], packed, O), expect[0])
+    np.testing.assert_array_equal(kt.matmul(x, packed, O), expect)
+    np.testing.assert_array_equal(kt.matvec(x[0], packed, O), expect[0])
 
 
 def test_kernels_deterministic_across_threads():
@@ -135,7 +135,7 @@ def test_kernels_deterministic_across_threads():
         results = []
         for n in sorted({1, old}):
             numba.set_num_threads(n)
-            results.append((kt.ternary_matmul(x, packed, O), kt.ternary_matvec(x[0], packed, O)))
+            results.append((kt.matmul(x, packed, O), kt.matvec(x[0], packed, O)))
     finally:
         numba.set_num_threads(old)
     for mm, mv in results[1:]:
@@ -145,4 +145,4 @@ def test_kernels_deterministic_across_threads():
 
 def test_matmul_no_tokens():
     packed, _ = kt.pack_ternary(np.zeros((4, 3), np.int8))
-    assert kt.ternary_matmul(np.zeros((0, 3), np.int8), packed, 4).shape == (0, 4)
+    assert kt.matmul(np.zeros((0, 3), np.int8), packed, 4).shape == (0, 4)

@@ -39,7 +39,7 @@ def toy_forward(params, x, config):
     caches = []
 
     def layer(p, name, h):
-        y, c = dense.dense_forward(h, p, config, lora.layout_of(name))
+        y, c = dense.dense_forward(h, p, dense.mode(config, lora.layout_of(name)))
         caches.append(c)
         return y
 
@@ -80,10 +80,10 @@ def test_lora_delta_gradcheck():
     x, A, B = rng.standard_normal((2, 3, 5)), rng.standard_normal((4, 5)), rng.standard_normal((7, 4))
     g = rng.standard_normal((2, 3, 7))
     config = cfg(4, 8.0)
-    delta, cache = lora.lora_delta_forward(x, A, B, config)
+    delta, cache = lora.lora_delta_forward(x, A, B, lora.settings(config))
     np.testing.assert_allclose(delta, 2.0 * (x @ A.T) @ B.T, rtol=1e-13)
     dx, dA, dB = lora.lora_delta_backward(g, cache)
-    check_grads(lambda: weighted_sum(lora.lora_delta_forward(x, A, B, config)[0], g),
+    check_grads(lambda: weighted_sum(lora.lora_delta_forward(x, A, B, lora.settings(config))[0], g),
                 {"x": x, "A": A, "B": B}, {"x": dx, "A": dA, "B": dB})
 
 
@@ -91,14 +91,14 @@ def test_lora_dropout_only_with_rng():
     rng = np.random.default_rng(1)
     x, A, B = rng.standard_normal((3, 8)), rng.standard_normal((2, 8)), rng.standard_normal((4, 2))
     g = rng.standard_normal((3, 4))
-    plain = lora.lora_delta_forward(x, A, B, cfg(2, 3.0))[0]
+    plain = lora.lora_delta_forward(x, A, B, lora.settings(cfg(2, 3.0)))[0]
     config = cfg(2, 3.0, dropout=0.5)
-    assert np.array_equal(lora.lora_delta_forward(x, A, B, config)[0], plain)  # no rng: off
-    run = lambda: lora.lora_delta_forward(x, A, B, config, rng=np.random.default_rng(7))
+    assert np.array_equal(lora.lora_delta_forward(x, A, B, lora.settings(config))[0], plain)  # no rng: off
+    run = lambda: lora.lora_delta_forward(x, A, B, lora.settings(config), rng=np.random.default_rng(7))
     y, cache = run()
     assert not np.allclose(y, plain)
     assert np.array_equal(y, lora.lora_delta_forward(
-        x, A, B, lora.training_config(config, np.random.default_rng(7)))[0])
+        x, A, B, lora.settings(lora.training_config(config, np.random.default_rng(7))))[0])
     mask = cache[4]
     assert set(np.unique(mask)) <= {0.0, 2.0}
     np.testing.assert_allclose(y, 1.5 * ((x * mask) @ A.T) @ B.T, rtol=1e-13)
@@ -116,7 +116,7 @@ def test_dense_with_adapter_gradcheck(layout):
          "lora_A": rng.standard_normal((r, I)), "lora_B": rng.standard_normal((O, r))}
     x, g = rng.standard_normal((2, 4, I)), rng.standard_normal((2, 4, O))
     config = cfg(r, 5.0)
-    y, cache = dense.dense_forward(x, p, config, layout)
+    y, cache = dense.dense_forward(x, p, dense.mode(config, layout))
     w_io = w if layout == "in_out" else w.T
     ref = x @ w_io + p["bias"] + (5.0 / 3) * (x @ p["lora_A"].T) @ p["lora_B"].T
     np.testing.assert_allclose(y, ref, rtol=1e-12)
@@ -124,7 +124,7 @@ def test_dense_with_adapter_gradcheck(layout):
     assert "weight" not in grads                    # the base weight is frozen: no gradient at all
     assert set(grads) == {"bias", "lora_A", "lora_B"}
     trainable = {k: p[k] for k in ("lora_A", "lora_B", "bias")}
-    check_grads(lambda: weighted_sum(dense.dense_forward(x, p, config, layout)[0], g),
+    check_grads(lambda: weighted_sum(dense.dense_forward(x, p, dense.mode(config, layout))[0], g),
                 {"x": x, **trainable}, {"x": dx, **grads})
 
 

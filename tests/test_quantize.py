@@ -60,7 +60,7 @@ def test_packed_layers_have_no_backward():
     w = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
     p = flatten(quantize.pack_params({"a": {"weight": w}}, {"arch": "rwkv"}))
     node = {"weight": p["a.weight"], "weight_scale": p["a.weight_scale"], "weight_shape": p["a.weight_shape"]}
-    y, cache = dense.dense_forward(np.ones((2, 4), np.float32), node, {}, "out_in")
+    y, cache = dense.dense_forward(np.ones((2, 4), np.float32), node, dense.mode({}, "out_in"))
     assert y.shape == (2, 8)
     with pytest.raises(ValueError, match="inference only"):
         dense.dense_backward(np.ones_like(y), cache)

@@ -198,7 +198,7 @@ def test_dense_layer_hook():
     rng = np.random.default_rng(6)
     x, w, b = _case(rng, "in_out")
     p = {"weight": w, "bias": b}
-    y, cache = dense.dense_forward(x, p, {"ternary": True}, "in_out")
+    y, cache = dense.dense_forward(x, p, dense.mode({"ternary": True}, "in_out"))
     y_ref, c_ref = ternary.bitlinear_forward(x, w, b, layout="in_out")
     np.testing.assert_array_equal(y, y_ref)
     dx, grads = dense.dense_backward(np.ones_like(y), cache)

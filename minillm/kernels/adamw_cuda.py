@@ -14,7 +14,7 @@ Every scalar is passed in the parameter's dtype, so float32 stays float32. The G
 multiply-adds, so results agree with the NumPy path to a few ulps, not bit for bit; each element is
 independent, so the result is deterministic.
 
-    adamw_update_cuda(p, g, m, v, decay, beta1, beta2, step_size, bias_correction2_sqrt, eps)
+    update(p, g, m, v, decay, beta1, beta2, step_size, bias_correction2_sqrt, eps)
 
 p, m, v are updated in place; they and g must be GPU arrays (CuPy or numba device arrays) of one shape
 and dtype (a host call would update copies, so it is refused); p, m, v C-contiguous, g may be any view. This module imports nothing else of
@@ -62,18 +62,18 @@ def _flat(a):
     return a.reshape(a.size) if array_kind(a) == "device" else a.reshape(-1)
 
 
-def adamw_update_cuda(p, g, m, v, decay, beta1, beta2, step_size, bias_correction2_sqrt, eps):
+def update(p, g, m, v, decay, beta1, beta2, step_size, bias_correction2_sqrt, eps):
     """p, g, m, v: GPU arrays of one shape and float dtype; p, m, v updated in place (see module doc)."""
     arrays = (p, g, m, v)
     if any(array_kind(a) == "host" for a in arrays):
-        raise ValueError("adamw_update_cuda: p, g, m and v must be GPU arrays (CuPy or numba device arrays)")
-    dtype = float_dtype(p, "adamw_update_cuda")
+        raise ValueError("update: p, g, m and v must be GPU arrays (CuPy or numba device arrays)")
+    dtype = float_dtype(p, "update")
     for name, a in zip("pgmv", arrays):
         if tuple(a.shape) != tuple(p.shape) or np.dtype(a.dtype) != dtype:
-            raise ValueError(f"adamw_update_cuda: {name} is {a.dtype} {tuple(a.shape)}, "
+            raise ValueError(f"update: {name} is {a.dtype} {tuple(a.shape)}, "
                              f"p is {dtype} {tuple(p.shape)}")
         if name != "g" and not _contiguous(a):
-            raise ValueError(f"adamw_update_cuda: {name} must be C-contiguous (it is updated in place)")
+            raise ValueError(f"update: {name} must be C-contiguous (it is updated in place)")
     if not _contiguous(g):    # a gradient may be a transposed view (e.g. a head stored (out, in))
         g = _contiguous_copy(g)
     arrays = (p, g, m, v)

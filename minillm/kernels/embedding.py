@@ -11,11 +11,21 @@ import numba
 import numpy as np
 
 
-def embedding_backward_reference(dy, ids, shape):
-    """dy: (..., C), ids: (...) int, shape: (V, C) -> dw: (V, C)."""
-    dw = np.zeros(shape, dtype=dy.dtype)
-    np.add.at(dw, ids.reshape(-1), dy.reshape(-1, shape[1]))
+def backward_reference(dy, ids, shape, out=None):
+    """dy: (..., C), ids: (...) int, shape: (V, C) -> dw: (V, C); added into `out` (V, C) when given.
+    Works on NumPy and CuPy arrays alike."""
+    xp = _xp(dy)
+    dw = xp.zeros(shape, dtype=dy.dtype) if out is None else out
+    xp.add.at(dw, ids.reshape(-1), dy.reshape(-1, shape[1]))
     return dw
+
+
+def _xp(a):
+    if type(a).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return np
 
 
 @numba.njit(cache=True)
@@ -27,7 +37,7 @@ def _scatter_add(dy, ids, dw):
             row[c] += src[c]
 
 
-def embedding_backward_numba(dy, ids, shape, out=None):
+def backward(dy, ids, shape, out=None):
     """As the reference; adds into `out` (V, C) instead of zeros when given."""
     V, C = shape
     ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)

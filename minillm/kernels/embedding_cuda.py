@@ -10,7 +10,7 @@ order); then one block per run of equal ids, its threads across channels, adds t
 order into dw. A frequent id makes a long run, but the run's loads are independent and coalesced. Only
 additions, no fused multiply-adds: the result equals the CPU kernel bit for bit.
 
-    embedding_backward_cuda(dy, ids, shape, out=None)   dy: (..., C), ids: (...) int, shape (V, C)
+    backward(dy, ids, shape, out=None)   dy: (..., C), ids: (...) int, shape (V, C)
 
 Arrays may be NumPy, CuPy or numba device arrays (results of dy's kind; see cuda_arrays.py). The sort
 runs in CuPy for CuPy arrays, else in NumPy on the host. This module imports nothing else of minillm.
@@ -62,7 +62,7 @@ def _stable_order(ids, kind, V):
     return flat, order
 
 
-def embedding_backward_cuda(dy, ids, shape, out=None):
+def backward(dy, ids, shape, out=None):
     """dy: (..., C), ids: (...) int, shape: (V, C) -> dw: (V, C); adds into `out` instead of zeros when given
     (out must then be a GPU array of dy's dtype)."""
     V, C = (int(s) for s in shape)

@@ -23,15 +23,23 @@ A = 0.044715
 # --- NumPy reference (the specification) ------------------------------------------------------------
 
 
-def gelu_forward_reference(x):
+def forward_reference(x):
     """x: (...) -> (y, (x, t))."""
-    t = np.tanh(C * (x + A * x * x * x))
+    t = _xp(x).tanh(C * (x + A * x * x * x))
     return 0.5 * x * (1.0 + t), (x, t)
 
 
-def gelu_backward_reference(dy, cache):
+def backward_reference(dy, cache):
     x, t = cache
     return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * (C * (1.0 + 3.0 * A * x * x)))
+
+
+def _xp(a):
+    if type(a).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return np
 
 
 # --- Numba CPU kernels ------------------------------------------------------------------------------
@@ -63,7 +71,7 @@ def _flat(a):
     return a.reshape(-1)
 
 
-def gelu_forward_numba(x):
+def forward(x):
     """x: (...) float32/float64 -> (y, (x, t)); as the reference."""
     x = np.ascontiguousarray(x)
     dt = x.dtype.type
@@ -76,7 +84,7 @@ def gelu_forward_numba(x):
     return y.reshape(x.shape), (x, t.reshape(x.shape))
 
 
-def gelu_backward_numba(dy, cache):
+def backward(dy, cache):
     x, t = cache
     if dy.shape != x.shape:
         raise ValueError(f"gelu backward: dy has shape {dy.shape}, x has {x.shape}")

@@ -5,8 +5,8 @@ Same math, cache and contract as kernels/gelu.py (its NumPy reference is the spe
     t = tanh(c (x + a x^3)),  c = sqrt(2 / pi),  a = 0.044715,   y = x (1 + t) / 2
     dx = dy ((1 + t) / 2 + x (1 - t^2) c (1 + 3 a x^2) / 2)
 
-    gelu_forward_cuda(x) -> (y, (x, t))       x: (...) float32/float64
-    gelu_backward_cuda(dy, cache) -> dx
+    forward(x) -> (y, (x, t))       x: (...) float32/float64
+    backward(dy, cache) -> dx
 
 Elementwise, one launch each: a grid-stride loop over the flattened array (adjacent threads take
 adjacent elements: coalesced), the constants passed in x's dtype so float32 stays float32, the
@@ -56,12 +56,12 @@ def _flat(a):
     return a.reshape(int(np.prod(tuple(a.shape), dtype=np.int64)))
 
 
-def gelu_forward_cuda(x):
+def forward(x):
     """x: (...) float32/float64 -> (y, (x, t)), y and t of x's shape and kind."""
-    dtype = float_dtype(x, "gelu_forward_cuda")
+    dtype = float_dtype(x, "forward")
     kind = array_kind(x)
     shape = tuple(x.shape)
-    xd = on_device(x, kind, dtype, check="gelu_forward_cuda")
+    xd = on_device(x, kind, dtype, check="forward")
     y, t = empty(kind, shape, dtype), empty(kind, shape, dtype)
     n = int(np.prod(shape, dtype=np.int64))
     if n:
@@ -71,15 +71,15 @@ def gelu_forward_cuda(x):
     return to_kind(y, kind), (x if kind != "cupy" else xd, to_kind(t, kind))
 
 
-def gelu_backward_cuda(dy, cache):
-    """dy: (...) -> dx, of dy's kind; cache: (x, t) from gelu_forward_cuda or kernels/gelu.py / ops."""
+def backward(dy, cache):
+    """dy: (...) -> dx, of dy's kind; cache: (x, t) from forward or kernels/gelu.py / ops."""
     x, t = cache
     shape = tuple(x.shape)
     if tuple(dy.shape) != shape or tuple(t.shape) != shape:
-        raise ValueError(f"gelu_backward_cuda: dy is {tuple(dy.shape)}, x is {shape}, t is {tuple(t.shape)}")
-    dtype = float_dtype(x, "gelu_backward_cuda")
+        raise ValueError(f"backward: dy is {tuple(dy.shape)}, x is {shape}, t is {tuple(t.shape)}")
+    dtype = float_dtype(x, "backward")
     kind = array_kind(dy)
-    dyd, xd, td = (on_device(a, kind, dtype, check="gelu_backward_cuda") for a in (dy, x, t))
+    dyd, xd, td = (on_device(a, kind, dtype, check="backward") for a in (dy, x, t))
     dx = empty(kind, shape, dtype)
     n = int(np.prod(shape, dtype=np.int64))
     if n:

@@ -5,7 +5,8 @@ NumPy reference and Numba kernels.
     backward (g = dy * w):  dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
                             dw = sum over rows of dy * xhat,   db = sum over rows of dy
 
-The forward caches (xhat, rstd, w), the same as ops.layernorm_forward, so either backward fits.
+The forward caches (xhat, rstd, w) in every form, so any backward fits any forward. The reference works on
+NumPy and CuPy arrays.
 Row sums run in float64 over 8 interleaved partial sums (lane j % 8), combined in a fixed order:
 without fastmath LLVM may not reorder a floating-point sum, and one running sum would serialise on
 the adder's latency; eight independent ones vectorise. dw and db accumulate over rows in float64.
@@ -20,22 +21,27 @@ import numpy as np
 # --- NumPy reference (the specification) ------------------------------------------------------------
 
 
-def layernorm_forward_reference(x, w, b, eps=1e-5):
+def forward_reference(x, w, b, eps=1e-5):
     """x: (..., C), w, b: (C,) -> (y, (xhat, rstd, w))."""
     mean = x.mean(axis=-1, keepdims=True)
     xc = x - mean
-    rstd = 1.0 / np.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
+    rstd = 1.0 / ((xc * xc).mean(axis=-1, keepdims=True) + eps) ** 0.5
     xhat = xc * rstd
     return xhat * w + b, (xhat, rstd, w)
 
 
-def layernorm_backward_reference(dy, cache):
+def backward_reference(dy, cache):
     """dy: (..., C) -> (dx, dw, db)."""
     xhat, rstd, w = cache
     C = xhat.shape[-1]
     g = dy * w
     dx = rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
     return dx, (dy * xhat).reshape(-1, C).sum(axis=0), dy.reshape(-1, C).sum(axis=0)
+
+
+def rows_reference(x, w, b, eps=1e-5):
+    """Forward only, no cache (the decoding step): forward_reference's y."""
+    return forward_reference(x, w, b, eps)[0]
 
 
 # --- Numba CPU kernels ------------------------------------------------------------------------------
@@ -109,7 +115,7 @@ def _backward(dy, xhat, rstd, w, dx, dw, db):
             dx[i, j] = r * (g[j] - mg - h[j] * mgx)
 
 
-def layernorm_forward_numba(x, w, b, eps=1e-5):
+def forward(x, w, b, eps=1e-5):
     """As the reference; x: (..., C) float32/float64."""
     C = x.shape[-1]
     x2 = np.ascontiguousarray(x).reshape(-1, C)
@@ -119,7 +125,7 @@ def layernorm_forward_numba(x, w, b, eps=1e-5):
     return y.reshape(x.shape), (xhat.reshape(x.shape), rstd.reshape(x.shape[:-1] + (1,)), w)
 
 
-def layernorm_backward_numba(dy, cache):
+def backward(dy, cache):
     """As the reference."""
     xhat, rstd, w = cache
     if dy.shape != xhat.shape:
@@ -132,7 +138,7 @@ def layernorm_backward_numba(dy, cache):
     return dx.reshape(dy.shape), dw.astype(xhat.dtype), db.astype(xhat.dtype)
 
 
-def layernorm_rows_numba(x, w, b, eps=1e-5):
+def rows(x, w, b, eps=1e-5):
     """Forward only, no cache (the decoding step): as the reference's y."""
     C = x.shape[-1]
     x2 = np.ascontiguousarray(x).reshape(-1, C)

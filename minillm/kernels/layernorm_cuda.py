@@ -6,8 +6,8 @@ Same math, cache and contract as kernels/layernorm.py (its NumPy reference is th
     backward (g = dy * w):  dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
                             dw = sum over rows of dy * xhat,   db = sum over rows of dy
 
-    layernorm_forward_cuda(x, w, b, eps=1e-5) -> (y, (xhat, rstd, w))   x: (..., C), rstd: (..., 1)
-    layernorm_backward_cuda(dy, cache) -> (dx, dw, db)
+    forward(x, w, b, eps=1e-5) -> (y, (xhat, rstd, w))   x: (..., C), rstd: (..., 1)
+    backward(dy, cache) -> (dx, dw, db)
 
 The cache is that of kernels/layernorm.py and ops.layernorm_forward (arrays of the caller's kind), so
 either backward takes either forward's cache.
@@ -142,16 +142,16 @@ def _rows(shape):
     return int(np.prod(shape[:-1], dtype=np.int64))
 
 
-def layernorm_forward_cuda(x, w, b, eps=1e-5):
+def forward(x, w, b, eps=1e-5):
     """x: (..., C), w, b: (C,) -> (y: (..., C), (xhat: (..., C), rstd: (..., 1), w))."""
     shape = tuple(x.shape)
     if len(shape) < 1 or shape[-1] < 1 or tuple(w.shape) != shape[-1:] or tuple(b.shape) != shape[-1:]:
-        raise ValueError(f"layernorm_forward_cuda: needs x (..., C) and w, b (C,), got {shape}, "
+        raise ValueError(f"forward: needs x (..., C) and w, b (C,), got {shape}, "
                          f"{tuple(w.shape)} and {tuple(b.shape)}")
-    dtype = float_dtype(x, "layernorm_forward_cuda")
+    dtype = float_dtype(x, "forward")
     kind = array_kind(x)
     C, N = shape[-1], _rows(shape)
-    xd, wd, bd = (on_device(a, kind, dtype, check="layernorm_forward_cuda") for a in (x, w, b))
+    xd, wd, bd = (on_device(a, kind, dtype, check="forward") for a in (x, w, b))
     y, xhat = empty(kind, (N, C), dtype), empty(kind, (N, C), dtype)
     rstd = empty(kind, (N, 1), dtype)
     if N:
@@ -163,17 +163,17 @@ def layernorm_forward_cuda(x, w, b, eps=1e-5):
     return to_kind(y, kind).reshape(shape), cache
 
 
-def layernorm_backward_cuda(dy, cache):
+def backward(dy, cache):
     """dy: (..., C) -> (dx: (..., C), dw: (C,), db: (C,)), of dy's kind; cache from either forward."""
     xhat, rstd, w = cache
     shape = tuple(xhat.shape)
     C, N = shape[-1], _rows(shape)
     if tuple(dy.shape) != shape or tuple(rstd.shape) != shape[:-1] + (1,) or tuple(w.shape) != (C,):
-        raise ValueError(f"layernorm_backward_cuda: dy is {tuple(dy.shape)}, but the cache holds xhat "
+        raise ValueError(f"backward: dy is {tuple(dy.shape)}, but the cache holds xhat "
                          f"{shape}, rstd {tuple(rstd.shape)} and w {tuple(w.shape)}")
-    dtype = float_dtype(xhat, "layernorm_backward_cuda")
+    dtype = float_dtype(xhat, "backward")
     kind = array_kind(dy)
-    dyd, hd, rd, wd = (on_device(a, kind, dtype, check="layernorm_backward_cuda")
+    dyd, hd, rd, wd = (on_device(a, kind, dtype, check="backward")
                        for a in (dy, xhat, rstd, w))
     dx = empty(kind, (N, C), dtype)
     dw, db = empty(kind, (C,), dtype), empty(kind, (C,), dtype)
@@ -190,3 +190,8 @@ def layernorm_backward_cuda(dy, cache):
     else:  # no rows: zero gradients
         dw, db = (to_kind(on_device(np.zeros(C, dtype), kind), kind) for _ in range(2))
     return to_kind(dx, kind).reshape(shape), dw, db
+
+
+def rows(x, w, b, eps=1e-5):
+    """Forward only (the decoding step): forward's y."""
+    return forward(x, w, b, eps)[0]

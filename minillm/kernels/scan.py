@@ -56,7 +56,7 @@ def _check(x, dt, A, B, C, D):
 # --- NumPy reference (the specification) ------------------------------------------------------------
 
 
-def selective_scan_forward_ref(x, dt, A, B, C, D):
+def forward_reference(x, dt, A, B, C, D):
     """x, dt: (Bt, L, Dm), A: (Dm, N), B, C: (Bt, L, N), D: (Dm,) -> (y: (Bt, L, Dm), cache).
 
     Readable and memory-hungry: it keeps every state h_t, (Bt, L + 1, Dm, N)."""
@@ -73,7 +73,7 @@ def selective_scan_forward_ref(x, dt, A, B, C, D):
     return y, (x, dt, A, B, C, D, a, h)
 
 
-def selective_scan_backward_ref(dy, cache):
+def backward_reference(dy, cache):
     """dy: (Bt, L, Dm) -> (dx, ddt, dA, dB, dC, dD), shaped like the forward's arguments."""
     x, dt, A, B, C, D, a, h = cache
     L = x.shape[1]
@@ -212,7 +212,7 @@ def _backward_kernel(x, dt, A, B, C, D, dy, dx, ddt, dA_part, dB_part, dC_part, 
 # --- public entry points (the model uses these) ----------------------------------------------------------
 
 
-def selective_scan_forward(x, dt, A, B, C, D):
+def forward(x, dt, A, B, C, D):
     """Numba kernel. x, dt: (Bt, L, Dm), A: (Dm, N), B, C: (Bt, L, N), D: (Dm,) -> (y: (Bt, L, Dm), cache).
 
     All arrays are cast to their common float dtype (float32 or float64). The cache holds only the inputs."""
@@ -223,7 +223,7 @@ def selective_scan_forward(x, dt, A, B, C, D):
     return y, args
 
 
-def selective_scan_backward(dy, cache):
+def backward(dy, cache):
     """Numba kernel. dy: (Bt, L, Dm) -> (dx, ddt, dA, dB, dC, dD), shaped like the forward's arguments."""
     x, dt, A, B, C, D = cache
     if dy.shape != x.shape:

@@ -1,8 +1,8 @@
 """Selective scan forward and backward as numba.cuda kernels: one thread per (batch row, channel, state).
 
 Same math and contract as kernels/scan.py (read its docstring first; its NumPy reference is the
-specification): selective_scan_forward(x, dt, A, B, C, D) -> (y, cache) and
-selective_scan_backward(dy, cache) -> (dx, ddt, dA, dB, dC, dD).
+specification): forward(x, dt, A, B, C, D) -> (y, cache) and
+backward(dy, cache) -> (dx, ddt, dA, dB, dC, dD).
 
 Layout: NP = the power of two >= N; a block of DB * NP threads (DB = min(THREADS // NP, DBMAX) channels)
 serves DB consecutive channels of one batch row, grid (channel blocks, batch). Thread tid owns channel
@@ -252,7 +252,7 @@ def _check(x, dt, A, B, C, D):
     return float_dtype(x, "selective scan")
 
 
-def selective_scan_forward(x, dt, A, B, C, D):
+def forward(x, dt, A, B, C, D):
     """x, dt: (Bt, L, Dm), A: (Dm, N), B, C: (Bt, L, N), D: (Dm,) -> (y: (Bt, L, Dm), cache).
     Every array is cast to x's dtype; results are of the kind of x (host, CuPy or numba device).
     The cache holds the inputs on the GPU and the chunk-start states, (Bt, ceil(L / CHUNK), Dm, N)."""
@@ -271,7 +271,7 @@ def selective_scan_forward(x, dt, A, B, C, D):
     return to_kind(y, kind), (args, ckpt, kind)
 
 
-def selective_scan_backward(dy, cache):
+def backward(dy, cache):
     """dy: (Bt, L, Dm) -> (dx, ddt, dA, dB, dC, dD), shaped like the forward's arguments."""
     (x, dt, A, B, C, D), ckpt, kind = cache
     if tuple(dy.shape) != tuple(x.shape):

@@ -42,7 +42,7 @@ def _check(s):
 # --- NumPy reference (the specification) ------------------------------------------------------------
 
 
-def causal_softmax_reference(s):
+def causal_reference(s):
     """s: (..., T, T) float -> p (the same array, overwritten)."""
     _check(s)
     xp = _xp(s)
@@ -55,7 +55,7 @@ def causal_softmax_reference(s):
     return s
 
 
-def causal_softmax_backward_reference(dp, p):
+def causal_backward_reference(dp, p):
     """dp, p: (..., T, T) -> ds (dp's array, overwritten)."""
     _check(dp)
     dp -= (dp * p).sum(axis=-1, keepdims=True)
@@ -63,12 +63,56 @@ def causal_softmax_backward_reference(dp, p):
     return dp
 
 
-def softmax_rows_reference(s):
+def rows_reference(s):
     """s: (..., L) -> plain softmax over the last axis, in place (the decoding step: no mask)."""
     s -= s.max(axis=-1, keepdims=True)
     _xp(s).exp(s, out=s)
     s /= s.sum(axis=-1, keepdims=True)
     return s
+
+
+# --- log-softmax and cross-entropy (no Numba twin: one NumPy pass is already fast; CUDA in softmax_cuda) ---
+
+
+def log_softmax(x, axis=-1):
+    """log softmax along `axis` (forward only; cross_entropy has the fused backward)."""
+    xp = _xp(x)
+    z = x - x.max(axis=axis, keepdims=True)
+    return z - xp.log(xp.exp(z).sum(axis=axis, keepdims=True))
+
+
+def cross_entropy_forward_reference(logits, targets, ignore_index=-100):
+    """logits: (..., V), targets: (...) int -> mean negative log-likelihood over non-ignored targets.
+
+    Targets equal to `ignore_index` contribute nothing (as torch). Returns (loss: float, cache).
+    """
+    xp = _xp(logits)
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    t = targets.reshape(-1)
+    keep = t != ignore_index
+    n = int(keep.sum())
+    if n == 0:
+        raise ValueError("cross_entropy: every target is ignore_index")
+    logp = log_softmax(flat)
+    safe_t = xp.where(keep, t, 0)
+    picked = logp[xp.arange(flat.shape[0]), safe_t]
+    loss = -(picked * keep).sum() / n
+    return float(loss), (logp, safe_t, keep, n, logits.shape)
+
+
+def cross_entropy_backward_reference(dloss, cache):
+    """dloss: scalar -> dlogits: same shape as logits. d/dz of -log softmax(z)_t = softmax(z) - onehot(t)."""
+    logp, safe_t, keep, n, shape = cache
+    xp = _xp(logp)
+    d = xp.exp(logp)
+    d[xp.arange(d.shape[0]), safe_t] -= 1.0
+    d *= (keep * (dloss / n))[:, None].astype(d.dtype, copy=False)
+    return d.reshape(shape)
+
+
+cross_entropy_forward = cross_entropy_forward_reference
+cross_entropy_backward = cross_entropy_backward_reference
 
 
 # --- Numba CPU kernels ------------------------------------------------------------------------------
@@ -135,19 +179,19 @@ def _plain_rows(s):
             row[j] *= inv
 
 
-def softmax_rows_numba(s):
-    """As softmax_rows_reference, in one call (few short rows: the one-token decoding step)."""
+def rows(s):
+    """As rows_reference, in one call (few short rows: the one-token decoding step)."""
     if not s.flags.c_contiguous:
-        raise ValueError("softmax_rows_numba needs a C-contiguous array")
+        raise ValueError("rows needs a C-contiguous array")
     _plain_rows(s.reshape(-1, s.shape[-1]))
     return s
 
 
-def causal_softmax_numba(s):
+def causal(s):
     """s: (..., T, T) C-contiguous float32/float64 -> p (the same array, overwritten)."""
     _check(s)
     if not s.flags.c_contiguous:
-        raise ValueError("causal_softmax_numba needs a C-contiguous array")
+        raise ValueError("causal needs a C-contiguous array")
     s3 = s.reshape(-1, s.shape[-2], s.shape[-1])
     _shift_and_mask(s3)
     np.exp(s, out=s)          # NumPy's vectorised exp; exp(-inf) = 0 exactly above the diagonal
@@ -155,11 +199,11 @@ def causal_softmax_numba(s):
     return s
 
 
-def causal_softmax_backward_numba(dp, p):
+def causal_backward(dp, p):
     """dp, p: (..., T, T) C-contiguous -> ds (dp's array, overwritten)."""
     _check(dp)
     if dp.shape != p.shape or not (dp.flags.c_contiguous and p.flags.c_contiguous):
-        raise ValueError("causal_softmax_backward_numba needs two C-contiguous arrays of one shape")
+        raise ValueError("causal_backward needs two C-contiguous arrays of one shape")
     T = dp.shape[-1]
     _softmax_backward_rows(dp.reshape(-1, T, T), p.reshape(-1, T, T))
     return dp

@@ -4,11 +4,11 @@ Same math and contracts as kernels/softmax.py (causal and plain softmax, in plac
 the specification) and ops.cross_entropy_forward/backward (mean over the targets that are not
 ignore_index; ValueError when all are):
 
-    causal_softmax_cuda(s)                  s: (..., T, T), in place; p_ij = 0 exactly for j > i
-    causal_softmax_backward_cuda(dp, p)     in place into dp: ds = p (dp - sum_k dp_k p_k)
-    softmax_rows_cuda(s)                    s: (..., L), in place (the decoding step: no mask)
-    cross_entropy_forward_cuda(logits, targets, ignore_index=-100) -> (loss: float, cache)
-    cross_entropy_backward_cuda(dloss, cache) -> dlogits
+    causal(s)                  s: (..., T, T), in place; p_ij = 0 exactly for j > i
+    causal_backward(dp, p)     in place into dp: ds = p (dp - sum_k dp_k p_k)
+    rows(s)                    s: (..., L), in place (the decoding step: no mask)
+    cross_entropy_forward(logits, targets, ignore_index=-100) -> (loss: float, cache)
+    cross_entropy_backward(dloss, cache) -> dlogits
 
 A block's threads stride over its row (coalesced), each keeping one partial sum (max) in the row's
 dtype, then the block combines the partials with a fixed binary tree in shared memory
@@ -24,8 +24,8 @@ targets, and these three numbers are the only copy to the host (one sync). The b
 (exp((z - m) - log s) - onehot(t)) * dloss / n straight into dlogits; the cache keeps the logits, the
 targets and (m, log s) per row, no log-probability matrix.
 
-Launches: causal_softmax_cuda, causal_softmax_backward_cuda, softmax_rows_cuda and
-cross_entropy_backward_cuda 1 each; cross_entropy_forward_cuda 2. Arrays may be NumPy (copied to the
+Launches: causal, causal_backward, rows and
+cross_entropy_backward 1 each; cross_entropy_forward 2. Arrays may be NumPy (copied to the
 GPU; in-place results are copied back into the given array), CuPy or numba device arrays (see
 cuda_arrays.py). This module imports nothing else of minillm.
 """
@@ -220,39 +220,39 @@ def _check_square(s, name):
     return shape[-1]
 
 
-def causal_softmax_cuda(s):
+def causal(s):
     """s: (..., T, T) float32/float64 -> p (the same array, overwritten; zeros above the diagonal)."""
-    T = _check_square(s, "causal_softmax_cuda")
-    return _in_place("causal_softmax_cuda", 0, s, T, T, 1)
+    T = _check_square(s, "causal")
+    return _in_place("causal", 0, s, T, T, 1)
 
 
-def causal_softmax_backward_cuda(dp, p):
+def causal_backward(dp, p):
     """dp, p: (..., T, T) -> ds (dp's array, overwritten)."""
-    T = _check_square(dp, "causal_softmax_backward_cuda")
+    T = _check_square(dp, "causal_backward")
     if tuple(p.shape) != tuple(dp.shape):
-        raise ValueError(f"causal_softmax_backward_cuda: dp is {tuple(dp.shape)}, p is {tuple(p.shape)}")
-    return _in_place("causal_softmax_backward_cuda", 1, dp, T, p=p)
+        raise ValueError(f"causal_backward: dp is {tuple(dp.shape)}, p is {tuple(p.shape)}")
+    return _in_place("causal_backward", 1, dp, T, p=p)
 
 
-def softmax_rows_cuda(s):
+def rows(s):
     """s: (..., L) float32/float64 -> plain softmax over the last axis (the same array, overwritten)."""
     if len(s.shape) < 1:
-        raise ValueError("softmax_rows_cuda: needs an array of at least one dimension")
-    return _in_place("softmax_rows_cuda", 0, s, tuple(s.shape)[-1], 1, 0)
+        raise ValueError("rows: needs an array of at least one dimension")
+    return _in_place("rows", 0, s, tuple(s.shape)[-1], 1, 0)
 
 
-def cross_entropy_forward_cuda(logits, targets, ignore_index=-100):
+def cross_entropy_forward(logits, targets, ignore_index=-100):
     """logits: (..., V) float, targets: (...) int -> (mean loss over targets != ignore_index, cache)."""
     shape = tuple(logits.shape)
     if len(shape) < 1 or shape[-1] < 1 or tuple(targets.shape) != shape[:-1]:
-        raise ValueError(f"cross_entropy_forward_cuda: needs logits (..., V) and targets (...), got "
+        raise ValueError(f"cross_entropy_forward: needs logits (..., V) and targets (...), got "
                          f"{shape} and {tuple(targets.shape)}")
     if not np.issubdtype(np.dtype(targets.dtype), np.integer):
-        raise ValueError(f"cross_entropy_forward_cuda: targets must be integers, got {targets.dtype}")
-    dtype = float_dtype(logits, "cross_entropy_forward_cuda")
+        raise ValueError(f"cross_entropy_forward: targets must be integers, got {targets.dtype}")
+    dtype = float_dtype(logits, "cross_entropy_forward")
     kind = array_kind(logits)
     V = shape[-1]
-    z, N = _rows(on_device(logits, kind, dtype, check="cross_entropy_forward_cuda"), V)
+    z, N = _rows(on_device(logits, kind, dtype, check="cross_entropy_forward"), V)
     t = on_device(targets, kind).reshape(N)
     if N == 0:
         raise ValueError("cross_entropy: every target is ignore_index")  # (no rows at all)
@@ -265,7 +265,7 @@ def cross_entropy_forward_cuda(logits, targets, ignore_index=-100):
     _ce_total[1, threads_for(N)](rowloss, flag, out)
     total, kept, bad = (float(x) for x in (out.get() if kind == "cupy" else out.copy_to_host()))
     if bad:
-        raise ValueError(f"cross_entropy_forward_cuda: {int(bad)} targets outside [0, {V}) "
+        raise ValueError(f"cross_entropy_forward: {int(bad)} targets outside [0, {V}) "
                          f"(and not ignore_index {ignore_index})")
     if kept == 0:
         raise ValueError("cross_entropy: every target is ignore_index")
@@ -274,7 +274,7 @@ def cross_entropy_forward_cuda(logits, targets, ignore_index=-100):
     return total / kept, cache
 
 
-def cross_entropy_backward_cuda(dloss, cache):
+def cross_entropy_backward(dloss, cache):
     """dloss: scalar -> dlogits: (..., V), of the kind of the forward's logits."""
     z, kind = cache["logits"], cache["kind"]
     N, V = z.shape

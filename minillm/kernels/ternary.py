@@ -28,9 +28,9 @@ matmul (prefill) runs every token against one block before the next, so the bloc
 is read from L2 rather than memory. Measured on the 2-core AVX-512 dev machine, W 4096 x 4096 at
 batch 1: ~0.18 ms with 2 threads (0.35 ms with 1), against ~1.6 ms for float32 sgemv (benchmarks/ternary.py).
 
-    ternary_matmul_ref(xq, packed, out_features)   NumPy reference (unpack, integer matmul)
-    ternary_matvec(xq, packed, out_features)       Numba, xq: (I,) int8 -> (O,) int32 (generation)
-    ternary_matmul(xq, packed, out_features)       Numba, xq: (M, I) int8 -> (M, O) int32 (prefill)
+    matmul_reference(xq, packed, out_features)   NumPy reference (unpack, integer matmul)
+    matvec(xq, packed, out_features)       Numba, xq: (I,) int8 -> (O,) int32 (generation)
+    matmul(xq, packed, out_features)       Numba, xq: (M, I) int8 -> (M, O) int32 (prefill)
 
 This module imports nothing else of minillm.
 """
@@ -105,7 +105,7 @@ def _check_xq(xq, packed, out_features, ndim):
 # --- NumPy reference (the specification) ------------------------------------------------------------
 
 
-def ternary_matmul_ref(xq, packed, out_features):
+def matmul_reference(xq, packed, out_features):
     """xq: (..., I) int8, packed: (ceil(O/4), I) uint8 -> (..., O) int32 = xq W^T, exactly."""
     xq = np.asarray(xq)
     if xq.dtype != np.int8:
@@ -116,6 +116,12 @@ def ternary_matmul_ref(xq, packed, out_features):
                          f"weights expect {w.shape[1]}")
     y = xq.astype(np.int64) @ w.T.astype(np.int64)
     return y.astype(np.int32)
+
+
+
+def matvec_reference(xq, packed, out_features):
+    """xq: (I,) int8 -> (O,) int32: matmul_reference of one row."""
+    return matmul_reference(np.asarray(xq)[None], packed, out_features)[0]
 
 
 # --- Numba CPU kernels --------------------------------------------------------------------------------
@@ -204,7 +210,7 @@ def _n_jobs(R):
     return max(1, min(R, 4 * numba.get_num_threads()))
 
 
-def ternary_matvec(xq, packed, out_features):
+def matvec(xq, packed, out_features):
     """xq: (I,) int8, packed: (ceil(O/4), I) uint8 -> y: (O,) int32 = W xq, exactly."""
     _check_xq(xq, packed, out_features, 1)
     out = np.empty(int(out_features), np.int32)
@@ -213,7 +219,7 @@ def ternary_matvec(xq, packed, out_features):
     return out
 
 
-def ternary_matmul(xq, packed, out_features):
+def matmul(xq, packed, out_features):
     """xq: (M, I) int8, packed: (ceil(O/4), I) uint8 -> y: (M, O) int32 = xq W^T, exactly."""
     _check_xq(xq, packed, out_features, 2)
     out = np.empty((xq.shape[0], int(out_features)), np.int32)

@@ -14,8 +14,8 @@ viewed as uint32 / int32, little-endian); otherwise single bytes. All
 sums are int32 integers: exact, and the same whatever the order, so the result equals the NumPy
 reference bit for bit (|sum| <= 256 I < 2^31 for I < 8M).
 
-    ternary_matmul_cuda(xq, packed, out_features)   xq: (M, I) int8 -> (M, O) int32
-    ternary_matvec_cuda(xq, packed, out_features)   xq: (I,) int8 -> (O,) int32
+    matmul(xq, packed, out_features)   xq: (M, I) int8 -> (M, O) int32
+    matvec(xq, packed, out_features)   xq: (I,) int8 -> (O,) int32
 
 Host (NumPy) arguments are copied to the device and the result copied back; device arrays stay there.
 Without a GPU the kernels run in Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1; tiny shapes only).
@@ -119,7 +119,7 @@ def _check(xq, packed, out_features):
                          f"{xq.dtype} {tuple(xq.shape)}")
 
 
-def ternary_matmul_cuda(xq, packed, out_features, out=None):
+def matmul(xq, packed, out_features, out=None):
     """xq: (M, I) int8, packed: (ceil(O/4), I) uint8 -> (M, O) int32 = xq W^T, exactly.
 
     Host arrays are copied in and the result is returned on the host; with device arrays the result
@@ -148,9 +148,9 @@ def ternary_matmul_cuda(xq, packed, out_features, out=None):
     return out.copy_to_host() if on_host else out
 
 
-def ternary_matvec_cuda(xq, packed, out_features):
+def matvec(xq, packed, out_features):
     """xq: (I,) int8, packed: (ceil(O/4), I) uint8 -> (O,) int32 = W xq, exactly."""
     if len(xq.shape) != 1:
         raise ValueError(f"ternary matvec: activations must be 1-D, got shape {tuple(xq.shape)}")
-    y = ternary_matmul_cuda(xq.reshape(1, xq.shape[0]), packed, out_features)
+    y = matmul(xq.reshape(1, xq.shape[0]), packed, out_features)
     return y.reshape(y.shape[1])

@@ -39,7 +39,7 @@ from minillm.kernels.fastexp import fast_exp
 
 BIG = 1e38  # the max-tracking state starts at -BIG (as HF), so e^{p - q} = 0 on the first step
 BLOCK = 32  # channels per parallel job
-SMALL = 1 << 14  # wkv_forward on fewer elements runs the NumPy reference: no thread-pool start-up
+SMALL = 1 << 14  # forward on fewer elements runs the NumPy reference: no thread-pool start-up
 
 
 def init_state(batch, channels, dtype=np.float32):
@@ -58,7 +58,7 @@ def _check(k, v, w, u):
 # --- NumPy reference (the specification) ------------------------------------------------------------
 
 
-def wkv_forward_reference(k, v, w, u, state=None):
+def forward_reference(k, v, w, u, state=None):
     """k, v: (B, T, C), w, u: (C,), state: (num, den, max) each (B, C) or None -> (y: (B, T, C), cache).
 
     The final state is cache["state_out"]."""
@@ -83,7 +83,7 @@ def wkv_forward_reference(k, v, w, u, state=None):
     return y, cache
 
 
-def wkv_backward_reference(dy, cache):
+def backward_reference(dy, cache):
     """dy: (B, T, C) -> (dk: (B, T, C), dv: (B, T, C), dw: (C,), du: (C,))."""
     k, v, w, u, y = (cache[n] for n in "kvwuy")
     if cache["has_state"]:
@@ -215,12 +215,12 @@ def _prep(k, v, w, u):
     return tuple(np.ascontiguousarray(x, dtype=dt) for x in (k, v, w, u))
 
 
-def wkv_forward(k, v, w, u, state=None):
+def forward(k, v, w, u, state=None):
     """Numba kernel (NumPy reference for small inputs: generation steps); same contract as
-    `wkv_forward_reference`."""
+    `forward_reference`."""
     k, v, w, u = _prep(k, v, w, u)
     if k.size < SMALL:
-        return wkv_forward_reference(k, v, w, u, state)
+        return forward_reference(k, v, w, u, state)
     B, T, C = k.shape
     a0, b0, p0 = (np.ascontiguousarray(x, dtype=k.dtype) for x in state) if state is not None \
         else init_state(B, C, k.dtype)
@@ -232,8 +232,8 @@ def wkv_forward(k, v, w, u, state=None):
     return y, cache
 
 
-def wkv_backward(dy, cache):
-    """Numba kernel; same contract as `wkv_backward_reference`."""
+def backward(dy, cache):
+    """Numba kernel; same contract as `backward_reference`."""
     if cache["has_state"]:
         raise ValueError("wkv backward: a forward started from a given state is for inference only")
     k = cache["k"]

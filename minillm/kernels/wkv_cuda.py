@@ -115,9 +115,9 @@ def _launch(n):
     return (n + THREADS - 1) // THREADS, THREADS
 
 
-def wkv_forward(k, v, w, u, state=None):
+def forward(k, v, w, u, state=None):
     """k, v: (B, T, C), w, u: (C,), state: (num, den, max) each (B, C) or None -> (y, cache);
-    the final state is cache["state_out"]. Same contract as kernels.wkv.wkv_forward."""
+    the final state is cache["state_out"]. Same contract as kernels.wkv.forward."""
     if len(k.shape) != 3 or tuple(k.shape) != tuple(v.shape):
         raise ValueError(f"wkv: k and v must both be (B, T, C), got {k.shape} and {v.shape}")
     B, T, C = k.shape
@@ -146,7 +146,7 @@ def wkv_forward(k, v, w, u, state=None):
     return to_kind(y, kind), cache
 
 
-def wkv_backward(dy, cache):
+def backward(dy, cache):
     """dy: (B, T, C) -> (dk, dv, dw: (C,), du: (C,)), of the kind of the forward's inputs."""
     if cache["has_state"]:
         raise ValueError("wkv backward: a forward started from a given state is for inference only")

@@ -2,7 +2,17 @@
 
 A model module offers DEFAULTS (its own config keys), init(config, rng), forward(params, idx, config),
 backward(dlogits, cache), init_state(params, config, batch), step(params, tokens, state) and optionally
-aux_loss(cache) and stats(cache).
+aux_loss(cache) and stats(cache). It also declares its facts, which the rest of minillm reads instead of
+naming architectures:
+
+    HF_CLASS            the transformers class it matches (None: no HF twin)
+    OPTIONS             config keys a user may set for it beyond the shared ones (cli checks flags with it)
+    LORA_TARGETS        default LoRA targets (dotted-name patterns)
+    NO_DECAY            name fragments of tensors that get no weight decay (train builds the mask with it)
+    BOUNDED_POSITIONS   learned positions: a sequence holds at most `context` tokens (generate checks it)
+
+The packages below: models/ (this registry and the models), nn/ (layers), kernels/ (hot loops, one
+dispatch), reference/ (golden cases).
 """
 
 import importlib

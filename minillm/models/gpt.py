@@ -14,57 +14,54 @@ residual projections (every c_proj.weight) at 0.02 / sqrt(2 n_layer), biases 0, 
 The feed-forward is pluggable: `ffn_forward` / `ffn_backward` run the GPT-2 MLP, or the
 Mixture-of-Experts layer of minillm.nn.moe when config["n_experts"] > 0 (same blocks otherwise).
 
-Speed: activations stay (B*T, C) for the dense layers (one GEMM each); on NumPy arrays LayerNorm,
-GELU and the embedding scatter-add run in serial Numba kernels (minillm/kernels/, each with its NumPy
-reference; ops.py serves cupy); `step` runs OpenBLAS single-threaded (see attention.py).
+Speed: activations stay (B*T, C) for the dense layers (one GEMM each); LayerNorm, GELU and the embedding
+scatter-add run in the kernels that ops takes from the one dispatch (minillm/kernels/: Numba on the CPU,
+numba.cuda on a GPU); `step` runs OpenBLAS single-threaded (see nn/attention.py).
 """
+
+from typing import NamedTuple
 
 import numpy as np
 
+from minillm.models import check_token_ids, param_dtype
 from minillm.nn import attention, dense, ops
 from minillm.nn import moe as moe_layer
-from minillm.models import check_token_ids, param_dtype
-from minillm.kernels import gelu as gelu_kernels
-from minillm.kernels import layernorm as layernorm_kernels
 
-DEFAULTS = {}  # GPT-2 adds no keys to models.BASE_DEFAULTS
+# --- what the rest of minillm needs to know about this architecture (read through models.facts) ---
+HF_CLASS = "GPT2LMHeadModel"
+DEFAULTS = {}                                   # GPT-2 adds no keys to models.BASE_DEFAULTS
+OPTIONS = ("n_head",)                           # config keys beyond the shared ones that a user may set
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj")   # the default LoRA targets: the attention projections
+IN_OUT_LAYERS = ("c_attn", "c_proj", "c_fc")    # HF Conv1D modules: weights stored (in, out)
+NO_DECAY = ("wte", "wpe")                        # embeddings (and the tied head): no weight decay
+BOUNDED_POSITIONS = True                         # learned positions: at most `context` tokens in all
+
 LN_EPS = 1e-5
-KERNEL_MIN_SIZE = 0         # use the Numba kernels from this many elements on (tests vary it)
 STEP_SINGLE_THREAD_BATCH = 16
+
+
+class BlockCache(NamedTuple):
+    ln_1: tuple
+    attn: tuple
+    ln_2: tuple
+    ffn: tuple
+
+
+class Cache(NamedTuple):
+    idx: np.ndarray
+    wte: np.ndarray
+    xf: np.ndarray          # (B*T, C): ln_f's output, the head's input
+    blocks: list            # BlockCache per layer
+    ln_f: tuple
+    config: dict
 
 
 def _is_moe(config):
     return int(config.get("n_experts", 0) or 0) > 0
 
 
-def _use_kernel(a):
-    """The Numba kernels run on host (NumPy) arrays (from KERNEL_MIN_SIZE elements on)."""
-    return type(a) is np.ndarray and a.size >= KERNEL_MIN_SIZE
-
-
-def _on_gpu(a):
-    """CuPy arrays take the numba.cuda kernels (kernels/*_cuda.py, imported on first use)."""
-    return ops.array_module(a) is not np
-
-
-def _gelu_forward(h):
-    if _use_kernel(h):
-        return gelu_kernels.gelu_forward_numba(h)
-    if _on_gpu(h):
-        from minillm.kernels.gelu_cuda import gelu_forward_cuda
-
-        return gelu_forward_cuda(h)
-    return ops.gelu_forward(h)
-
-
-def _gelu_backward(dg, cache):
-    if _use_kernel(dg):
-        return gelu_kernels.gelu_backward_numba(dg, cache)
-    if _on_gpu(dg):
-        from minillm.kernels.gelu_cuda import gelu_backward_cuda
-
-        return gelu_backward_cuda(dg, cache)
-    return ops.gelu_backward(dg, cache)
+def _layernorm_forward(x, p):
+    return ops.layernorm_forward(x, p["weight"], p["bias"], LN_EPS)
 
 
 # --- feed-forward: GPT-2 MLP or MoE -----------------------------------------------------------------
@@ -88,9 +85,10 @@ def ffn_forward(x, p, config):
         y, cache = moe_layer.moe_forward(x, p, config)
         return y, ("moe", cache)
     shape = x.shape
-    h, c_fc = dense.dense_forward(x.reshape(-1, shape[-1]), p["c_fc"], config, "in_out")
-    g, c_gelu = _gelu_forward(h)
-    y, c_proj = dense.dense_forward(g, p["c_proj"], config, "in_out")
+    conv1d = dense.mode(config, "in_out")
+    h, c_fc = dense.dense_forward(x.reshape(-1, shape[-1]), p["c_fc"], conv1d)
+    g, c_gelu = ops.gelu_forward(h)
+    y, c_proj = dense.dense_forward(g, p["c_proj"], conv1d)
     return y.reshape(shape), ("mlp", (c_fc, c_gelu, c_proj))
 
 
@@ -101,7 +99,7 @@ def ffn_backward(dy, cache):
         return moe_layer.moe_backward(dy, inner)
     c_fc, c_gelu, c_proj = inner
     dg, g_proj = dense.dense_backward(dy.reshape(-1, dy.shape[-1]), c_proj)
-    dh = _gelu_backward(dg, c_gelu)
+    dh = ops.gelu_backward(dg, c_gelu)
     dx, g_fc = dense.dense_backward(dh, c_fc)
     return dx.reshape(dy.shape), {"c_fc": g_fc, "c_proj": g_proj}
 
@@ -109,46 +107,23 @@ def ffn_backward(dy, cache):
 # --- one transformer block --------------------------------------------------------------------------
 
 
-def _layernorm_forward(x, p):
-    """LayerNorm with eps 1e-5: the Numba kernel on host arrays, the numba.cuda one on the GPU, ops
-    otherwise (all three make the same cache)."""
-    if _use_kernel(x):
-        fwd = layernorm_kernels.layernorm_forward_numba
-    elif _on_gpu(x):
-        from minillm.kernels.layernorm_cuda import layernorm_forward_cuda as fwd
-    else:
-        fwd = ops.layernorm_forward
-    return fwd(x, p["weight"], p["bias"], LN_EPS)
-
-
-def _layernorm_backward(dy, cache):
-    if _use_kernel(dy):
-        bwd = layernorm_kernels.layernorm_backward_numba
-    elif _on_gpu(dy):
-        from minillm.kernels.layernorm_cuda import layernorm_backward_cuda as bwd
-    else:
-        bwd = ops.layernorm_backward
-    return bwd(dy, cache)
-
-
 def block_forward(x, p, config):
-    """x: (B, T, C) -> (B, T, C). Returns (y, cache)."""
+    """x: (B, T, C) -> (B, T, C). Returns (y, BlockCache)."""
     h, c_ln1 = _layernorm_forward(x, p["ln_1"])
     a, c_attn = attention.attention_forward(h, p["attn"], config)
     x = x + a
     h, c_ln2 = _layernorm_forward(x, p["ln_2"])
     m, c_ffn = ffn_forward(h, p["mlp"], config)
-    return x + m, (c_ln1, c_attn, c_ln2, c_ffn)
+    return x + m, BlockCache(c_ln1, c_attn, c_ln2, c_ffn)
 
 
 def block_backward(dy, cache):
     """dy: (B, T, C) -> (dx: (B, T, C), grads keyed like p)."""
-    c_ln1, c_attn, c_ln2, c_ffn = cache
-    dh, g_mlp = ffn_backward(dy, c_ffn)
-    dh, dw2, db2 = _layernorm_backward(dh, c_ln2)
+    dh, g_mlp = ffn_backward(dy, cache.ffn)
+    dh, dw2, db2 = ops.layernorm_backward(dh, cache.ln_2)
     dx = dh + dy                                 # gradient at the mid-block residual stream
-    dh, g_attn = attention.attention_backward(dx, c_attn)
-    dh, dw1, db1 = _layernorm_backward(dh, c_ln1)
+    dh, g_attn = attention.attention_backward(dx, cache.attn)
+    dh, dw1, db1 = ops.layernorm_backward(dh, cache.ln_1)
     dh += dx
     grads = {"ln_1": {"weight": dw1, "bias": db1}, "attn": g_attn,
              "ln_2": {"weight": dw2, "bias": db2}, "mlp": g_mlp}
@@ -205,7 +180,7 @@ def forward(params, idx, config):
     C = x.shape[-1]
     xf = x.reshape(B * T, C)
     logits = (xf @ wte.T).reshape(B, T, -1)      # tied head
-    return logits, (idx, wte, xf, block_caches, c_lnf, config)
+    return logits, Cache(idx, wte, xf, block_caches, c_lnf, config)
 
 
 def backward(dlogits, cache):
@@ -215,16 +190,13 @@ def backward(dlogits, cache):
     dl = dlogits.reshape(B * T, -1)
     dwte = dl.T @ xf                              # head part of the tied weight
     dx = (dl @ wte).reshape(B, T, -1)
-    dx, dwf, dbf = _layernorm_backward(dx, c_lnf)
+    dx, dwf, dbf = ops.layernorm_backward(dx, c_lnf)
     h = {}
     for i in reversed(range(len(block_caches))):
         dx, h[str(i)] = block_backward(dx, block_caches[i])
     h = {str(i): h[str(i)] for i in range(len(block_caches))}
     C = dx.shape[-1]
-    if _use_kernel(dx) or _on_gpu(dx):                         # embedding part, in a fixed order
-        dense.embedding_backward(dx, (idx, dwte.shape), out=dwte)
-    else:
-        dwte += ops.embedding_backward(dx, (idx, dwte.shape))
+    ops.embedding_backward(dx, (idx, dwte.shape), out=dwte)          # embedding part, in a fixed order
     dwpe = ops.array_module(dx).zeros((int(config["context"]), C), dtype=dx.dtype)
     dwpe[:T] = dx.sum(axis=0)
     return {"transformer": {"wte": {"weight": dwte}, "wpe": {"weight": dwpe}, "h": h,
@@ -233,20 +205,18 @@ def backward(dlogits, cache):
 
 def aux_loss(cache):
     """Sum of the MoE load-balancing losses of all layers (0.0 for plain GPT)."""
-    config = cache[-1]
-    if not _is_moe(config):
+    if not _is_moe(cache.config):
         return 0.0
-    return float(sum(moe_layer.aux_loss_of(c[3][1]) for c in cache[3]))
+    return float(sum(moe_layer.aux_loss_of(block.ffn[1]) for block in cache.blocks))
 
 
 def stats(cache):
     """MoE: moe_layer.stats_of summed over layers (e.g. per-expert token counts); {} for plain GPT."""
-    config = cache[-1]
-    if not _is_moe(config):
+    if not _is_moe(cache.config):
         return {}
     total = {}
-    for c in cache[3]:
-        for key, value in moe_layer.stats_of(c[3][1]).items():
+    for block in cache.blocks:
+        for key, value in moe_layer.stats_of(block.ffn[1]).items():
             total[key] = total[key] + value if key in total else value
     return total
 
@@ -302,7 +272,5 @@ def _step(params, tokens, pos, state):
 
 
 def _layernorm_rows(x, p):
-    """Forward-only LayerNorm of a few rows: one Numba call instead of ~10 NumPy ones."""
-    if _use_kernel(x):
-        return layernorm_kernels.layernorm_rows_numba(x, p["weight"], p["bias"], LN_EPS)
-    return ops.layernorm_forward(x, p["weight"], p["bias"], LN_EPS)[0]
+    """Forward-only LayerNorm of a few rows: one kernel call instead of ~10 NumPy ones."""
+    return ops.layernorm_rows(x, p["weight"], p["bias"], LN_EPS)

@@ -24,8 +24,17 @@ import math
 import numpy as np
 
 from minillm.nn import ops
-from minillm.nn.dense import dense_backward, dense_forward, embedding_backward
+from minillm import kernels
+from minillm.nn import dense
+from minillm.nn.dense import dense_backward, dense_forward
 from minillm.models import check_token_ids
+
+# --- what the rest of minillm needs to know about this architecture -------------------------------
+HF_CLASS = "MambaForCausalLM"
+OPTIONS = ("d_state", "d_conv", "expand")      # config keys beyond the shared ones that a user may set
+LORA_TARGETS = ("mixer.in_proj", "mixer.out_proj")
+NO_DECAY = ("embeddings", "A_log")  # A_log: mamba_ssm marks it _no_weight_decay
+BOUNDED_POSITIONS = False                   # a recurrent state: any length
 
 DEFAULTS = {
     "d_state": 16,          # N, state size per channel
@@ -134,46 +143,28 @@ def causal_conv1d_backward(dy, cache):
     return dxpad[:, K - 1:], dw, dy.sum(axis=(0, 1))
 
 
-# --- selective scan dispatch (Numba on the CPU, numba.cuda for device arrays) ----------------------------
-
-
-def _scan_forward(x, dt, A, B, C, D):
-    if ops.array_module(x) is np:
-        from minillm.kernels import scan
-        return scan.selective_scan_forward(x, dt, A, B, C, D)
-    from minillm.kernels import scan_cuda
-    return scan_cuda.selective_scan_forward(x, dt, A, B, C, D)
-
-
-def _scan_backward(dy, cache):
-    if ops.array_module(dy) is np:
-        from minillm.kernels import scan
-        return scan.selective_scan_backward(dy, cache)
-    from minillm.kernels import scan_cuda
-    return scan_cuda.selective_scan_backward(dy, cache)
-
-
 # --- the mixer (one Mamba block without its norm and residual) --------------------------------------------
 
 
 def mixer_forward(x, p, config):
     """x: (B, T, d_model), p: mixer params -> (out: (B, T, d_model), cache)."""
     xp = ops.array_module(x)
+    linear = dense.mode(config, "out_in")
     Di, R = p["dt_proj"]["weight"].shape
     N = p["A_log"].shape[1]
-    xz, c_in = dense_forward(x, p["in_proj"], config, "out_in")
+    xz, c_in = dense_forward(x, p["in_proj"], linear)
     xs, z = xz[..., :Di], xz[..., Di:]
     xc, c_conv = causal_conv1d_forward(xs, p["conv1d"]["weight"], p["conv1d"]["bias"])
     u, c_act = ops.silu_forward(xc)
-    dbc, c_xp = dense_forward(u, p["x_proj"], config, "out_in")
+    dbc, c_xp = dense_forward(u, p["x_proj"], linear)
     dtr, Bm, Cm = dbc[..., :R], dbc[..., R:R + N], dbc[..., R + N:]
-    dtl, c_dtp = dense_forward(dtr, p["dt_proj"], config, "out_in")
+    dtl, c_dtp = dense_forward(dtr, p["dt_proj"], linear)
     dt, c_sp = ops.softplus_forward(dtl)
     A = -xp.exp(p["A_log"])
-    y, c_scan = _scan_forward(u, dt, A, Bm, Cm, p["D"])
+    y, c_scan = kernels.pick("scan", "forward", x)(u, dt, A, Bm, Cm, p["D"])
     y = y.astype(x.dtype, copy=False)
     gate, c_z = ops.silu_forward(z)
-    out, c_out = dense_forward(y * gate, p["out_proj"], config, "out_in")
+    out, c_out = dense_forward(y * gate, p["out_proj"], linear)
     return out, (c_in, c_conv, c_act, c_xp, c_dtp, c_sp, A, c_scan, y, gate, c_z, c_out)
 
 
@@ -184,7 +175,7 @@ def mixer_backward(dout, cache):
     g = {}
     dyg, g["out_proj"] = dense_backward(dout, c_out)
     dz = ops.silu_backward(dyg * y, c_z)
-    du, ddt, dA, dB, dC, g["D"] = _scan_backward(dyg * gate, c_scan)
+    du, ddt, dA, dB, dC, g["D"] = kernels.pick("scan", "backward", dout)(dyg * gate, c_scan)
     g["A_log"] = dA * A                                    # d(-exp(A_log)) / dA_log = A
     ddtr, g["dt_proj"] = dense_backward(ops.softplus_backward(ddt, c_sp), c_dtp)
     du2, g["x_proj"] = dense_backward(xp.concatenate([ddtr, dB, dC], axis=-1).astype(dout.dtype), c_xp)
@@ -236,7 +227,7 @@ def backward(dlogits, cache):
         dx, dnw = ops.rmsnorm_backward(dhn, c_norm)
         dh = dh + dx
         layers[str(i)] = {"norm": {"weight": dnw}, "mixer": g_mix}
-    dE = embedding_backward(dh, c_emb) + dET.T
+    dE = ops.embedding_backward(dh, c_emb) + dET.T
     return {"backbone": {"embeddings": {"weight": dE},
                          "layers": {str(i): layers[str(i)] for i in range(len(layer_caches))},
                          "norm_f": {"weight": dnf}}}
@@ -262,20 +253,21 @@ def init_state(params, config, batch):
 def _mixer_step(x, p, config, st):
     """x: (B, d_model), st: this layer's state -> (out: (B, d_model), new state). Same math as mixer_forward."""
     xp = ops.array_module(x)
+    linear = dense.mode(config, "out_in")
     Di, R = p["dt_proj"]["weight"].shape
     N = p["A_log"].shape[1]
-    xz, _ = dense_forward(x, p["in_proj"], config, "out_in")
+    xz, _ = dense_forward(x, p["in_proj"], linear)
     xs, z = xz[:, :Di], xz[:, Di:]
     conv = xp.concatenate([st["conv"][:, :, 1:], xs[:, :, None]], axis=2)    # (B, Di, K), newest last
     xc = (conv * p["conv1d"]["weight"][:, 0, :]).sum(-1) + p["conv1d"]["bias"]
     u, _ = ops.silu_forward(xc)
-    dbc, _ = dense_forward(u, p["x_proj"], config, "out_in")
+    dbc, _ = dense_forward(u, p["x_proj"], linear)
     dtr, Bm, Cm = dbc[:, :R], dbc[:, R:R + N], dbc[:, R + N:]
-    dt, _ = ops.softplus_forward(dense_forward(dtr, p["dt_proj"], config, "out_in")[0])
+    dt, _ = ops.softplus_forward(dense_forward(dtr, p["dt_proj"], linear)[0])
     A = -xp.exp(p["A_log"])
     h = xp.exp(dt[:, :, None] * A) * st["ssm"] + (dt * u)[:, :, None] * Bm[:, None, :]
     y = (h * Cm[:, None, :]).sum(-1) + p["D"] * u
-    out, _ = dense_forward(y * ops.silu_forward(z)[0], p["out_proj"], config, "out_in")
+    out, _ = dense_forward(y * ops.silu_forward(z)[0], p["out_proj"], linear)
     return out, {"conv": conv, "ssm": h.astype(st["ssm"].dtype, copy=False)}
 
 

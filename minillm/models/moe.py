@@ -7,7 +7,11 @@ this module adds the MoE keys to the config and checks them.
 from minillm.models import gpt
 from minillm.nn import moe as moe_layer
 
+HF_CLASS = None                 # no HF class: GPT-2 blocks with a Mixtral feed-forward
 DEFAULTS = dict(moe_layer.DEFAULTS)
+OPTIONS = gpt.OPTIONS + ("n_experts", "top_k", "aux_loss_coef")
+LORA_TARGETS, IN_OUT_LAYERS, NO_DECAY, BOUNDED_POSITIONS = (gpt.LORA_TARGETS, gpt.IN_OUT_LAYERS, gpt.NO_DECAY,
+                                                           gpt.BOUNDED_POSITIONS)
 
 
 def _config(config):

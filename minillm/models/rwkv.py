@@ -29,9 +29,17 @@ import numpy as np
 
 from minillm.nn import dense, ops
 from minillm.models import check_token_ids, param_dtype
-from minillm.kernels import wkv as wkv_cpu
+from minillm import kernels
+from minillm.kernels import wkv as wkv_kernels
 
 # F = intermediate_size (None: 4 d_model); eps of the block LayerNorms (ln_out always uses 1e-5, as HF).
+# --- what the rest of minillm needs to know about this architecture -------------------------------
+HF_CLASS = "RwkvForCausalLM"
+OPTIONS = ()
+LORA_TARGETS = ("attention.key", "attention.value", "attention.receptance", "attention.output")
+NO_DECAY = ("embeddings",)
+BOUNDED_POSITIONS = False                   # a recurrent state: any length
+
 DEFAULTS = {"intermediate_size": None, "layer_norm_epsilon": 1e-5}
 
 
@@ -41,15 +49,6 @@ def _ffn_size(config):
 
 def _eps(config):
     return float(config.get("layer_norm_epsilon", DEFAULTS["layer_norm_epsilon"]))
-
-
-def _wkv(x):
-    """The WKV kernels for x's device: Numba on the CPU, numba.cuda for GPU arrays."""
-    if ops.array_module(x) is np:
-        return wkv_cpu
-    from minillm.kernels import wkv_cuda
-
-    return wkv_cuda
 
 
 # --- token shift and mixing -------------------------------------------------------------------------
@@ -76,7 +75,7 @@ def _unshift(dx, ds):
 
 
 def _dense(x, p, config):
-    return dense.dense_forward(x, p, config, "out_in")
+    return dense.dense_forward(x, p, dense.mode(config, "out_in"))
 
 
 # --- time mixing (attention) ------------------------------------------------------------------------
@@ -96,7 +95,7 @@ def time_mix_forward(x, p, config, prev=None, state=None):
     r, cs = ops.sigmoid_forward(rl)
     xp = ops.array_module(x)
     w = -xp.exp(p["time_decay"])
-    y, cw = _wkv(k).wkv_forward(k, v, w, p["time_first"], state=state)
+    y, cw = kernels.pick("wkv", "forward", k)(k, v, w, p["time_first"], state=state)
     out, co = _dense(r * y, p["output"], config)
     cache = dict(x=x, s=s, p=p, ck=ck, cv=cv, cr=cr, cs=cs, r=r, y=y, w=w, cw=cw, co=co,
                  state_out=cw["state_out"])
@@ -109,7 +108,7 @@ def time_mix_backward(dout, cache):
     g = {}
     dry, g["output"] = dense.dense_backward(dout, c["co"])
     dr, dy = dry * c["y"], dry * c["r"]
-    dk, dv, dw, g["time_first"] = _wkv(dy).wkv_backward(dy, c["cw"])
+    dk, dv, dw, g["time_first"] = kernels.pick("wkv", "backward", dy)(dy, c["cw"])
     g["time_decay"] = dw * c["w"]  # w = -exp(time_decay): dw/dtime_decay = w
     dxr, g["receptance"] = dense.dense_backward(ops.sigmoid_backward(dr, c["cs"]), c["cr"])
     dxv, g["value"] = dense.dense_backward(dv, c["cv"])
@@ -281,7 +280,7 @@ def backward(dlogits, cache):
     for i in reversed(range(len(block_caches))):
         dx, blocks[str(i)] = block_backward(dx, block_caches[i])
     blocks = {str(i): blocks[str(i)] for i in range(len(block_caches))}
-    demb = dense.embedding_backward(dx, c_emb)
+    demb = ops.embedding_backward(dx, c_emb)
     return {"rwkv": {"embeddings": {"weight": demb}, "blocks": blocks,
                      "ln_out": {"weight": dlw, "bias": dlb}},
             "head": {"weight": dW.T}}
@@ -300,7 +299,7 @@ def init_state(params, config, batch):
     xp = ops.array_module(W)
     shape = (int(config["n_layer"]), int(batch), W.shape[1])
     state = {key: xp.zeros(shape, W.dtype) for key in STATE_KEYS}
-    state["max"] = xp.full(shape, -wkv_cpu.BIG, W.dtype)
+    state["max"] = xp.full(shape, -wkv_kernels.BIG, W.dtype)
     return {"config": config, "pos": 0, **state}
 
 

@@ -29,10 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from minillm.nn import dense
-from minillm.kernels import softmax as softmax_kernels
+from minillm import kernels
 from minillm.nn.ops import array_module
 
-KERNEL_MIN_SIZE = 0         # use the Numba kernels from this many elements on (tests vary it)
 CAUSAL_BLOCKS = 4           # row blocks of the causal products (each at least 64 rows)
 
 
@@ -157,37 +156,20 @@ def _tril_t_matmul(lower, b, out, edges):
         _bmm(upper[..., c0:c1, c0:], b[..., c0:, :], out=out[..., c0:c1, :])
 
 
-def _use_kernel(a_size, xp):
-    return xp is np and a_size >= KERNEL_MIN_SIZE
-
-
-def _on_gpu(xp):
-    return xp is not np
-
-
 def _causal_softmax(s):
-    """s: (B, H, T, T) scores -> causal softmax in place (zeros above the diagonal): the Numba kernel on
-    host arrays, the numba.cuda kernel on the GPU (kernels/softmax_cuda.py), the reference otherwise."""
-    xp = array_module(s)
-    if _use_kernel(s.size, xp):
-        return softmax_kernels.causal_softmax_numba(s)
-    if _on_gpu(xp):
-        from minillm.kernels.softmax_cuda import causal_softmax_cuda
-
-        return causal_softmax_cuda(s)
-    return softmax_kernels.causal_softmax_reference(s)
+    """s: (B, H, T, T) scores -> causal softmax in place (zeros above the diagonal), kernels/softmax.py."""
+    return kernels.pick("softmax", "causal", s)(s)
 
 
 def _causal_softmax_backward(dp, prob):
     """dp, prob: (B, H, T, T) -> dS in place of dp."""
-    xp = array_module(dp)
-    if _use_kernel(dp.size, xp):
-        return softmax_kernels.causal_softmax_backward_numba(dp, prob)
-    if _on_gpu(xp):
-        from minillm.kernels.softmax_cuda import causal_softmax_backward_cuda
+    return kernels.pick("softmax", "causal_backward", dp)(dp, prob)
 
-        return causal_softmax_backward_cuda(dp, prob)
-    return softmax_kernels.causal_softmax_backward_reference(dp, prob)
+
+def _blocked(a):
+    """The Numba kernels read only the causal half of the score matrices, so the products may skip the
+    blocks above the diagonal; the reference (and CUDA) softmax read whole rows."""
+    return kernels.implementation_for(a) == "numba"
 
 
 def attention_forward(x, p, config):
@@ -195,19 +177,20 @@ def attention_forward(x, p, config):
     xp = array_module(x)
     B, T, C = x.shape
     H, hd = _heads(config, C)
-    qkv, c_attn_cache = dense.dense_forward(x.reshape(B * T, C), p["c_attn"], config, "in_out")
+    conv1d = dense.mode(config, "in_out")
+    qkv, c_attn_cache = dense.dense_forward(x.reshape(B * T, C), p["c_attn"], conv1d)
     qkv = qkv.reshape(B, T, 3, H, hd)
     q = qkv[:, :, 0].transpose(0, 2, 1, 3)               # (B, H, T, hd) strided views, no copies
     k = qkv[:, :, 1].transpose(0, 2, 1, 3)
     v = qkv[:, :, 2].transpose(0, 2, 1, 3)
     q = q * (1.0 / math.sqrt(hd))                         # keeps qkv's strides (K order)
-    edges = _edges(T, _use_kernel(B * H * T * T, xp))
+    edges = _edges(T, _blocked(x))
     s = xp.empty((B, H, T, T), dtype=x.dtype)
     _matmul_lower_part(q, k.transpose(0, 1, 3, 2), s, edges)
     prob = _causal_softmax(s)                             # (B, H, T, T), zero above the diagonal
     o = xp.empty((B, T, H, hd), dtype=x.dtype)            # heads written straight into (B, T, C) order
     _tril_matmul(prob, v, o.transpose(0, 2, 1, 3), edges)
-    y, c_proj_cache = dense.dense_forward(o.reshape(B * T, C), p["c_proj"], config, "in_out")
+    y, c_proj_cache = dense.dense_forward(o.reshape(B * T, C), p["c_proj"], conv1d)
     return y.reshape(B, T, C), (c_attn_cache, c_proj_cache, q, k, v, prob, hd)
 
 
@@ -223,7 +206,7 @@ def attention_backward(dy, cache):
     dq = dqkv[:, :, 0].transpose(0, 2, 1, 3)
     dk = dqkv[:, :, 1].transpose(0, 2, 1, 3)
     dv = dqkv[:, :, 2].transpose(0, 2, 1, 3)
-    edges = _edges(T, _use_kernel(prob.size, xp))
+    edges = _edges(T, _blocked(prob))
     _tril_t_matmul(prob, do, dv, edges)
     dp = xp.empty_like(prob)
     _matmul_lower_part(do, v.transpose(0, 1, 3, 2), dp, edges)
@@ -258,7 +241,8 @@ def attention_step(x_t, p, config, kv_cache, pos):
     H, hd = _heads(config, C)
     if not 0 <= pos < kv_cache["k"].shape[2]:
         raise ValueError(f"position {pos} is outside the KV cache of {kv_cache['k'].shape[2]} positions")
-    qkv, _ = dense.dense_forward(x_t, p["c_attn"], config, "in_out")
+    conv1d = dense.mode(config, "in_out")
+    qkv, _ = dense.dense_forward(x_t, p["c_attn"], conv1d)
     qkv = qkv.reshape(B, 3, H, hd)
     kv_cache["k"][:, :, pos] = qkv[:, 1]
     kv_cache["v"][:, :, pos] = qkv[:, 2]
@@ -266,14 +250,7 @@ def attention_step(x_t, p, config, kv_cache, pos):
     values = kv_cache["v"][:, :, : pos + 1]
     q = qkv[:, 0, :, None, :] * (1.0 / math.sqrt(hd))    # (B, H, 1, hd)
     s = q @ keys.transpose(0, 1, 3, 2)                    # (B, H, 1, L)
-    if _use_kernel(s.size, xp):
-        e = softmax_kernels.softmax_rows_numba(s)
-    elif _on_gpu(xp):
-        from minillm.kernels.softmax_cuda import softmax_rows_cuda
-
-        e = softmax_rows_cuda(s)
-    else:
-        e = softmax_kernels.softmax_rows_reference(s)
+    e = kernels.pick("softmax", "rows", s)(s)
     o = (e @ values).reshape(B, C)
-    y, _ = dense.dense_forward(o, p["c_proj"], config, "in_out")
+    y, _ = dense.dense_forward(o, p["c_proj"], conv1d)
     return y, kv_cache

@@ -4,7 +4,7 @@ The update, as peft computes it (lora_A.weight (r, I), lora_B.weight (O, r)):
 
     y = dense(x) + (alpha / r) * (dropout(x) A^T) B^T          x: (..., I) -> y: (..., O)
 
-`layers.dense_forward` adds `lora_delta_forward(x, A, B, config)` to a dense layer whose params dict
+`dense.dense_forward` adds `lora_delta_forward(x, A, B, settings)` to a dense layer whose params dict
 holds "lora_A" and "lora_B"; its backward then returns gradients for lora_A / lora_B (and the bias)
 but none for the frozen weight. config["lora"] = {"rank", "alpha", "targets", "dropout"} (see
 `lora_config`). A is initialised like peft (kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(I), 1/sqrt(I)))
@@ -30,6 +30,7 @@ Otherwise the adapter is deterministic. Adapter files, fine-tuning and merging c
 
 import fnmatch
 import re
+from typing import NamedTuple
 
 import numpy as np
 
@@ -90,16 +91,27 @@ def training_config(config, rng):
     return {**config, "lora": {**_lora(config), "dropout_rng": rng}}
 
 
-def lora_delta_forward(x, A, B, config, rng=None):
-    """x: (..., I), A: (r, I), B: (O, r) -> delta: (..., O) = (alpha / r) (dropout(x) A^T) B^T."""
+class Settings(NamedTuple):
+    """What an adapter's forward needs of the config: scale = alpha / r, dropout probability, dropout rng."""
+    scale: float
+    dropout: float = 0.0
+    rng: object = None
+
+
+def settings(config):
+    """config (with a "lora" section, see lora_config / training_config) -> Settings."""
     lc = _lora(config)
+    return Settings(scale_of(config), float(lc.get("dropout", 0.0) or 0.0), lc.get("dropout_rng"))
+
+
+def lora_delta_forward(x, A, B, lora, rng=None):
+    """x: (..., I), A: (r, I), B: (O, r), lora: Settings -> delta: (..., O) = scale (dropout(x) A^T) B^T."""
     if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or A.shape[1] != x.shape[-1]:
         raise ValueError(f"LoRA shapes do not fit: x {x.shape}, lora_A {A.shape} (r, in), "
                          f"lora_B {B.shape} (out, r)")
     xp = array_module(x)
-    scale = scale_of(config)
-    p = float(lc.get("dropout", 0.0) or 0.0)
-    rng = lc.get("dropout_rng") if rng is None else rng
+    scale, p = lora.scale, lora.dropout
+    rng = lora.rng if rng is None else rng
     mask = None
     if p > 0.0 and rng is not None:
         # inverted dropout as torch.nn.Dropout: keep with prob 1 - p, scale kept entries by 1/(1-p)

@@ -43,7 +43,8 @@ import math
 import numpy as np
 
 from minillm.nn import dense, ops
-from minillm.kernels import moe as kernels
+from minillm import kernels
+from minillm.arrays import to_host
 
 DEFAULTS = {
     "n_experts": 8,
@@ -57,19 +58,6 @@ DEFAULTS = {
 def d_ff_of(config):
     """The experts' hidden width: config["d_ff"], or 4 * d_model when unset."""
     return int(config.get("d_ff") or 4 * config["d_model"])
-
-
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
-
-
-def _backend(xp):
-    """Dispatch/combine/SwiGLU functions for this array module: Numba on the host, CUDA on cupy."""
-    if xp is np:
-        return kernels
-    from minillm.kernels import moe_cuda
-
-    return moe_cuda
 
 
 def _top_k(probs, k, xp):
@@ -105,7 +93,7 @@ def moe_init(config, rng):
 def moe_forward(x, p, config):
     """x: (..., C) (e.g. (B, T, C) or (N, C)) -> y: same shape. Returns (y, cache)."""
     xp = ops.array_module(x)
-    K = _backend(xp)
+    K = kernels.select("moe", x)
     C = x.shape[-1]
     x2 = x.reshape(-1, C)
     N = x2.shape[0]
@@ -127,20 +115,21 @@ def moe_forward(x, p, config):
     top_sum = top.sum(axis=1, keepdims=True)
     w = top / top_sum
 
+    linear = dense.mode(config, "out_in")
     xs, order, offsets, pos = K.dispatch(x2, idx, E)
-    offs = [int(v) for v in _host(offsets)]
+    offs = [int(v) for v in to_host(offsets)]
     ys = xp.empty_like(xs)
     expert_caches = []
     for e in range(E):
         pe, rows = p["experts"][str(e)], slice(offs[e], offs[e + 1])
-        h1, c1 = dense.dense_forward(xs[rows], pe["w1"], config, "out_in")
-        h3, c3 = dense.dense_forward(xs[rows], pe["w3"], config, "out_in")
-        ye, c2 = dense.dense_forward(K.swiglu(h1, h3), pe["w2"], config, "out_in")
+        h1, c1 = dense.dense_forward(xs[rows], pe["w1"], linear)
+        h3, c3 = dense.dense_forward(xs[rows], pe["w3"], linear)
+        ye, c2 = dense.dense_forward(K.swiglu(h1, h3), pe["w2"], linear)
         ys[rows] = ye
         expert_caches.append((c1, c3, c2, h1, h3))
     y = K.combine(ys, pos, w)
 
-    counts = _host(offsets[1:] - offsets[:-1]).astype(np.int64)
+    counts = to_host(offsets[1:] - offsets[:-1]).astype(np.int64)
     f = xp.asarray(counts / N, dtype=x.dtype)
     aux = E * float((f * probs.mean(axis=0)).sum())
     m = logits.max(axis=1, keepdims=True)
@@ -159,7 +148,7 @@ def moe_backward(dy, cache):
     """dy: like y -> (dx: like x, grads keyed like p). Includes the gradient of the layer's
     aux_loss_coef * aux + router_z_loss_coef * z."""
     xp = ops.array_module(dy)
-    K = _backend(xp)
+    K = kernels.select("moe", dy)
     shape, offs, E = cache["shape"], cache["offs"], cache["n_experts"]
     C = shape[-1]
     dy2 = dy.reshape(-1, C)

@@ -3,21 +3,14 @@
 Every `*_forward` returns `(y, cache)`; the matching `*_backward(dy, cache)` returns the gradients of
 the forward's array arguments, in order. Pure functions: no state, dtype flows from the inputs, and the
 array module comes from the inputs (`array_module`) so the same code runs on NumPy and CuPy.
-This module imports nothing else of minillm.
+The ops that have kernels (embedding backward, layernorm, gelu, cross-entropy) take their implementation
+from the one dispatch, kernels.pick; their NumPy reference is in kernels/<op>.py. This module imports
+only minillm.kernels and minillm.arrays.
 """
 
-import math
-
-import numpy as np
-
-
-def array_module(x):
-    """numpy for host arrays, cupy for device arrays (cupy is imported only if x is one of its arrays)."""
-    if type(x).__module__.startswith("cupy"):
-        import cupy
-
-        return cupy
-    return np
+from minillm import kernels
+from minillm.arrays import array_module
+from minillm.kernels.softmax import log_softmax
 
 
 # --- linear and embedding -------------------------------------------------------------------------
@@ -47,37 +40,29 @@ def embedding_forward(ids, w):
     return w[ids], (ids, w.shape)
 
 
-def embedding_backward(dy, cache):
-    """dy: (..., C) -> dw: (V, C); repeated ids accumulate."""
+def embedding_backward(dy, cache, out=None):
+    """dy: (..., C) -> dw: (V, C), added into `out` when given. Repeated ids accumulate in a fixed order on
+    every device (cupy.add.at would add them atomically, in another order each run)."""
     ids, shape = cache
-    xp = array_module(dy)
-    dw = xp.zeros(shape, dtype=dy.dtype)
-    xp.add.at(dw, ids.reshape(-1), dy.reshape(-1, shape[1]))
-    return dw
+    return kernels.pick("embedding", "backward", dy)(dy, ids, shape, out=out)
 
 
 # --- normalisation --------------------------------------------------------------------------------
 
 
 def layernorm_forward(x, w, b, eps=1e-5):
-    """x: (..., C), w, b: (C,) -> y: (..., C); biased variance, as torch.nn.LayerNorm."""
-    mean = x.mean(axis=-1, keepdims=True)
-    xc = x - mean
-    rstd = 1.0 / ((xc * xc).mean(axis=-1, keepdims=True) + eps) ** 0.5
-    xhat = xc * rstd
-    return xhat * w + b, (xhat, rstd, w)
+    """x: (..., C), w, b: (C,) -> y: (..., C); biased variance, as torch.nn.LayerNorm (kernels/layernorm.py)."""
+    return kernels.pick("layernorm", "forward", x)(x, w, b, eps)
 
 
 def layernorm_backward(dy, cache):
     """dy: (..., C) -> (dx, dw, db)."""
-    xhat, rstd, w = cache
-    C = xhat.shape[-1]
-    dw = (dy * xhat).reshape(-1, C).sum(axis=0)
-    db = dy.reshape(-1, C).sum(axis=0)
-    g = dy * w
-    # dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
-    dx = rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
-    return dx, dw, db
+    return kernels.pick("layernorm", "backward", dy)(dy, cache)
+
+
+def layernorm_rows(x, w, b, eps=1e-5):
+    """Forward only, no cache: LayerNorm of a few rows (the decoding step), in one kernel call."""
+    return kernels.pick("layernorm", "rows", x)(x, w, b, eps)
 
 
 def rmsnorm_forward(x, w, eps=1e-5):
@@ -99,20 +84,13 @@ def rmsnorm_backward(dy, cache):
 
 # --- activations ----------------------------------------------------------------------------------
 
-_GELU_C = math.sqrt(2.0 / math.pi)
-
-
 def gelu_forward(x):
-    """GELU, tanh approximation (HF `gelu_new`): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    xp = array_module(x)
-    t = xp.tanh(_GELU_C * (x + 0.044715 * x * x * x))
-    return 0.5 * x * (1.0 + t), (x, t)
+    """GELU, tanh approximation (HF `gelu_new`): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (kernels/gelu.py)."""
+    return kernels.pick("gelu", "forward", x)(x)
 
 
 def gelu_backward(dy, cache):
-    x, t = cache
-    dinner = _GELU_C * (1.0 + 3.0 * 0.044715 * x * x)
-    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner)
+    return kernels.pick("gelu", "backward", dy)(dy, cache)
 
 
 def sigmoid_forward(x):
@@ -182,38 +160,17 @@ def softmax_backward(dy, cache):
     return y * (dy - (dy * y).sum(axis=axis, keepdims=True))
 
 
-def log_softmax(x, axis=-1):
-    """log softmax along `axis` (forward only; cross_entropy has the fused backward)."""
-    xp = array_module(x)
-    z = x - x.max(axis=axis, keepdims=True)
-    return z - xp.log(xp.exp(z).sum(axis=axis, keepdims=True))
-
-
 def cross_entropy_forward(logits, targets, ignore_index=-100):
     """logits: (..., V), targets: (...) int -> mean negative log-likelihood over non-ignored targets.
 
-    Targets equal to `ignore_index` contribute nothing (as torch). Returns (loss: float, cache).
+    Targets equal to `ignore_index` contribute nothing (as torch). Returns (loss: float, cache); on a GPU
+    one fused kernel, with only the loss crossing to the host (kernels/softmax.py, softmax_cuda.py).
     """
-    xp = array_module(logits)
-    V = logits.shape[-1]
-    flat = logits.reshape(-1, V)
-    t = targets.reshape(-1)
-    keep = t != ignore_index
-    n = int(keep.sum())
-    if n == 0:
-        raise ValueError("cross_entropy: every target is ignore_index")
-    logp = log_softmax(flat)
-    safe_t = xp.where(keep, t, 0)
-    picked = logp[xp.arange(flat.shape[0]), safe_t]
-    loss = -(picked * keep).sum() / n
-    return float(loss), (logp, safe_t, keep, n, logits.shape)
+    loss, cache = kernels.pick("softmax", "cross_entropy_forward", logits)(logits, targets, ignore_index)
+    return loss, (kernels.pick("softmax", "cross_entropy_backward", logits), cache)
 
 
 def cross_entropy_backward(dloss, cache):
     """dloss: scalar -> dlogits: same shape as logits. d/dz of -log softmax(z)_t = softmax(z) - onehot(t)."""
-    logp, safe_t, keep, n, shape = cache
-    xp = array_module(logp)
-    d = xp.exp(logp)
-    d[xp.arange(d.shape[0]), safe_t] -= 1.0
-    d *= (keep * (dloss / n))[:, None].astype(d.dtype, copy=False)
-    return d.reshape(shape)
+    backward, inner = cache
+    return backward(dloss, inner)

@@ -39,6 +39,7 @@ Numba kernel on the packed bytes (int8 activations, int32 accumulation, then one
 
 import numpy as np
 
+from minillm import kernels
 from minillm.kernels import ternary as kt
 from minillm.nn.ops import array_module
 
@@ -135,10 +136,8 @@ def packed_linear_forward(x, packed, scale, shape, b=None):
         raise ValueError(f"packed linear: input has {x.shape[-1]} features, weight expects {I}")
     xq, a = activation_quant(x)
     xq2 = xq.reshape(-1, I).astype(np.int8)
-    if xq2.shape[0] == 1:
-        acc = kt.ternary_matvec(xq2[0], packed, O)[None]
-    else:
-        acc = kt.ternary_matmul(xq2, packed, O)
+    K = kernels.select("ternary", packed)
+    acc = K.matvec(xq2[0], packed, O)[None] if xq2.shape[0] == 1 else K.matmul(xq2, packed, O)
     s = np.asarray(scale, dtype=x.dtype).reshape(())
     y = acc.reshape(x.shape[:-1] + (O,)).astype(x.dtype) * (s / a)
     if b is not None:

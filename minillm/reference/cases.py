@@ -229,7 +229,7 @@ def lora_linear(inputs, params, upstream, config):
     from minillm.nn import dense
 
     cfg = {"lora": lora.lora_config(config["rank"], config["alpha"])}
-    y, cache = dense.dense_forward(inputs["x"], dict(params), cfg, "out_in")
+    y, cache = dense.dense_forward(inputs["x"], dict(params), dense.mode(cfg, "out_in"))
     dx, grads = dense.dense_backward(upstream["y"], cache)
     return {"y": y}, {"x": dx, "lora_A": grads["lora_A"], "lora_B": grads["lora_B"]}
 

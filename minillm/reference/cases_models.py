@@ -70,8 +70,8 @@ def selective_scan(inputs, params, upstream, config):
     from minillm.kernels import scan
 
     args = [inputs[k] for k in ("x", "dt", "A", "B", "C", "D")]
-    y, cache = scan.selective_scan_forward(*args)
-    grads = scan.selective_scan_backward(upstream["y"], cache)
+    y, cache = scan.forward(*args)
+    grads = scan.backward(upstream["y"], cache)
     return {"y": y}, dict(zip(("x", "dt", "A", "B", "C", "D"), grads))
 
 
@@ -107,8 +107,8 @@ def wkv(inputs, params, upstream, config):
     from minillm.kernels import wkv as kernels
 
     w = -np.exp(inputs["time_decay"])
-    y, cache = kernels.wkv_forward(inputs["key"], inputs["value"], w, inputs["time_first"])
-    dk, dv, dw, du = kernels.wkv_backward(upstream["y"], cache)
+    y, cache = kernels.forward(inputs["key"], inputs["value"], w, inputs["time_first"])
+    dk, dv, dw, du = kernels.backward(upstream["y"], cache)
     return {"y": y}, {"key": dk, "value": dv, "time_decay": dw * w, "time_first": du}
 
 
