@@ -35,6 +35,7 @@ import zlib
 import numpy as np
 
 from minillm import __version__
+from minillm.fileio import atomic_write
 # the comparison and its report; ImplementationError, Report, Row and compare_case are part of this API
 from minillm.reference.report import ImplementationError, Report, Row, compare_case, to_numpy  # noqa: F401
 
@@ -111,13 +112,6 @@ def _file_name(component, variant):
     return f"{component}.safetensors" if variant == "float64" else f"{component}.{variant}.safetensors"
 
 
-def _write_atomic(path, data):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _short_lists(text):
     """Put JSON lists of numbers (shapes, betas) and each tensor's {dtype, shape} on one line."""
     text = re.sub(r"\[\s+([-+.\deE]+(?:,\s+[-+.\deE]+)*)\s+\]",
@@ -147,7 +141,7 @@ def make(directory, components=None, seed=0, log=None):
             tensors = build(name, seed, variant)
             data = save(tensors, metadata={"minillm_reference": f"{name}/{variant}"})
             fname = _file_name(name, variant)
-            _write_atomic(os.path.join(directory, fname), data)
+            atomic_write(os.path.join(directory, fname), data)
             entry["variants"][variant] = {
                 "file": fname, "sha256": hashlib.sha256(data).hexdigest(), "rtol": rtol,
                 "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sorted(tensors.items())}}
@@ -155,7 +149,7 @@ def make(directory, components=None, seed=0, log=None):
                 log(f"wrote {fname} ({len(tensors)} tensors)")
         manifest["components"][name] = entry
     text = _short_lists(json.dumps(manifest, indent=2, sort_keys=True)) + "\n"
-    _write_atomic(os.path.join(directory, "manifest.json"), text.encode("utf-8"))
+    atomic_write(os.path.join(directory, "manifest.json"), text.encode("utf-8"))
     return manifest
 
 
