@@ -1,4 +1,4 @@
-"""Golden cases (minillm/reference.py): byte-identical regeneration, the check API and CLI, wrong
+"""Golden cases (minillm/reference/__init__.py): byte-identical regeneration, the check API and CLI, wrong
 implementations failing with clear messages, and the README's worked example. The peers named in the
 manifest pass the check in test_reference_peers.py."""
 
@@ -77,7 +77,7 @@ def test_float32_variants_are_the_rounded_case(golden):
 
 
 def test_minillm_passes_every_case_in_both_dtypes(golden):
-    """Each component function of reference_cases, run on the float32 files, computes in float32:
+    """Each component function of reference.cases, run on the float32 files, computes in float32:
     that float32 arithmetic passes the float32 tolerance is what the tolerance promises."""
     for name in reference.components():
         report = reference.check(name, rc.COMPONENTS[name]["fn"], golden)
@@ -220,7 +220,7 @@ def test_cli_errors_are_one_line(golden, tmp_path, capsys):
     one_error_line(capsys, "reference", "check", golden, "--impl", "no_such_module_xyz", match="cannot import")
     one_error_line(capsys, "reference", "check", golden, "--impl", "minillm.reference.cases:nope",
                    match="has no function 'nope'")
-    one_error_line(capsys, "reference", "check", golden, "--impl", "minillm.reference.cases:_normal",
+    one_error_line(capsys, "reference", "check", golden, "--impl", "minillm.reference.cases:normal",
                    match="--components")
     one_error_line(capsys, "reference", "check", golden, "--impl", "minillm.nn.ops", match="none of the component")
     one_error_line(capsys, "reference", "make", str(tmp_path / "x"), "--components", "gelu,bogus",

@@ -1,4 +1,4 @@
-"""Comparing an implementation's result with a golden case (reference.py) and reporting it:
+"""Comparing an implementation's result with a golden case (minillm.reference) and reporting it:
 one Row per expected tensor, rel = max |got - want| / max |want| against the case's rtol, integer
 tensors exact.
 
