@@ -177,6 +177,29 @@ def test_bad_directories(golden, tmp_path):
         reference.check("layernorm", rc.layernorm, tmp_path / "g")
 
 
+def test_check_directory(golden):
+    res = reference.check_directory(golden, "minillm.reference.cases", "gelu,wkv", "float32")
+    assert res.ok and res.components == ["wkv"] and list(res.reports) == ["wkv"]   # gelu: no float32 file
+    assert res.n_tensors == 5 and res.summary() == "ok: 1 component(s), 5 tensors within tolerance"
+
+    def broken(inputs, params, upstream, config):
+        raise RuntimeError("not yet")
+    seen = []
+    res = reference.check_directory(golden, {"layernorm": broken, "gelu": rc.gelu, "wkv": rc.wkv},
+                                    ["layernorm", "gelu"], on_report=lambda name, rep: seen.append((name, rep.ok)))
+    assert not res.ok and res.components == ["layernorm", "gelu"] and res.failed == ["layernorm"]
+    assert seen == [("gelu", True)] and list(res.reports) == ["gelu"]       # the one that raised: no Report
+    assert res.failures == ["FAIL layernorm [float64]: the implementation raised RuntimeError: not yet"]
+    assert res.summary() == f"1 of 2 component(s) failed against {golden}: layernorm"
+    res = reference.check_directory(golden, {"gelu": lambda *a: rc.gelu(*a)[0]})     # outputs only
+    assert res.failed == ["gelu"] and "missing: the result has no grads['x']" in res.failures[0]
+    assert reference.check_directory(golden, {"gelu": lambda *a: rc.gelu(*a)[0]}, forward_only=True).ok
+    with pytest.raises(ValueError, match="no function for 'wkv'"):
+        reference.check_directory(golden, {"gelu": rc.gelu}, "wkv")
+    with pytest.raises(ValueError, match="none of the components to check has a float32 variant"):
+        reference.check_directory(golden, "minillm.reference.cases:gelu", variant="float32")
+
+
 # --- the command line -----------------------------------------------------------------------------------
 
 WRONG_IMPL = '''

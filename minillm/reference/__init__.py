@@ -4,6 +4,7 @@ JAX, Triton, C, ...) can be checked against (the README section "Golden cases" i
     make(directory, components=None, seed=0) -> manifest     writes the files below
     load(directory, component, variant="float64") -> Case    one golden case
     check(component, fn, directory, ...) -> Report           runs fn on the golden inputs, compares
+    check_directory(directory, impl, ...) -> DirectoryReport  every component an implementation has
     resolve_impl("pkg.module[:function]" or "file.py[:function]", components) -> {component: fn}
 
 A golden directory holds `<component>.safetensors` (float64), for some components also
@@ -36,8 +37,10 @@ import numpy as np
 
 from minillm import __version__
 from minillm.fileio import atomic_write
-# the comparison and its report; ImplementationError, Report, Row and compare_case are part of this API
-from minillm.reference.report import ImplementationError, Report, Row, compare_case, to_numpy  # noqa: F401
+# the comparison and its report; ImplementationError, Report, Row, DirectoryReport and compare_case are
+# part of this API
+from minillm.reference.report import (DirectoryReport, ImplementationError, Report, Row,  # noqa: F401
+                                      compare_case, to_numpy)
 
 FORMAT, VERSION = "minillm-reference", 1
 SECTIONS = ("inputs", "params", "upstream", "outputs", "grads")
@@ -57,12 +60,17 @@ def components():
     return list(_registry())
 
 
+def _split_names(names):
+    """"a,b c" or ["a,b", "c"] -> ["a", "b", "c"]."""
+    return [n for part in ([names] if isinstance(names, str) else names)
+            for n in str(part).replace(",", " ").split()]
+
+
 def _check_names(names):
     known = _registry()
     if names is None:
         return list(known)
-    names = [n for part in ([names] if isinstance(names, str) else names)
-             for n in str(part).replace(",", " ").split()]
+    names = _split_names(names)
     bad = [n for n in names if n not in known]
     if bad:
         raise ValueError(f"unknown component {bad[0]!r}; known: {', '.join(known)}")
@@ -262,6 +270,52 @@ def check(component, fn, directory, variants=None, grads=True, catch=False):
                                       f"{type(e).__name__}: {e}") from e
         rows += compare_case(case, result, grads)
     return Report(rows)
+
+
+def check_directory(directory, impl, components=None, variant="all", forward_only=False, on_report=None):
+    """Check an implementation against every golden case it has a function for -> DirectoryReport.
+
+    impl: "pkg.module[:function]" / "file.py[:function]" (resolve_impl) or {component: fn}.
+    components: names (list or comma-separated) to restrict to; each must be in the directory.
+    variant: "all", or "float64" / "float32" (components without that variant are skipped).
+    forward_only: compare the outputs only. on_report(component, Report) is called as each component
+    is done. An implementation that raises fails its component (one FAIL line) and the others still
+    run. ValueError for problems with the directory or the arguments, before anything runs."""
+    manifest = read_manifest(directory)
+    wanted = None if components is None else _split_names(components)
+    for name in wanted or ():             # first: "the directory has no case for x" (then: unknown names)
+        manifest_entry(manifest, directory, name)
+    if isinstance(impl, str):
+        fns = resolve_impl(impl, wanted, available=list(manifest["components"]))
+    else:
+        impl = dict(impl)
+        missing = [n for n in wanted or () if n not in impl]
+        if missing:
+            raise ValueError(f"the implementation has no function for {missing[0]!r}")
+        fns = {n: f for n, f in impl.items() if wanted is None or n in wanted}
+        for name in fns:
+            manifest_entry(manifest, directory, name)
+    if variant != "all":
+        fns = {n: f for n, f in fns.items() if variant in manifest["components"][n].get("variants", {})}
+        if not fns:
+            raise ValueError(f"none of the components to check has a {variant} variant in {directory}")
+    result = DirectoryReport(str(directory), list(fns), {}, [], [], 0)
+    for name, fn in fns.items():
+        variants = None if variant == "all" else [variant]
+        try:
+            rep = check(name, fn, directory, variants=variants, grads=not forward_only, catch=True)
+        except ImplementationError as e:  # report it, go on with the other components
+            result.failures.append(f"FAIL {e}")
+            result.failed.append(name)
+            continue
+        result.reports[name] = rep
+        result.n_tensors += sum(1 for r in rep.rows if not r.note.endswith("(ignored)"))
+        if on_report is not None:
+            on_report(name, rep)
+        result.failures.extend(rep.failures())
+        if not rep.ok:
+            result.failed.append(name)
+    return result
 
 
 # --- finding someone's implementation ----------------------------------------------------------------
