@@ -9,15 +9,14 @@ A checkpoint is a directory holding
 The last two are what `--resume` needs. Nothing is ever unpickled: weights go through
 safetensors.numpy, everything else is JSON.
 
-Every file is first written to a temporary name in the same directory, then os.replace'd, so a
-crash leaves each file either old or new, never half written. All files are validated and written
-to temporaries before the first replace; parameters with NaN/inf are refused before anything is
-written, so a diverged run never overwrites a good checkpoint.
+Every file is first written (and fsync'ed) to a temporary name in the same directory, then
+os.replace'd (minillm.fileio), so a crash leaves each file either old or new, never half written.
+All files are validated and written to temporaries before the first replace; parameters with NaN/inf
+are refused before anything is written, so a diverged run never overwrites a good checkpoint.
 """
 
 import json
 import os
-import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import safetensors.numpy
 
 from minillm import __version__
+from minillm.fileio import fsync_directory, remove_if_exists, write_temp
 from minillm.tree import flatten, unflatten
 
 FORMAT = 1
@@ -106,40 +106,11 @@ def _st_bytes(flat, meta, what):
         raise ValueError(f"cannot save the {what} as safetensors: {e}") from None
 
 
-def _write_temp(directory, name, writer):
-    """Write via writer(tmp_path) to a fresh temporary file next to `name`; return its path."""
-    stem, ext = os.path.splitext(name)
-    # Not mkstemp: its files are mode 0600, and the checkpoint should get the usual umask mode.
-    tmp = os.path.join(directory, f".{stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{ext}")
-    try:
-        writer(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        _remove(tmp)
-        raise
-    return tmp
-
-
-def _remove(path):
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def _bytes_writer(data):
-    def write(path):
-        with open(path, "wb") as f:
-            f.write(data)
-    return write
-
-
-def _tokenizer_writer(tokenizer):
+def _tokenizer_content(tokenizer):
     if hasattr(tokenizer, "save"):
         return lambda path: tokenizer.save(path)
     if isinstance(tokenizer, dict):
-        return _bytes_writer(_json_bytes(tokenizer, "the tokenizer"))
+        return _json_bytes(tokenizer, "the tokenizer")
     if isinstance(tokenizer, (str, os.PathLike)):
         if not os.path.isfile(tokenizer):
             raise ValueError(f"tokenizer file {str(tokenizer)!r} does not exist")
@@ -170,13 +141,12 @@ def save_checkpoint(out_dir, params, config, tokenizer=None, optimizer_state=Non
     _check_finite(flat, "parameters")
     # One metadata key per file: safetensors serialises the metadata map in hash order, so
     # several keys would make the bytes differ from run to run (checkpoints must be reproducible).
-    files = {  # name -> writer(tmp_path), all prepared (and validated) before any write
-        MODEL_FILE: _bytes_writer(_st_bytes(flat, {"format": "np"}, "parameters")),
-        CONFIG_FILE: _bytes_writer(_json_bytes(
-            {**config, "minillm_version": __version__, "format": FORMAT}, "config")),
+    files = {  # name -> bytes or writer(tmp_path), all prepared (and validated) before any write
+        MODEL_FILE: _st_bytes(flat, {"format": "np"}, "parameters"),
+        CONFIG_FILE: _json_bytes({**config, "minillm_version": __version__, "format": FORMAT}, "config"),
     }
     if tokenizer is not None:
-        files[TOKENIZER_FILE] = _tokenizer_writer(tokenizer)
+        files[TOKENIZER_FILE] = _tokenizer_content(tokenizer)
     if optimizer_state is not None:
         if not isinstance(optimizer_state, dict) or not {"step", "m", "v"} <= set(optimizer_state):
             raise ValueError("optimizer_state must be a dict with 'step', 'm' and 'v' "
@@ -189,9 +159,9 @@ def save_checkpoint(out_dir, params, config, tokenizer=None, optimizer_state=Non
                 moments[f"{key}.{n}"] = _host(a)
         _check_finite(moments, "optimizer moments")
         opt_meta = {"step": str(int(optimizer_state["step"]))}
-        files[OPTIMIZER_FILE] = _bytes_writer(_st_bytes(moments, opt_meta, "optimizer moments"))
+        files[OPTIMIZER_FILE] = _st_bytes(moments, opt_meta, "optimizer moments")
     if trainer_state is not None:
-        files[TRAINER_FILE] = _bytes_writer(_json_bytes(trainer_state, "trainer_state"))
+        files[TRAINER_FILE] = _json_bytes(trainer_state, "trainer_state")
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -200,24 +170,17 @@ def save_checkpoint(out_dir, params, config, tokenizer=None, optimizer_state=Non
     temps = {}
     try:
         for name, writer in files.items():
-            temps[name] = _write_temp(out, name, writer)
+            temps[name] = write_temp(out / name, writer)
         for name in (OPTIMIZER_FILE, TRAINER_FILE):
             if name not in files:
-                _remove(out / name)
+                remove_if_exists(out / name)
         # config.json last: a directory with a new config always has the new weights too.
         for name in sorted(temps, key=lambda n: n == CONFIG_FILE):
             os.replace(temps.pop(name), out / name)
     finally:
         for tmp in temps.values():
-            _remove(tmp)
-    try:  # make the renames durable (best effort: not every filesystem allows it)
-        fd = os.open(out, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+            remove_if_exists(tmp)
+    fsync_directory(out)   # make the renames durable
     return str(out)
 
 

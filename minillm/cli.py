@@ -257,34 +257,14 @@ def reference_check(directory, impl, components, variant, forward_only, quiet):
     Exit status 1 when any tensor is off by more than the manifest's tolerance."""
     from minillm import reference
 
-    manifest = reference.read_manifest(directory)
-    wanted = _component_list(components)
-    for name in wanted or ():
-        reference.manifest_entry(manifest, directory, name)
-    fns = reference.resolve_impl(impl, wanted, available=list(manifest["components"]))
-    failed, bad, n_rows = [], [], 0
-    if variant != "all":   # components without that variant are skipped
-        fns = {n: f for n, f in fns.items() if variant in manifest["components"][n].get("variants", {})}
-        if not fns:
-            raise UserError(f"none of the components to check has a {variant} variant in {directory}")
-    for name, fn in fns.items():
-        variants = None if variant == "all" else [variant]
-        try:
-            rep = reference.check(name, fn, directory, variants=variants, grads=not forward_only, catch=True)
-        except reference.ImplementationError as e:  # report it, go on with the other components
-            failed.append(f"FAIL {e}")
-            bad.append(name)
-            continue
-        n_rows += sum(1 for r in rep.rows if not r.note.endswith("(ignored)"))
-        if not quiet:
-            click.echo(rep.format())
-        failed += rep.failures()
-        bad += [] if rep.ok else [name]
-    for line in failed:
+    show = None if quiet else (lambda name, rep: click.echo(rep.format()))
+    result = reference.check_directory(directory, impl, _component_list(components), variant, forward_only,
+                                       on_report=show)
+    for line in result.failures:
         click.echo(line)
-    if failed:
-        raise UserError(f"{len(bad)} of {len(fns)} component(s) failed against {directory}: {', '.join(bad)}")
-    click.echo(f"ok: {len(fns)} component(s), {n_rows} tensors within tolerance")
+    if not result.ok:
+        raise UserError(result.summary())
+    click.echo(result.summary())
 
 
 @reference_group.command("list")

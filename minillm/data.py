@@ -10,6 +10,8 @@ import os
 import numpy as np
 from tqdm.auto import tqdm
 
+from minillm.fileio import atomic_write
+
 
 def documents(text):
     """The non-empty lines of `text`, stripped of their line ends."""
@@ -49,9 +51,8 @@ def load_tokens(text, tokenizer, cache_dir=None, progress=True):
             pass  # a damaged cache is rebuilt
     ids = encode_documents(text, tokenizer, progress)
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    np.save(tmp, ids, allow_pickle=False)
-    os.replace(tmp, path)
+    # the temporary keeps the .npy ending, so np.save writes to it as named
+    atomic_write(path, lambda tmp: np.save(tmp, ids, allow_pickle=False))
     return ids
 
 

@@ -6,7 +6,7 @@ An adapter directory holds
     adapter_config.json         {"format": "minillm-lora", "minillm_version", "base": the base
                                 checkpoint as given, "base_config": its config, "lora": {"rank",
                                 "alpha", "targets", "dropout"}, "layers": [adapted layer names]}
-Both are written to temporary names and os.replace'd. Loading checks the adapter against the base
+Both are written atomically (minillm.fileio.atomic_write). Loading checks the adapter against the base
 model (architecture, sizes, layer names, shapes) and says what does not fit.
 """
 
@@ -17,22 +17,13 @@ import os
 import numpy as np
 
 from minillm import __version__, checkpoint, models
+from minillm.fileio import atomic_write
 from minillm.nn import lora
 from minillm.tree import flatten
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 FORMAT = "minillm-lora"
-
-
-def _atomic_write(path, write):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _host(a):
@@ -55,8 +46,8 @@ def save_adapter(out_dir, params, config, base=None):
             "layers": sorted({n.rsplit(".", 1)[0] for n in flat})}
     text = json.dumps(meta, indent=2) + "\n"
     os.makedirs(out_dir, exist_ok=True)
-    _atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS), lambda p: save_file(flat, p))
-    _atomic_write(os.path.join(out_dir, ADAPTER_CONFIG), lambda p: open(p, "w").write(text))
+    atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS), lambda p: save_file(flat, p))
+    atomic_write(os.path.join(out_dir, ADAPTER_CONFIG), text)   # ASCII: json.dumps escapes the rest
     return out_dir
 
 

@@ -26,6 +26,7 @@ import os
 import numpy as np
 import regex
 
+from minillm.fileio import atomic_write
 from minillm.kernels import bpe, bpe_train
 from minillm.kernels.bpe import GPT2_PATTERN, categories
 
@@ -323,11 +324,8 @@ class Tokenizer:
             raise ValueError(f"{where}: {e}") from None
 
     def save(self, path):
-        """Write the JSON file atomically (temporary name, then os.replace)."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        """Write the JSON file (UTF-8) atomically (minillm.fileio.atomic_write)."""
+        atomic_write(path, self.to_json())
 
     @classmethod
     def load(cls, path):

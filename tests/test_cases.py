@@ -1,4 +1,4 @@
-"""minillm/reference_cases.py: the registry, the samplers of the tokenizer / core-op / GPT-2 / AdamW / LoRA
+"""minillm/reference/cases.py: the registry, the samplers of the tokenizer / core-op / GPT-2 / AdamW / LoRA
 cases (deterministic per seed, float64, the README's shapes) and the component functions (the upstream-
 gradient contract, checked by central differences; forward values against the manifest's math written
 out here). The MoE / Mamba / RWKV / BitNet cases are in test_cases_models.py."""

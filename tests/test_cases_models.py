@@ -1,8 +1,9 @@
-"""minillm/reference_cases_models.py: the MoE / Mamba / RWKV / BitNet golden cases. Samplers deterministic
+"""minillm/reference/cases_models.py: the MoE / Mamba / RWKV / BitNet golden cases. Samplers deterministic
 per seed, float64, README shapes; the margins the module promises (MoE routing away from top-k ties, BitLinear
 values away from rounding boundaries, also after a float32 cast); the upstream-gradient contract by central
 differences (BitLinear: its straight-through backward, written out from the manifest's math)."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from casecheck import check_upstream_grads, run, sample
 from minillm.reference import cases as rc
 from minillm.reference import cases_models as rcm
+from minillm.reference import common
 
 MODELS = ["moe", "selective_scan", "mamba_block", "wkv", "rwkv_block", "bitlinear", "ternary_pack"]
 
@@ -22,12 +24,36 @@ def dist_to_half(v):
     return np.abs(v - 0.5 - np.round(v - 0.5))
 
 
+def _reference_imports(module):
+    """The minillm.reference modules `module`'s source imports, at the top or inside functions."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(rc.__file__)))     # the minillm package
+    is_module = lambda n: os.path.isfile(os.path.join(root, *n.split(".")[1:]) + ".py")  # noqa: E731
+    tree = ast.parse(open(module.__file__, encoding="utf-8").read())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.ImportFrom) and n.module:   # `from pkg import module` names the module
+            names |= {f"{n.module}.{a.name}" if is_module(f"{n.module}.{a.name}") else n.module for a in n.names}
+    return {n for n in names if n.startswith("minillm.reference.")}
+
+
 def test_leaf_module_and_reexports():
+    # importing cases_models alone loads only the package (with its report module) and common.py
     code = ("import sys, minillm.reference.cases_models as m; "
-            "assert [k for k in sys.modules if k.startswith('minillm.reference')] == [m.__name__], sys.modules")
+            "print(*sorted(k for k in sys.modules if k.startswith('minillm.reference')))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)   # the leaf: no other reference module
+    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=root, capture_output=True, text=True)
+    assert out.stdout.split() == ["minillm.reference", "minillm.reference.cases_models",
+                                  "minillm.reference.common", "minillm.reference.report"]
+    # no cycle, lazy imports included: cases -> cases_models -> common, and common imports no other
+    # reference module
+    assert _reference_imports(rcm) == {"minillm.reference.common"}
+    assert _reference_imports(common) == set()
+    assert _reference_imports(rc) == {"minillm.reference.cases_models", "minillm.reference.common"}
+    # the registry's model entries are this module's, their functions re-exported by cases.py, so
+    # `--impl minillm.reference.cases` has every component
+    assert set(rcm.MODEL_COMPONENTS) == set(MODELS)
     for name in MODELS:
+        assert rc.COMPONENTS[name] is rcm.MODEL_COMPONENTS[name]
         assert rc.COMPONENTS[name]["fn"] is getattr(rcm, name) is getattr(rc, name)
 
 

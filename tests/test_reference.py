@@ -1,4 +1,4 @@
-"""Golden cases (minillm/reference.py): byte-identical regeneration, the check API and CLI, wrong
+"""Golden cases (minillm/reference/__init__.py): byte-identical regeneration, the check API and CLI, wrong
 implementations failing with clear messages, and the README's worked example. The peers named in the
 manifest pass the check in test_reference_peers.py."""
 
@@ -77,7 +77,7 @@ def test_float32_variants_are_the_rounded_case(golden):
 
 
 def test_minillm_passes_every_case_in_both_dtypes(golden):
-    """Each component function of reference_cases, run on the float32 files, computes in float32:
+    """Each component function of reference.cases, run on the float32 files, computes in float32:
     that float32 arithmetic passes the float32 tolerance is what the tolerance promises."""
     for name in reference.components():
         report = reference.check(name, rc.COMPONENTS[name]["fn"], golden)
@@ -177,6 +177,29 @@ def test_bad_directories(golden, tmp_path):
         reference.check("layernorm", rc.layernorm, tmp_path / "g")
 
 
+def test_check_directory(golden):
+    res = reference.check_directory(golden, "minillm.reference.cases", "gelu,wkv", "float32")
+    assert res.ok and res.components == ["wkv"] and list(res.reports) == ["wkv"]   # gelu: no float32 file
+    assert res.n_tensors == 5 and res.summary() == "ok: 1 component(s), 5 tensors within tolerance"
+
+    def broken(inputs, params, upstream, config):
+        raise RuntimeError("not yet")
+    seen = []
+    res = reference.check_directory(golden, {"layernorm": broken, "gelu": rc.gelu, "wkv": rc.wkv},
+                                    ["layernorm", "gelu"], on_report=lambda name, rep: seen.append((name, rep.ok)))
+    assert not res.ok and res.components == ["layernorm", "gelu"] and res.failed == ["layernorm"]
+    assert seen == [("gelu", True)] and list(res.reports) == ["gelu"]       # the one that raised: no Report
+    assert res.failures == ["FAIL layernorm [float64]: the implementation raised RuntimeError: not yet"]
+    assert res.summary() == f"1 of 2 component(s) failed against {golden}: layernorm"
+    res = reference.check_directory(golden, {"gelu": lambda *a: rc.gelu(*a)[0]})     # outputs only
+    assert res.failed == ["gelu"] and "missing: the result has no grads['x']" in res.failures[0]
+    assert reference.check_directory(golden, {"gelu": lambda *a: rc.gelu(*a)[0]}, forward_only=True).ok
+    with pytest.raises(ValueError, match="no function for 'wkv'"):
+        reference.check_directory(golden, {"gelu": rc.gelu}, "wkv")
+    with pytest.raises(ValueError, match="none of the components to check has a float32 variant"):
+        reference.check_directory(golden, "minillm.reference.cases:gelu", variant="float32")
+
+
 # --- the command line -----------------------------------------------------------------------------------
 
 WRONG_IMPL = '''
@@ -220,7 +243,7 @@ def test_cli_errors_are_one_line(golden, tmp_path, capsys):
     one_error_line(capsys, "reference", "check", golden, "--impl", "no_such_module_xyz", match="cannot import")
     one_error_line(capsys, "reference", "check", golden, "--impl", "minillm.reference.cases:nope",
                    match="has no function 'nope'")
-    one_error_line(capsys, "reference", "check", golden, "--impl", "minillm.reference.cases:_normal",
+    one_error_line(capsys, "reference", "check", golden, "--impl", "minillm.reference.cases:normal",
                    match="--components")
     one_error_line(capsys, "reference", "check", golden, "--impl", "minillm.nn.ops", match="none of the component")
     one_error_line(capsys, "reference", "make", str(tmp_path / "x"), "--components", "gelu,bogus",

@@ -1,4 +1,4 @@
-"""minillm/reference_report.py: to_numpy, compare_case (one Row per expected tensor, rel = max|got - want|
+"""minillm/reference/report.py: to_numpy, compare_case (one Row per expected tensor, rel = max|got - want|
 / max|want| against the case's rtol, absolute when want is all zero, integer tensors exact) and Report.
 Cases are built by hand here; the end-to-end check against golden files is in test_reference.py."""
 

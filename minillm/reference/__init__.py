@@ -4,6 +4,7 @@ JAX, Triton, C, ...) can be checked against (the README section "Golden cases" i
     make(directory, components=None, seed=0) -> manifest     writes the files below
     load(directory, component, variant="float64") -> Case    one golden case
     check(component, fn, directory, ...) -> Report           runs fn on the golden inputs, compares
+    check_directory(directory, impl, ...) -> DirectoryReport  every component an implementation has
     resolve_impl("pkg.module[:function]" or "file.py[:function]", components) -> {component: fn}
 
 A golden directory holds `<component>.safetensors` (float64), for some components also
@@ -13,9 +14,9 @@ one of inputs, params, upstream, outputs, grads. Calling convention, for every c
     fn(inputs, params, upstream, config) -> (outputs, grads)      (or just outputs)
 
 {name: array} dicts; grads[name] = d(sum_o sum(outputs[o] * upstream[o])) / d(inputs or params)[name].
-minillm's own implementations in this form are the component functions of reference_cases.py
-(the registry; MoE, Mamba, RWKV and BitNet cases in reference_cases_models.py). The comparison and
-its Report are in reference_report.py.
+minillm's own implementations in this form are the component functions of reference/cases.py
+(with the registry COMPONENTS; the MoE, Mamba, RWKV and BitNet cases are in reference/cases_models.py,
+re-exported by cases.py). The comparison and its Report are in reference/report.py.
 Per tensor, rel = max |got - want| / max |want| must be <= the variant's rtol; integer tensors must
 match exactly. float32 variants: the case rounded to float32, expected values computed in float64 on
 it. The same command writes byte-identical files (fixed per-component seeds, deterministic kernels,
@@ -35,8 +36,11 @@ import zlib
 import numpy as np
 
 from minillm import __version__
-# the comparison and its report; ImplementationError, Report, Row and compare_case are part of this API
-from minillm.reference.report import ImplementationError, Report, Row, compare_case, to_numpy  # noqa: F401
+from minillm.fileio import atomic_write
+# the comparison and its report; ImplementationError, Report, Row, DirectoryReport and compare_case are
+# part of this API
+from minillm.reference.report import (DirectoryReport, ImplementationError, Report, Row,  # noqa: F401
+                                      compare_case, to_numpy)
 
 FORMAT, VERSION = "minillm-reference", 1
 SECTIONS = ("inputs", "params", "upstream", "outputs", "grads")
@@ -56,12 +60,17 @@ def components():
     return list(_registry())
 
 
+def _split_names(names):
+    """"a,b c" or ["a,b", "c"] -> ["a", "b", "c"]."""
+    return [n for part in ([names] if isinstance(names, str) else names)
+            for n in str(part).replace(",", " ").split()]
+
+
 def _check_names(names):
     known = _registry()
     if names is None:
         return list(known)
-    names = [n for part in ([names] if isinstance(names, str) else names)
-             for n in str(part).replace(",", " ").split()]
+    names = _split_names(names)
     bad = [n for n in names if n not in known]
     if bad:
         raise ValueError(f"unknown component {bad[0]!r}; known: {', '.join(known)}")
@@ -111,13 +120,6 @@ def _file_name(component, variant):
     return f"{component}.safetensors" if variant == "float64" else f"{component}.{variant}.safetensors"
 
 
-def _write_atomic(path, data):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _short_lists(text):
     """Put JSON lists of numbers (shapes, betas) and each tensor's {dtype, shape} on one line."""
     text = re.sub(r"\[\s+([-+.\deE]+(?:,\s+[-+.\deE]+)*)\s+\]",
@@ -147,7 +149,7 @@ def make(directory, components=None, seed=0, log=None):
             tensors = build(name, seed, variant)
             data = save(tensors, metadata={"minillm_reference": f"{name}/{variant}"})
             fname = _file_name(name, variant)
-            _write_atomic(os.path.join(directory, fname), data)
+            atomic_write(os.path.join(directory, fname), data)
             entry["variants"][variant] = {
                 "file": fname, "sha256": hashlib.sha256(data).hexdigest(), "rtol": rtol,
                 "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sorted(tensors.items())}}
@@ -155,7 +157,7 @@ def make(directory, components=None, seed=0, log=None):
                 log(f"wrote {fname} ({len(tensors)} tensors)")
         manifest["components"][name] = entry
     text = _short_lists(json.dumps(manifest, indent=2, sort_keys=True)) + "\n"
-    _write_atomic(os.path.join(directory, "manifest.json"), text.encode("utf-8"))
+    atomic_write(os.path.join(directory, "manifest.json"), text.encode("utf-8"))
     return manifest
 
 
@@ -268,6 +270,52 @@ def check(component, fn, directory, variants=None, grads=True, catch=False):
                                       f"{type(e).__name__}: {e}") from e
         rows += compare_case(case, result, grads)
     return Report(rows)
+
+
+def check_directory(directory, impl, components=None, variant="all", forward_only=False, on_report=None):
+    """Check an implementation against every golden case it has a function for -> DirectoryReport.
+
+    impl: "pkg.module[:function]" / "file.py[:function]" (resolve_impl) or {component: fn}.
+    components: names (list or comma-separated) to restrict to; each must be in the directory.
+    variant: "all", or "float64" / "float32" (components without that variant are skipped).
+    forward_only: compare the outputs only. on_report(component, Report) is called as each component
+    is done. An implementation that raises fails its component (one FAIL line) and the others still
+    run. ValueError for problems with the directory or the arguments, before anything runs."""
+    manifest = read_manifest(directory)
+    wanted = None if components is None else _split_names(components)
+    for name in wanted or ():             # first: "the directory has no case for x" (then: unknown names)
+        manifest_entry(manifest, directory, name)
+    if isinstance(impl, str):
+        fns = resolve_impl(impl, wanted, available=list(manifest["components"]))
+    else:
+        impl = dict(impl)
+        missing = [n for n in wanted or () if n not in impl]
+        if missing:
+            raise ValueError(f"the implementation has no function for {missing[0]!r}")
+        fns = {n: f for n, f in impl.items() if wanted is None or n in wanted}
+        for name in fns:
+            manifest_entry(manifest, directory, name)
+    if variant != "all":
+        fns = {n: f for n, f in fns.items() if variant in manifest["components"][n].get("variants", {})}
+        if not fns:
+            raise ValueError(f"none of the components to check has a {variant} variant in {directory}")
+    result = DirectoryReport(str(directory), list(fns), {}, [], [], 0)
+    for name, fn in fns.items():
+        variants = None if variant == "all" else [variant]
+        try:
+            rep = check(name, fn, directory, variants=variants, grads=not forward_only, catch=True)
+        except ImplementationError as e:  # report it, go on with the other components
+            result.failures.append(f"FAIL {e}")
+            result.failed.append(name)
+            continue
+        result.reports[name] = rep
+        result.n_tensors += sum(1 for r in rep.rows if not r.note.endswith("(ignored)"))
+        if on_report is not None:
+            on_report(name, rep)
+        result.failures.extend(rep.failures())
+        if not rep.ok:
+            result.failed.append(name)
+    return result
 
 
 # --- finding someone's implementation ----------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The golden cases, one per component: how each case's data is drawn, and minillm's implementation of
 the component written in the calling convention that other implementations follow.
 
-Every component function here has the signature a checked implementation must have (see reference.py):
+Every component function here has the signature a checked implementation must have (see
+minillm/reference/__init__.py):
 
     name(inputs, params, upstream, config) -> (outputs, grads)
 
@@ -10,7 +11,8 @@ array}; grads: {input or param name: d(sum_o <outputs[o], upstream[o]>) / d that
 functions named like the components (this one included) can be given to `minillm reference check`.
 The samplers `_case_<name>(rng)` draw float64 data; integer tensors (ids, targets, text) stay integer.
 Here: tokenizer, core ops, GPT-2, AdamW and LoRA cases, and the registry COMPONENTS of every component;
-the MoE, Mamba, RWKV and BitNet cases are in reference_cases_models.py.
+the MoE, Mamba, RWKV and BitNet cases (and their registry entries) are in cases_models.py, the helpers
+both use in common.py. Imports go one way: cases -> cases_models -> common.
 """
 
 import numpy as np
@@ -19,18 +21,14 @@ from minillm.nn import attention as _attention
 from minillm.models import gpt as _gpt
 from minillm.nn import lora, ops
 from minillm.optim import adamw_step
-from minillm.reference import cases_models as _models
-from minillm.reference.cases_models import _normal
-# MoE, Mamba, RWKV and BitNet cases live in reference_cases_models.py; re-exported so this module has
-# a function for every component (`--impl minillm.reference.cases`)
+from minillm.reference.common import entry, normal
+# MoE, Mamba, RWKV and BitNet cases live in cases_models.py; re-exported so this module has a function
+# for every component (`--impl minillm.reference.cases`)
+from minillm.reference.cases_models import MODEL_COMPONENTS
 from minillm.reference.cases_models import bitlinear, mamba_block, moe, rwkv_block  # noqa: F401
 from minillm.reference.cases_models import selective_scan, ternary_pack, wkv  # noqa: F401
 from minillm.tokenizer import Tokenizer
 from minillm.tree import flatten, unflatten
-
-F32_RTOL = 1e-5   # float32 variants: expected values are float64 results; HF float32 classes are within 8e-7
-F64_RTOL = 1e-9   # float64: same math in another order agrees to ~1e-14; a wrong convention is >= 1e-6
-
 
 # --- tokenizer --------------------------------------------------------------------------------------
 
@@ -101,9 +99,9 @@ def tokenizer_encode(inputs, params, upstream, config):
 
 
 def _case_layernorm(rng):
-    x = _normal(rng, (2, 5, 8), 3.0, 1.5)
-    return ({"x": x}, {"weight": _normal(rng, 8, 0.3, 1.0), "bias": _normal(rng, 8, 0.3)},
-            {"y": _normal(rng, x.shape)})
+    x = normal(rng, (2, 5, 8), 3.0, 1.5)
+    return ({"x": x}, {"weight": normal(rng, 8, 0.3, 1.0), "bias": normal(rng, 8, 0.3)},
+            {"y": normal(rng, x.shape)})
 
 
 def layernorm(inputs, params, upstream, config):
@@ -113,8 +111,8 @@ def layernorm(inputs, params, upstream, config):
 
 
 def _case_gelu(rng):
-    x = _normal(rng, (4, 16), 3.0)
-    return {"x": x}, {}, {"y": _normal(rng, x.shape)}
+    x = normal(rng, (4, 16), 3.0)
+    return {"x": x}, {}, {"y": normal(rng, x.shape)}
 
 
 def gelu(inputs, params, upstream, config):
@@ -125,7 +123,7 @@ def gelu(inputs, params, upstream, config):
 def _case_cross_entropy(rng):
     targets = rng.integers(0, 11, 10)
     targets[[2, 7]] = -100
-    return ({"logits": _normal(rng, (10, 11), 2.0), "targets": targets.astype(np.int64)}, {},
+    return ({"logits": normal(rng, (10, 11), 2.0), "targets": targets.astype(np.int64)}, {},
             {"loss": np.array(1.3)})
 
 
@@ -145,14 +143,14 @@ def _gpt_block_params(rng, C, prefix=""):
               "attn.c_proj.weight": (C, C), "attn.c_proj.bias": C, "ln_2.weight": C, "ln_2.bias": C,
               "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": 4 * C, "mlp.c_proj.weight": (4 * C, C),
               "mlp.c_proj.bias": C}
-    return {prefix + k: _normal(rng, s, 0.3, 1.0 if k.startswith("ln") and k.endswith("weight") else 0.0)
+    return {prefix + k: normal(rng, s, 0.3, 1.0 if k.startswith("ln") and k.endswith("weight") else 0.0)
             for k, s in shapes.items()}
 
 
 def _case_attention(rng):
     p = {k[5:]: v for k, v in _gpt_block_params(rng, 16).items() if k.startswith("attn.")}
-    x = _normal(rng, (2, 6, 16))
-    return {"x": x}, p, {"y": _normal(rng, x.shape)}
+    x = normal(rng, (2, 6, 16))
+    return {"x": x}, p, {"y": normal(rng, x.shape)}
 
 
 def attention(inputs, params, upstream, config):
@@ -163,8 +161,8 @@ def attention(inputs, params, upstream, config):
 
 
 def _case_gpt_block(rng):
-    x = _normal(rng, (2, 6, 16))
-    return {"x": x}, _gpt_block_params(rng, 16), {"y": _normal(rng, x.shape)}
+    x = normal(rng, (2, 6, 16))
+    return {"x": x}, _gpt_block_params(rng, 16), {"y": normal(rng, x.shape)}
 
 
 def gpt_block(inputs, params, upstream, config):
@@ -177,9 +175,9 @@ def _case_gpt(rng):
     cfg = {**COMPONENTS["gpt"]["config"], "dtype": "float64"}
     params = flatten(_gpt.init(cfg, rng))
     for name, a in params.items():
-        a += _normal(rng, a.shape, 0.3 if a.ndim == 1 else 0.1)
+        a += normal(rng, a.shape, 0.3 if a.ndim == 1 else 0.1)
     idx = rng.integers(0, cfg["vocab_size"], (2, 7)).astype(np.int64)
-    return {"idx": idx}, params, {"logits": _normal(rng, (2, 7, cfg["vocab_size"]))}
+    return {"idx": idx}, params, {"logits": normal(rng, (2, 7, cfg["vocab_size"]))}
 
 
 def gpt(inputs, params, upstream, config):
@@ -193,10 +191,10 @@ def gpt(inputs, params, upstream, config):
 def _case_adamw(rng):
     inputs = {}
     for name, shape in (("weight", (6, 5)), ("bias", (5,))):
-        g = _normal(rng, shape) * 10.0 ** rng.uniform(-9, 0, shape)   # tiny ones: eps matters
-        inputs["param." + name] = _normal(rng, shape)
+        g = normal(rng, shape) * 10.0 ** rng.uniform(-9, 0, shape)   # tiny ones: eps matters
+        inputs["param." + name] = normal(rng, shape)
         inputs["grad." + name] = g
-        inputs["exp_avg." + name] = 0.5 * g + _normal(rng, shape, 1e-3)
+        inputs["exp_avg." + name] = 0.5 * g + normal(rng, shape, 1e-3)
         inputs["exp_avg_sq." + name] = g * g * rng.uniform(0.5, 2.0, shape)
     return inputs, {}, {}
 
@@ -219,10 +217,10 @@ def adamw(inputs, params, upstream, config):
 
 def _case_lora_linear(rng):
     I, O, r = 12, 10, COMPONENTS["lora_linear"]["config"]["rank"]
-    p = {"weight": _normal(rng, (O, I), 0.3), "bias": _normal(rng, O, 0.3),
-         "lora_A": _normal(rng, (r, I), 0.3), "lora_B": _normal(rng, (O, r), 0.3)}
-    x = _normal(rng, (2, 5, I))
-    return {"x": x}, p, {"y": _normal(rng, (2, 5, O))}
+    p = {"weight": normal(rng, (O, I), 0.3), "bias": normal(rng, O, 0.3),
+         "lora_A": normal(rng, (r, I), 0.3), "lora_B": normal(rng, (O, r), 0.3)}
+    x = normal(rng, (2, 5, I))
+    return {"x": x}, p, {"y": normal(rng, (2, 5, O))}
 
 
 def lora_linear(inputs, params, upstream, config):
@@ -235,19 +233,15 @@ def lora_linear(inputs, params, upstream, config):
 
 
 # --- the registry -----------------------------------------------------------------------------------
-# Each entry: the component function (above, or in reference_cases_models.py), its sampler, the config
-# given to implementations, the float dtypes written (float64 always; float32 where implementations
-# commonly run in float32 and rounding matters), which peer it matches, and the exact math.
+# Each entry (common.entry): the component function (above, or in cases_models.py), its sampler, the
+# config given to implementations, the float dtypes written with their tolerances, which peer it
+# matches, and the exact math. The model-family entries come from cases_models.MODEL_COMPONENTS.
 
-COMPONENTS = {}
+_HERE = {}
 
 
 def _add(name, fn, sample, config, matches, math, float32=False):
-    variants = {"float64": F64_RTOL}   # integer tensors (ids, merges, packed bytes) must match exactly
-    if float32:
-        variants["float32"] = F32_RTOL
-    COMPONENTS[name] = {"fn": fn, "sample": sample, "config": config, "matches": matches, "math": math,
-                        "variants": variants}
+    _HERE[name] = entry(fn, sample, config, matches, math, float32)
 
 
 _add("tokenizer_train", tokenizer_train, _case_tokenizer_train,
@@ -293,50 +287,15 @@ _add("adamw", adamw, _case_adamw,
      "one update, t = step + 1: p *= 1 - lr wd (only where decay[name]); m = b1 m + (1 - b1) g; "
      "v = b2 v + (1 - b2) g^2; p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps). "
      "inputs param.N, grad.N, exp_avg.N, exp_avg_sq.N -> outputs param.N, exp_avg.N, exp_avg_sq.N.")
-_add("moe", moe, _models._case_moe, {"d_model": 12, "d_ff": 10, "n_experts": 4, "top_k": 2},
-     "transformers MixtralSparseMoeBlock + load_balancing_loss_func (one layer)",
-     "router_logits = x gate^T; p = softmax(router_logits); top_k experts per token (inputs are away "
-     "from ties); weights = top-k p renormalised to sum 1; y = sum_k weight_k E_k(x), "
-     "E(x) = w2 (silu(w1 x) * w3 x) (nn.Linear (out, in) weights); aux_loss = n_experts * sum_i f_i P_i, "
-     "f_i = fraction of the N tokens with i among their top k (sum_i f_i = k), P_i = mean_n p[n, i] "
-     "(no coefficient: its upstream gradient plays that role); router_logits: (..., n_experts). grads "
-     "include the aux_loss path. HF 5 "
-     "fuses experts: gate_up_proj[e] = [w1; w3], down_proj[e] = w2; HF's router softmax runs in float32.",
-     float32=True)
-_add("selective_scan", selective_scan, _models._case_selective_scan, {},
-     "the scan of transformers MambaMixer.slow_forward (mamba_ssm selective_scan_ref, delta_softplus=False, "
-     "no z)",
-     "x, dt: (B, L, D), A: (D, N), B, C: (B, L, N), D: (D,); h_0 = 0; "
-     "h_t = exp(dt_t A) * h_{t-1} + dt_t B_t x_t; y_t = C_t . h_t + D x_t. dt is used as given "
-     "(no softplus, no bias).", float32=True)
-_add("mamba_block", mamba_block, _models._case_mamba_block,
-     {"d_model": 8, "d_state": 4, "d_conv": 4, "expand": 2, "dt_rank": 2, "norm_eps": 1e-5},
-     "transformers MambaBlock (use_bias=False, use_conv_bias=True, residual_in_fp32=False, slow path)",
-     "y = x + mixer(rmsnorm(x)); mixer: x, z = split(in_proj x); x = silu(causal depthwise conv1d(x) + bias) "
-     "(left zero padding d_conv - 1); dt, B, C = split(x_proj x); dt = softplus(dt_proj dt + bias) "
-     "(identity above 20); A = -exp(A_log); selective scan with D; out_proj(y * silu(z)).")
-_add("wkv", wkv, _models._case_wkv, {},
-     "transformers rwkv_linear_attention_cpu (RWKV-4 WKV)",
-     "w = -exp(time_decay), u = time_first; y_t = (sum_{i<t} e^{(t-1-i) w + k_i} v_i + e^{u + k_t} v_t) / "
-     "(sum_{i<t} e^{(t-1-i) w + k_i} + e^{u + k_t}) per channel; key, value, y: (B, T, C).", float32=True)
-_add("rwkv_block", rwkv_block, _models._case_rwkv_block, {"d_model": 8, "intermediate_size": 16,
-                                                  "layer_norm_epsilon": 1e-5},
-     "transformers RwkvBlock(layer_id=0) with rescale_every=0 (pre_ln present)",
-     "x = pre_ln(x); x = x + time_mix(ln1(x)); y = x + channel_mix(ln2(x)). Token shift s_t = x_{t-1}, "
-     "s_0 = 0; mix = x m + s (1 - m). time_mix: output(sigmoid(receptance(x_r)) * WKV(key(x_k), "
-     "value(x_v))); channel_mix: sigmoid(receptance(x_r)) * value(relu(key(x_k))^2); nn.Linear weights.")
 _add("lora_linear", lora_linear, _case_lora_linear, {"rank": 4, "alpha": 8.0},
      "peft LoRA on torch.nn.Linear (lora_dropout=0, bias='none'): lora_A = lora_A.default.weight, "
      "lora_B = lora_B.default.weight, weight / bias = base_layer's",
      "y = x weight^T + bias + (alpha / rank) (x lora_A^T) lora_B^T; weight and bias are frozen: "
      "grads for x, lora_A, lora_B only.")
-_add("bitlinear", bitlinear, _models._case_bitlinear, {},
-     "transformers AutoBitLinear(online_quant=True) (BitNet b1.58; STE backward)",
-     "s = max(mean |W|, 1e-5), W_q = clip(round(W / s), -1, 1); a = 127 / max(max_j |x_j|, 1e-5) per "
-     "token, x_q = clip(round(x a), -128, 127); y = (x_q / a) (s W_q)^T + bias; round half to even. "
-     "Straight-through backward: dx = dy (s W_q), dW = dy^T (x_q / a), dbias = sum dy.", float32=True)
-_add("ternary_pack", ternary_pack, _models._case_ternary_pack, {},
-     "transformers integrations.bitnet.pack_weights (on W_q) with weight_scale = s (AutoBitLinear's "
-     "direction; BitLinear stores 1 / s)",
-     "W (O, I) -> W_q as in bitlinear; packed (ceil(O / 4), I) uint8, packed[r, i] = "
-     "sum_j (W_q[j R + r, i] + 1) << 2 j, R = ceil(O / 4); scale: (1,) = s.")
+
+# manifest order (also the order `minillm reference check` runs and reports the components in)
+ORDER = ("tokenizer_train", "tokenizer_encode", "layernorm", "gelu", "cross_entropy", "attention",
+         "gpt_block", "gpt", "adamw", "moe", "selective_scan", "mamba_block", "wkv", "rwkv_block",
+         "lora_linear", "bitlinear", "ternary_pack")
+assert sorted(ORDER) == sorted([*_HERE, *MODEL_COMPONENTS]), "ORDER must list every component once"
+COMPONENTS = {name: _HERE[name] if name in _HERE else MODEL_COMPONENTS[name] for name in ORDER}

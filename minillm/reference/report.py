@@ -1,8 +1,9 @@
-"""Comparing an implementation's result with a golden case (reference.py) and reporting it:
+"""Comparing an implementation's result with a golden case (minillm.reference) and reporting it:
 one Row per expected tensor, rel = max |got - want| / max |want| against the case's rtol, integer
 tensors exact.
 
     compare_case(case, result, grads=True) -> [Row]     Report(rows).ok / .failures() / .format()
+    DirectoryReport                                     what check_directory found for a directory
 """
 
 import dataclasses
@@ -62,6 +63,30 @@ class Report:
 
     def __str__(self):
         return self.format()
+
+
+@dataclasses.dataclass
+class DirectoryReport:
+    """The result of check_directory: the components checked (in order), a Report for each that
+    returned a result, the FAIL lines of all of them (a component whose implementation raised has one
+    line and no Report), the failed components and how many tensors were compared."""
+    directory: str
+    components: list
+    reports: dict            # component -> Report
+    failures: list           # "FAIL ..." lines, in order
+    failed: list             # names of the components with a failure
+    n_tensors: int           # compared tensors (result tensors the case does not have are not counted)
+
+    @property
+    def ok(self):
+        return not self.failures
+
+    def summary(self):
+        """The one-line verdict `minillm reference check` ends with."""
+        if self.ok:
+            return f"ok: {len(self.components)} component(s), {self.n_tensors} tensors within tolerance"
+        return (f"{len(self.failed)} of {len(self.components)} component(s) failed against {self.directory}: "
+                f"{', '.join(self.failed)}")
 
 
 def _compare(want, got):
