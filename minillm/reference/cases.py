@@ -19,6 +19,7 @@ import numpy as np
 
 from minillm.nn import attention as _attention
 from minillm.models import gpt as _gpt
+from minillm.kernels import gelu as _gelu_kernel, layernorm as _layernorm_kernel, softmax as _softmax_kernel
 from minillm.nn import lora, ops
 from minillm.optim import adamw_step
 from minillm.reference.common import entry, normal
@@ -105,8 +106,8 @@ def _case_layernorm(rng):
 
 
 def layernorm(inputs, params, upstream, config):
-    y, cache = ops.layernorm_forward(inputs["x"], params["weight"], params["bias"], config["eps"])
-    dx, dw, db = ops.layernorm_backward(upstream["y"], cache)
+    y, cache = _layernorm_kernel.forward_reference(inputs["x"], params["weight"], params["bias"], config["eps"])
+    dx, dw, db = _layernorm_kernel.backward_reference(upstream["y"], cache)
     return {"y": y}, {"x": dx, "weight": dw, "bias": db}
 
 
@@ -116,8 +117,8 @@ def _case_gelu(rng):
 
 
 def gelu(inputs, params, upstream, config):
-    y, cache = ops.gelu_forward(inputs["x"])
-    return {"y": y}, {"x": ops.gelu_backward(upstream["y"], cache)}
+    y, cache = _gelu_kernel.forward_reference(inputs["x"])
+    return {"y": y}, {"x": _gelu_kernel.backward_reference(upstream["y"], cache)}
 
 
 def _case_cross_entropy(rng):
@@ -129,8 +130,8 @@ def _case_cross_entropy(rng):
 
 def cross_entropy(inputs, params, upstream, config):
     logits = inputs["logits"]
-    loss, cache = ops.cross_entropy_forward(logits, inputs["targets"], config["ignore_index"])
-    dlogits = ops.cross_entropy_backward(float(upstream["loss"]), cache)
+    loss, cache = _softmax_kernel.cross_entropy_forward_reference(logits, inputs["targets"], config["ignore_index"])
+    dlogits = _softmax_kernel.cross_entropy_backward_reference(float(upstream["loss"]), cache)
     return {"loss": np.array(loss, dtype=logits.dtype)}, {"logits": dlogits}
 
 
