@@ -22,15 +22,12 @@ Each timed call ends with a device synchronisation; calls of ours and of torch a
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 if "--smoke" in sys.argv and not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+import harness  # noqa: E402  (puts the checkout and tests/ on sys.path)
 import minillm  # noqa: E402,F401  (first: it sets Numba's environment, see minillm/__init__.py)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -105,17 +102,8 @@ class Bench:
         return 2 * 4 * n / t
 
     def median(self, fns):
-        for fn in fns:      # warm-up (compiles the kernels)
-            fn()
-        times = [[] for _ in fns]
-        for _ in range(self.repeats):
-            for fn, ts in zip(fns, times):
-                self.sync()
-                t0 = time.perf_counter()
-                fn()
-                self.sync()
-                ts.append(time.perf_counter() - t0)
-        return [statistics.median(ts) for ts in times]
+        """Interleaved medians, each timed call synchronised; a warm-up call each (compiles the kernels)."""
+        return harness.medians(fns, self.repeats, warmup=1, sync=self.sync)
 
     def row(self, name, shape, ours_fn, torch_fn, nbytes, pairs):
         """pairs: [(our output, torch output)] to compare (computed once, before timing)."""
@@ -128,11 +116,10 @@ class Bench:
         where = torch.cuda.get_device_name() if self.dev.type == "cuda" else "CPU (smoke run: times mean nothing)"
         print(f"\nnumba.cuda kernels vs PyTorch on {where}; float32; median of {self.repeats}; copy bandwidth "
               f"{self.bandwidth / 1e9:.0f} GB/s; torch {torch.__version__}")
-        print(f"{'kernel':26s} {'shape':22s} {'ours ms':>9s} {'torch ms':>9s} {'speed-up':>9s} {'floor ms':>9s} "
-              f"{'ours/fl.':>9s} {'max diff':>9s}")
-        for name, shape, to, tt, fl, diff in self.rows:
-            print(f"{name:26s} {shape:22s} {to * 1e3:9.3f} {tt * 1e3:9.3f} {tt / to:8.2f}x {fl * 1e3:9.4f} "
-                  f"{to / fl:9.1f} {diff:9.1e}")
+        harness.table(["kernel", "shape", "ours ms", "torch ms", "speed-up", "floor ms", "ours/fl.", "max diff"],
+                      [(name, shape, f"{to * 1e3:.3f}", f"{tt * 1e3:.3f}", f"{tt / to:.2f}x", f"{fl * 1e3:.4f}",
+                        f"{to / fl:.1f}", f"{diff:.1e}") for name, shape, to, tt, fl, diff in self.rows],
+                      align="llrrrrrr")
 
 
 def rng_arrays(seed, *shapes):

@@ -22,17 +22,14 @@ import ctypes
 import glob
 import math
 import os
-import sys
-import time
 
+import harness  # first: puts the checkout and tests/ on sys.path
 import numba
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from minillm.nn import ternary  # noqa: E402
-from minillm.kernels import ternary as kt  # noqa: E402
+from minillm.nn import ternary
+from minillm.kernels import ternary as kt
 
 
 def _openblas():
@@ -57,30 +54,16 @@ def run(contestants, repeats):
     """{name: fn} -> {name: (median, min) seconds}. Each contestant runs its repeats in one block after
     a pause: interleaving them on a 2-core machine lets one library's idle-spinning thread pool (torch's
     OpenMP, OpenBLAS, Numba's) steal the cores another one needs."""
-    res = {}
-    for name, fn in contestants.items():
-        time.sleep(0.5)
-        fn()  # warm up (compilation, caches)
-        fn()
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        res[name] = (float(np.median(ts)), float(np.min(ts)))
-    return res
+    times = harness.time_calls(list(contestants.values()), repeats, warmup=2, interleave=False, pause=0.5)
+    return {name: (float(np.median(ts)), float(np.min(ts))) for name, ts in zip(contestants, times)}
 
 
 def table(title, results, base="packed kernel"):
     """Median ms, ratio of medians to the base, and the fastest repeat (min ms) per column."""
-    print(f"\n{title}")
-    print(f"{'':16s}" + "".join(f"{h + ': median, ratio, (min)':>40s}" for h in results))
-    for name in next(iter(results.values())):
-        row = f"{name:16s}"
-        for res in results.values():
-            med, best = res[name]
-            row += f"{med * 1e3:18.3f} ms  x{med / res[base][0]:6.2f}  ({best * 1e3:.3f})"
-        print(row)
+    head = [""] + [h + ": median, ratio, (min)" for h in results]
+    rows = [[name] + [f"{res[name][0] * 1e3:.3f} ms  x{res[name][0] / res[base][0]:6.2f}  ({res[name][1] * 1e3:.3f})"
+                      for res in results.values()] for name in next(iter(results.values()))]
+    harness.table(head, rows, title=f"\n{title}")
 
 
 def cuda_table(packed, O, w_f32, x, xs, xq, xsq, repeats):
@@ -175,11 +158,10 @@ def main():
     if args.cuda:
         cuda_table(packed, O, w_f32, x, xs, xq, xsq, args.repeats)
     n = O * I
-    print(f"\nbytes of W ({O} x {I})")
-    for name, size in (("float32", 4 * n), ("bfloat16", 2 * n), ("int8", n),
-                       ("packed 2-bit + scale", packed.nbytes + 4),
-                       ("log2(3) bits (entropy bound)", math.ceil(n * math.log2(3) / 8))):
-        print(f"  {name:30s}{size:>12,d}   float32 / this = {4 * n / size:5.2f}")
+    sizes = (("float32", 4 * n), ("bfloat16", 2 * n), ("int8", n), ("packed 2-bit + scale", packed.nbytes + 4),
+             ("log2(3) bits (entropy bound)", math.ceil(n * math.log2(3) / 8)))
+    harness.table(["", "bytes", "float32 / this"], [(name, f"{size:,d}", f"{4 * n / size:.2f}") for name, size in sizes],
+                  title=f"\nbytes of W ({O} x {I})", indent="  ")
 
 
 if __name__ == "__main__":
