@@ -179,7 +179,7 @@ def profile_step(name, repeats):
     state = optim.adamw_init(params)
     spent = collections.defaultdict(float)
     wrapped = [(gpt, ["forward", "backward"]), (attention, ["attention_forward", "attention_backward",
-               "_bmm"]), (layers, ["dense_forward", "dense_backward"]),
+               "_bmm"]), (dense, ["dense_forward", "dense_backward"]),
                (layernorm, ["layernorm_forward_numba", "layernorm_backward_numba"]),
                (gelu, ["gelu_forward_numba", "gelu_backward_numba"]),
                (softmax, ["causal_softmax_numba", "causal_softmax_backward_numba"]),
