@@ -22,15 +22,12 @@ Each timed call ends with a device synchronisation; calls of ours and of torch a
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 if "--smoke" in sys.argv and not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+import harness  # noqa: E402  (puts the checkout and tests/ on sys.path)
 import minillm  # noqa: E402,F401  (first: it sets Numba's environment, see minillm/__init__.py)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -105,17 +102,8 @@ class Bench:
         return 2 * 4 * n / t
 
     def median(self, fns):
-        for fn in fns:      # warm-up (compiles the kernels)
-            fn()
-        times = [[] for _ in fns]
-        for _ in range(self.repeats):
-            for fn, ts in zip(fns, times):
-                self.sync()
-                t0 = time.perf_counter()
-                fn()
-                self.sync()
-                ts.append(time.perf_counter() - t0)
-        return [statistics.median(ts) for ts in times]
+        """Interleaved medians, each timed call synchronised; a warm-up call each (compiles the kernels)."""
+        return harness.medians(fns, self.repeats, warmup=1, sync=self.sync)
 
     def row(self, name, shape, ours_fn, torch_fn, nbytes, pairs):
         """pairs: [(our output, torch output)] to compare (computed once, before timing)."""
@@ -128,11 +116,10 @@ class Bench:
         where = torch.cuda.get_device_name() if self.dev.type == "cuda" else "CPU (smoke run: times mean nothing)"
         print(f"\nnumba.cuda kernels vs PyTorch on {where}; float32; median of {self.repeats}; copy bandwidth "
               f"{self.bandwidth / 1e9:.0f} GB/s; torch {torch.__version__}")
-        print(f"{'kernel':26s} {'shape':22s} {'ours ms':>9s} {'torch ms':>9s} {'speed-up':>9s} {'floor ms':>9s} "
-              f"{'ours/fl.':>9s} {'max diff':>9s}")
-        for name, shape, to, tt, fl, diff in self.rows:
-            print(f"{name:26s} {shape:22s} {to * 1e3:9.3f} {tt * 1e3:9.3f} {tt / to:8.2f}x {fl * 1e3:9.4f} "
-                  f"{to / fl:9.1f} {diff:9.1e}")
+        harness.table(["kernel", "shape", "ours ms", "torch ms", "speed-up", "floor ms", "ours/fl.", "max diff"],
+                      [(name, shape, f"{to * 1e3:.3f}", f"{tt * 1e3:.3f}", f"{tt / to:.2f}x", f"{fl * 1e3:.4f}",
+                        f"{to / fl:.1f}", f"{diff:.1e}") for name, shape, to, tt, fl, diff in self.rows],
+                      align="llrrrrrr")
 
 
 def rng_arrays(seed, *shapes):
@@ -163,16 +150,16 @@ def bench_scan(b, B, L, D, N):
         y = torch_scan(*tt)
         return torch.autograd.grad(y, tt, dy_t)
 
-    y_o, cache = scan_cuda.selective_scan_forward(*ours)
-    grads_o = scan_cuda.selective_scan_backward(dy_o, cache)
+    y_o, cache = scan_cuda.forward(*ours)
+    grads_o = scan_cuda.backward(dy_o, cache)
     grads_t = torch_both()
     shape = f"B{B} L{L} D{D} N{N}"
     io = 4 * (3 * B * L * D + 2 * B * L * N + D * N + D)          # x, dt, B, C, A, D in; y out
-    b.row("scan forward", shape, lambda: scan_cuda.selective_scan_forward(*ours),
+    b.row("scan forward", shape, lambda: scan_cuda.forward(*ours),
           lambda: torch_scan(*tt), io, [(y_o, torch_scan(*tt))])
     both = io + 4 * (B * L * D + 2 * B * L * D + 2 * B * L * N + D * N + D)   # + dy in, six gradients out
-    b.row("scan fwd+bwd", shape, lambda: scan_cuda.selective_scan_backward(
-        dy_o, scan_cuda.selective_scan_forward(*ours)[1]), torch_both, both, list(zip(grads_o, grads_t)))
+    b.row("scan fwd+bwd", shape, lambda: scan_cuda.backward(
+        dy_o, scan_cuda.forward(*ours)[1]), torch_both, both, list(zip(grads_o, grads_t)))
 
 
 def bench_wkv(b, B, T, C):
@@ -204,13 +191,13 @@ def bench_wkv(b, B, T, C):
     def torch_both():
         return torch.autograd.grad(torch_wkv(*tt), tt, dy_t)
 
-    y_o, cache = wkv_cuda.wkv_forward(*ours)
-    grads_o = wkv_cuda.wkv_backward(dy_o, cache)
+    y_o, cache = wkv_cuda.forward(*ours)
+    grads_o = wkv_cuda.backward(dy_o, cache)
     shape = f"B{B} T{T} C{C}"
     io = 4 * (3 * B * T * C + 2 * C)
-    b.row("wkv forward", shape, lambda: wkv_cuda.wkv_forward(*ours), lambda: torch_wkv(*tt), io,
+    b.row("wkv forward", shape, lambda: wkv_cuda.forward(*ours), lambda: torch_wkv(*tt), io,
           [(y_o, torch_wkv(*tt))])
-    b.row("wkv fwd+bwd", shape, lambda: wkv_cuda.wkv_backward(dy_o, wkv_cuda.wkv_forward(*ours)[1]), torch_both,
+    b.row("wkv fwd+bwd", shape, lambda: wkv_cuda.backward(dy_o, wkv_cuda.forward(*ours)[1]), torch_both,
           io + 4 * (3 * B * T * C + 2 * C), list(zip(grads_o, torch_both())))
 
 
@@ -222,15 +209,15 @@ def bench_ternary(b, M, O, I, name):
     out = b.ours(np.zeros((M, O), np.int32))
     half = torch.float16 if b.dev.type == "cuda" else torch.float32
     w16, x16 = b.torch(w).to(half), b.torch(xq).to(half)
-    want = ternary_cuda.ternary_matmul_cuda(xq_o, packed_o, O, out=out)
+    want = ternary_cuda.matmul(xq_o, packed_o, O, out=out)
     nbytes = O * ((I + 3) // 4 * 4) // 4 + M * I + 4 * M * O
     shape = f"M{M} O{O} I{I}"
-    b.row(f"{name} vs fp16 matmul", shape, lambda: ternary_cuda.ternary_matmul_cuda(xq_o, packed_o, O, out=out),
+    b.row(f"{name} vs fp16 matmul", shape, lambda: ternary_cuda.matmul(xq_o, packed_o, O, out=out),
           lambda: x16 @ w16.T, nbytes, [(want, (x16.float() @ w16.float().T))])
     if b.dev.type == "cuda" and M > 16 and I % 8 == 0 and O % 8 == 0:   # torch._int_mm's shape rules
         w8t, x8 = b.torch(w.T.copy()), b.torch(xq)
         b.row(f"{name} vs int8 _int_mm", shape,
-              lambda: ternary_cuda.ternary_matmul_cuda(xq_o, packed_o, O, out=out),
+              lambda: ternary_cuda.matmul(xq_o, packed_o, O, out=out),
               lambda: torch._int_mm(x8, w8t), nbytes, [(want, torch._int_mm(x8, w8t))])
 
 
@@ -273,29 +260,29 @@ def bench_layernorm(b, R, C):
     def torch_both():
         return torch.autograd.grad(torch_fwd(), tt, dy_t)
 
-    y_o, cache = layernorm_cuda.layernorm_forward_cuda(*o, 1e-5)
+    y_o, cache = layernorm_cuda.forward(*o, 1e-5)
     shape = f"rows {R} C{C}"
-    b.row("layernorm forward", shape, lambda: layernorm_cuda.layernorm_forward_cuda(*o, 1e-5), torch_fwd,
+    b.row("layernorm forward", shape, lambda: layernorm_cuda.forward(*o, 1e-5), torch_fwd,
           4 * (2 * R * C + 2 * C), [(y_o, torch_fwd())])
-    b.row("layernorm fwd+bwd", shape, lambda: layernorm_cuda.layernorm_backward_cuda(
-        dy_o, layernorm_cuda.layernorm_forward_cuda(*o, 1e-5)[1]), torch_both, 4 * (4 * R * C + 4 * C),
-        list(zip(layernorm_cuda.layernorm_backward_cuda(dy_o, cache), torch_both())))
+    b.row("layernorm fwd+bwd", shape, lambda: layernorm_cuda.backward(
+        dy_o, layernorm_cuda.forward(*o, 1e-5)[1]), torch_both, 4 * (4 * R * C + 4 * C),
+        list(zip(layernorm_cuda.backward(dy_o, cache), torch_both())))
 
 
 def bench_gelu(b, R, C):
     x, dy = rng_arrays(5, (R, C), (R, C))
     x_o, dy_o = b.ours(x), b.ours(dy)
     x_t, dy_t = b.torch(x, grad=True), b.torch(dy)
-    y_o, cache = gelu_cuda.gelu_forward_cuda(x_o)
+    y_o, cache = gelu_cuda.forward(x_o)
     shape = f"{R} x {C}"
-    b.row("gelu forward", shape, lambda: gelu_cuda.gelu_forward_cuda(x_o),
+    b.row("gelu forward", shape, lambda: gelu_cuda.forward(x_o),
           lambda: F.gelu(x_t, approximate="tanh"), 8 * R * C, [(y_o, F.gelu(x_t, approximate="tanh"))])
 
     def torch_both():
         return torch.autograd.grad(F.gelu(x_t, approximate="tanh"), x_t, dy_t)[0]
 
-    b.row("gelu fwd+bwd", shape, lambda: gelu_cuda.gelu_backward_cuda(dy_o, gelu_cuda.gelu_forward_cuda(x_o)[1]),
-          torch_both, 4 * 4 * R * C, [(gelu_cuda.gelu_backward_cuda(dy_o, cache), torch_both())])
+    b.row("gelu fwd+bwd", shape, lambda: gelu_cuda.backward(dy_o, gelu_cuda.forward(x_o)[1]),
+          torch_both, 4 * 4 * R * C, [(gelu_cuda.backward(dy_o, cache), torch_both())])
 
 
 def bench_softmax(b, B, H, T):
@@ -312,12 +299,12 @@ def bench_softmax(b, B, H, T):
 
     def ours_fwd():       # in place: refill the scores first (a copy, timed on both sides' behalf)
         b.copy(work, s_o)
-        return softmax_cuda.causal_softmax_cuda(work)
+        return softmax_cuda.causal(work)
 
     def ours_both():
         p = ours_fwd()
         b.copy(g, dp_o)
-        return softmax_cuda.causal_softmax_backward_cuda(g, p)
+        return softmax_cuda.causal_backward(g, p)
 
     work, g = b.ours(s), b.ours(dp)
     shape = f"B{B} H{H} T{T}"
@@ -333,16 +320,16 @@ def bench_cross_entropy(b, R, V, name):
     l_t, t_t = b.torch(logits, grad=True), b.torch(targets)
 
     def ours_both():
-        _, cache = softmax_cuda.cross_entropy_forward_cuda(l_o, t_o)
-        return softmax_cuda.cross_entropy_backward_cuda(1.0, cache)
+        _, cache = softmax_cuda.cross_entropy_forward(l_o, t_o)
+        return softmax_cuda.cross_entropy_backward(1.0, cache)
 
     def torch_both():
         return torch.autograd.grad(F.cross_entropy(l_t, t_t), l_t)[0]
 
-    loss_o = softmax_cuda.cross_entropy_forward_cuda(l_o, t_o)[0]
+    loss_o = softmax_cuda.cross_entropy_forward(l_o, t_o)[0]
     shape = f"rows {R} V{V}"
     l_fixed = l_t.detach()
-    b.row(f"{name} forward", shape, lambda: softmax_cuda.cross_entropy_forward_cuda(l_o, t_o),
+    b.row(f"{name} forward", shape, lambda: softmax_cuda.cross_entropy_forward(l_o, t_o),
           lambda: float(F.cross_entropy(l_fixed, t_t)), 4 * R * V + 8 * R,
           [(np.array(loss_o), F.cross_entropy(l_fixed, t_t))])
     b.row(f"{name} fwd+bwd", shape, ours_both, torch_both, 4 * 2 * R * V + 8 * R, [(ours_both(), torch_both())])
@@ -357,7 +344,7 @@ def bench_adamw(b, P):
     opt = torch.optim.AdamW([p_t], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=fused)
 
     def ours(step=1):
-        adamw_cuda.adamw_update_cuda(*o, 1.0 - 1e-3 * 0.1, 0.9, 0.95, 1e-3 / (1 - 0.9 ** step), (1 - 0.95 ** step) ** 0.5,
+        adamw_cuda.update(*o, 1.0 - 1e-3 * 0.1, 0.9, 0.95, 1e-3 / (1 - 0.9 ** step), (1 - 0.95 ** step) ** 0.5,
                                      1e-8)
 
     ours()              # the first step on both sides, compared; the timed steps repeat step 1's constants
@@ -375,9 +362,9 @@ def bench_embedding(b, N, V, C, name):
     def torch_backward():
         return torch.zeros(V, C, device=b.dev).index_add_(0, ids_t, dy_t)
 
-    b.row(name, f"N{N} V{V} C{C}", lambda: embedding_cuda.embedding_backward_cuda(dy_o, ids_o, (V, C)),
+    b.row(name, f"N{N} V{V} C{C}", lambda: embedding_cuda.backward(dy_o, ids_o, (V, C)),
           torch_backward, 4 * (N * C + V * C) + 8 * N,
-          [(embedding_cuda.embedding_backward_cuda(dy_o, ids_o, (V, C)), torch_backward())])
+          [(embedding_cuda.backward(dy_o, ids_o, (V, C)), torch_backward())])
 
 
 def main():

@@ -9,7 +9,8 @@
    mamba_ssm's `selective_scan_ref` (discretise the whole sequence, then h = dA h + dBu step by step) and
    (b) HF's slow path `mamba_selective_scan` (what MambaMixer runs without the CUDA kernels); forward under
    no_grad, backward by autograd through the loop (slow: tens of seconds, so it runs once by default, without
-   a warm-up). Same inputs, same run; medians; ratio ours / torch (< 1: ours is faster).
+   a warm-up). Same inputs, same run, the contestants' calls alternating; medians; ratio ours / torch
+   (< 1: ours is faster).
 2. The whole mixer (d_model = D / 2, expand 2, so its inner width is D): minillm's mixer_forward /
    mixer_backward against HF `MambaMixer` (slow path), same weights.
 3. Generation, batch 1, float32: tokens/s of `step` for minillm's Mamba (O(1) state) and GPT (KV cache) of
@@ -27,27 +28,19 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 
+import harness  # first: puts the checkout and tests/ on sys.path
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from minillm.models import mamba  # noqa: E402
-from minillm.kernels import scan  # noqa: E402
+from minillm.models import mamba
+from minillm.kernels import scan
 
 
-def timed(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def median_ms(fn, repeats, warmup=True):
-    if warmup:
-        fn()  # Numba compilation / cache load, torch allocator
-    return 1e3 * float(np.median([timed(fn) for _ in range(repeats)]))
+def medians_ms(fns, repeats, warmup=1):
+    """Interleaved medians in ms; a warm-up call each (Numba compilation / cache load, torch allocator)
+    unless warmup says 0 for a function (the slow torch backward runs only its timed calls)."""
+    return [1e3 * t for t in harness.medians(fns, repeats, warmup=warmup)]
 
 
 def torch_scan_loop(u, delta, A, B, C, D):
@@ -60,13 +53,6 @@ def torch_scan_loop(u, delta, A, B, C, D):
         h = dA[:, :, t] * h + dBu[:, :, t]
         ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
     return torch.stack(ys, dim=2) + u * D[:, None]
-
-
-def table(title, rows, peers):
-    print(title)
-    print(f"{'':18}{'minillm ms':>12}" + "".join(f"{p + ' ms':>22}{'ratio':>8}" for p in peers))
-    for name, ours, *theirs in rows:
-        print(f"{name:18}{ours:12.2f}" + "".join(f"{t:22.1f}{ours / t:8.4f}" for t in theirs))
 
 
 def bench_scan(args):
@@ -87,11 +73,11 @@ def bench_scan(args):
     tA, tD, tdy = torch.from_numpy(A), torch.from_numpy(D), torch.from_numpy(dy.transpose(0, 2, 1).copy())
 
     def ours_fwd():
-        scan.selective_scan_forward(x, dt, A, B, C, D)
+        scan.forward(x, dt, A, B, C, D)
 
     def ours_fwd_bwd():
-        _, cache = scan.selective_scan_forward(x, dt, A, B, C, D)
-        scan.selective_scan_backward(dy, cache)
+        _, cache = scan.forward(x, dt, A, B, C, D)
+        scan.backward(dy, cache)
 
     def torch_run(fn, backward):
         if not backward:
@@ -101,15 +87,14 @@ def bench_scan(args):
         fn(*leaves).backward(tdy)
 
     hf = lambda *a: mamba_selective_scan(*a[:5], D=a[5])  # noqa: E731
-    y = scan.selective_scan_forward(x, dt, A, B, C, D)[0]
+    y = scan.forward(x, dt, A, B, C, D)[0]
     errs = [float(np.abs(y - torch_run(f, False).numpy().transpose(0, 2, 1)).max()) for f in (torch_scan_loop, hf)]
-    rows = [("forward", median_ms(ours_fwd, args.repeats),
-             median_ms(lambda: torch_run(torch_scan_loop, False), args.torch_repeats),
-             median_ms(lambda: torch_run(hf, False), args.torch_repeats)),
-            ("forward+backward", median_ms(ours_fwd_bwd, args.repeats),
-             median_ms(lambda: torch_run(torch_scan_loop, True), args.torch_bwd_repeats, warmup=False),
-             median_ms(lambda: torch_run(hf, True), args.torch_bwd_repeats, warmup=False))]
-    ref_ms = median_ms(lambda: scan.selective_scan_forward_ref(x, dt, A, B, C, D), 2)
+    fwd = medians_ms([ours_fwd, lambda: torch_run(torch_scan_loop, False), lambda: torch_run(hf, False)],
+                     [args.repeats, args.torch_repeats, args.torch_repeats])
+    fwd_bwd = medians_ms([ours_fwd_bwd, lambda: torch_run(torch_scan_loop, True), lambda: torch_run(hf, True)],
+                         [args.repeats, args.torch_bwd_repeats, args.torch_bwd_repeats], warmup=[1, 0, 0])
+    rows = [("forward", *fwd), ("forward+backward", *fwd_bwd)]
+    (ref_ms,) = medians_ms([lambda: scan.forward_reference(x, dt, A, B, C, D)], 2)
 
     import numba
 
@@ -118,21 +103,16 @@ def bench_scan(args):
           f"{args.torch_bwd_repeats} (torch forward+backward)")
     print(f"max |y_ours - y_torch| = {errs[0]:.1e} (loop), {errs[1]:.1e} (HF); NumPy reference forward: "
           f"{ref_ms:.0f} ms")
-    table("", rows, ["torch loop", "HF slow path"])
+    harness.versus(rows, ["torch loop ms", "HF slow path ms"], title="")
 
 
 def bench_mixer(args):
-    from transformers import MambaConfig
-    from transformers.models.mamba.modeling_mamba import MambaMixer
-    from minillm.tree import flatten
+    import peers
 
     d = args.channels // 2
     config = {"d_model": d, **mamba.DEFAULTS, "d_state": args.state}
     params = mamba.init_mixer(config, np.random.default_rng(0))
-    hf_cfg = MambaConfig(hidden_size=d, state_size=args.state, expand=2, conv_kernel=4, use_bias=False,
-                         use_conv_bias=True, use_mambapy=False, use_associative_scan=False)
-    mixer = MambaMixer(hf_cfg, layer_idx=0).eval()
-    mixer.load_state_dict({k: torch.from_numpy(v) for k, v in flatten(params).items()})
+    mixer = peers.hf_mamba_mixer(params, config, torch.float32).eval()
     rng = np.random.default_rng(1)
     x = rng.standard_normal((args.batch, args.seq, d)).astype(np.float32)
     g = rng.standard_normal(x.shape).astype(np.float32)
@@ -151,42 +131,19 @@ def bench_mixer(args):
         mixer(tx.clone().requires_grad_()).backward(tg)
 
     err = float(np.abs(mamba.mixer_forward(x, params, config)[0] - hf_fwd().numpy()).max())
-    rows = [("forward", median_ms(lambda: mamba.mixer_forward(x, params, config), args.repeats),
-             median_ms(hf_fwd, args.torch_repeats)),
-            ("forward+backward", median_ms(ours_fwd_bwd, args.repeats),
-             median_ms(hf_fwd_bwd, args.torch_bwd_repeats, warmup=False))]
+    rows = [("forward", *medians_ms([lambda: mamba.mixer_forward(x, params, config), hf_fwd],
+                                    [args.repeats, args.torch_repeats])),
+            ("forward+backward", *medians_ms([ours_fwd_bwd, hf_fwd_bwd], [args.repeats, args.torch_bwd_repeats],
+                                             warmup=[1, 0]))]
     print(f"\nMixer: B {args.batch}, L {args.seq}, d_model {d} (inner {2 * d}), N {args.state}, float32; "
           f"max |out_ours - out_hf| = {err:.1e}")
-    table("", rows, ["HF MambaMixer"])
+    harness.versus(rows, ["HF MambaMixer ms"], title="")
 
 
 def bench_generation(args):
     from minillm.models import gpt
 
-    base = dict(vocab_size=2048, context=args.gen_context, n_layer=4, n_head=4, d_model=256, dtype="float32")
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(0, base["vocab_size"], (1, args.gen_context - args.gen_tokens))
-    new = rng.integers(0, base["vocab_size"], (1, args.gen_tokens))
-    print(f"\nGeneration: batch 1, {base['n_layer']} layers, d_model {base['d_model']}, vocab "
-          f"{base['vocab_size']}, float32; tokens/s of `step` over {args.gen_tokens} tokens")
-    print(f"{'':8}{'at position 0':>16}{f'at position {prompt.shape[1]}':>20}")
-    for name, module in (("mamba", mamba), ("gpt", gpt)):
-        config = {"arch": name, **base, **module.DEFAULTS}
-        params = module.init(config, np.random.default_rng(1))
-
-        def run_steps(state):
-            t = time.perf_counter()
-            for i in range(args.gen_tokens):
-                _, state = module.step(params, new[:, i], state)
-            return args.gen_tokens / (time.perf_counter() - t)
-
-        run_steps(module.init_state(params, config, 1))  # warm-up
-        short = run_steps(module.init_state(params, config, 1))
-        state = module.init_state(params, config, 1)
-        for i in range(prompt.shape[1]):  # prefill through step, as generate.py does
-            _, state = module.step(params, prompt[:, i], state)
-        long = run_steps(state)
-        print(f"{name:8}{short:16.0f}{long:20.0f}")
+    harness.generation([("mamba", mamba), ("gpt", gpt)], args.gen_context, args.gen_tokens)
 
 
 def main():

@@ -14,42 +14,13 @@ kernels of kernels/moe_cuda.py, matmuls by cuBLAS through CuPy) and HF's block o
 
 import argparse
 import os
-import sys
-import time
 
+import harness  # first: puts the checkout and tests/ on sys.path
 import numpy as np
+import peers
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from minillm.nn import moe  # noqa: E402
-
-
-def hf_block(config, p, impl):
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-    E, C, F = config["n_experts"], config["d_model"], config["d_ff"]
-    hc = MixtralConfig(hidden_size=C, intermediate_size=F, num_local_experts=E,
-                       num_experts_per_tok=config["top_k"])
-    hc._experts_implementation = impl
-    block = MixtralSparseMoeBlock(hc).float()
-    with torch.no_grad():
-        block.gate.weight.copy_(torch.from_numpy(p["gate"]["weight"]))
-        for e in range(E):
-            pe = p["experts"][str(e)]
-            block.experts.gate_up_proj[e].copy_(
-                torch.from_numpy(np.concatenate([pe["w1"]["weight"], pe["w3"]["weight"]])))
-            block.experts.down_proj[e].copy_(torch.from_numpy(pe["w2"]["weight"]))
-    return block
-
-
-def timed(fn, sync):
-    sync()
-    t = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t
+from minillm.nn import moe
 
 
 def main():
@@ -72,7 +43,7 @@ def main():
     p["gate"]["weight"] *= 10.0  # a router that is not uniform
     x = rng.standard_normal((1, args.tokens, args.d_model)).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
-    block = hf_block(config, p, args.impl)
+    block = peers.hf_mixtral_moe(p, config, torch.float32, experts_impl=args.impl)
     xt, dyt = torch.from_numpy(x.copy()), torch.from_numpy(dy)
     sync = lambda: None  # noqa: E731
     if args.device == "cuda":
@@ -107,14 +78,8 @@ def main():
         y_ours = moe.moe_forward(x, p, config)[0]
         y_ours = y_ours.get() if hasattr(y_ours, "get") else y_ours
         err = np.abs(block(xt).cpu().numpy() - y_ours).max()
-    cases = [("forward", ours_fwd, hf_fwd), ("forward+backward", ours_fwd_bwd, hf_fwd_bwd)]
-    for _, a, b in cases:  # warm-up: Numba compilation / cache load, allocator
-        a(), b(), a(), b()
-    times = {name: ([], []) for name, _, _ in cases}
-    for _ in range(args.repeats):
-        for name, a, b in cases:
-            times[name][0].append(timed(a, sync))
-            times[name][1].append(timed(b, sync))
+    # two warm-up rounds (Numba compilation / cache load, allocator), then all four alternate
+    t = harness.medians([ours_fwd, hf_fwd, ours_fwd_bwd, hf_fwd_bwd], args.repeats, warmup=2, sync=sync)
 
     import numba
 
@@ -123,10 +88,8 @@ def main():
     print(f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()} "
           f"({numba.threading_layer()} layer), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
           f"median of {args.repeats}; max |y_ours - y_hf| = {err:.2e}")
-    print(f"{'':18}{'minillm ms':>12}{'HF ms':>10}{'ratio':>8}")
-    for name, _, _ in cases:
-        ours, hf = (1e3 * float(np.median(t)) for t in times[name])
-        print(f"{name:18}{ours:12.1f}{hf:10.1f}{ours / hf:8.2f}")
+    harness.versus([("forward", 1e3 * t[0], 1e3 * t[1]), ("forward+backward", 1e3 * t[2], 1e3 * t[3])],
+                   ["HF ms"], formats=(".1f", ".1f", ".2f"))
     if args.profile:
         profile(ours_fwd_bwd, x, p, args)
 
@@ -147,10 +110,9 @@ def profile(fn, x, p, args):
     xe = np.asarray(x).reshape(-1, args.d_model)[:n].copy()
     w = np.asarray(p["experts"]["0"]["w1"]["weight"])
     xt, wt = torch.from_numpy(xe), torch.from_numpy(w)
-    for name, f in [("numpy x @ W1.T", lambda: xe @ w.T), ("torch x @ W1.T", lambda: xt @ wt.T)]:
-        f()
-        ts = [timed(f, lambda: None) for _ in range(20)]
-        print(f"{name} ({n} x {args.d_model} x {w.shape[0]}): {1e3 * np.median(ts):.2f} ms")
+    names = ["numpy x @ W1.T", "torch x @ W1.T"]
+    for name, t in zip(names, harness.medians([lambda: xe @ w.T, lambda: xt @ wt.T], 20)):
+        print(f"{name} ({n} x {args.d_model} x {w.shape[0]}): {1e3 * t:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 W is a random ternary (out, in) matrix. Contestants, each with 1 thread and with the default thread
 count (Numba, OpenBLAS and torch all set alike):
-  packed kernel   kernels.ternary.ternary_matvec on int8 activations (the kernel alone)
+  packed kernel   kernels.ternary.matvec on int8 activations (the kernel alone)
   packed layer    ternary.packed_linear_forward on float32 x (activation quantisation + kernel + rescale)
   numpy f32       W @ x with W as a float32 array (OpenBLAS sgemv)
   torch f32       torch.mv(W, x) on float32 tensors
@@ -22,17 +22,14 @@ import ctypes
 import glob
 import math
 import os
-import sys
-import time
 
+import harness  # first: puts the checkout and tests/ on sys.path
 import numba
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from minillm.nn import ternary  # noqa: E402
-from minillm.kernels import ternary as kt  # noqa: E402
+from minillm.nn import ternary
+from minillm.kernels import ternary as kt
 
 
 def _openblas():
@@ -57,30 +54,16 @@ def run(contestants, repeats):
     """{name: fn} -> {name: (median, min) seconds}. Each contestant runs its repeats in one block after
     a pause: interleaving them on a 2-core machine lets one library's idle-spinning thread pool (torch's
     OpenMP, OpenBLAS, Numba's) steal the cores another one needs."""
-    res = {}
-    for name, fn in contestants.items():
-        time.sleep(0.5)
-        fn()  # warm up (compilation, caches)
-        fn()
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        res[name] = (float(np.median(ts)), float(np.min(ts)))
-    return res
+    times = harness.time_calls(list(contestants.values()), repeats, warmup=2, interleave=False, pause=0.5)
+    return {name: (float(np.median(ts)), float(np.min(ts))) for name, ts in zip(contestants, times)}
 
 
 def table(title, results, base="packed kernel"):
     """Median ms, ratio of medians to the base, and the fastest repeat (min ms) per column."""
-    print(f"\n{title}")
-    print(f"{'':16s}" + "".join(f"{h + ': median, ratio, (min)':>40s}" for h in results))
-    for name in next(iter(results.values())):
-        row = f"{name:16s}"
-        for res in results.values():
-            med, best = res[name]
-            row += f"{med * 1e3:18.3f} ms  x{med / res[base][0]:6.2f}  ({best * 1e3:.3f})"
-        print(row)
+    head = [""] + [h + ": median, ratio, (min)" for h in results]
+    rows = [[name] + [f"{res[name][0] * 1e3:.3f} ms  x{res[name][0] / res[base][0]:6.2f}  ({res[name][1] * 1e3:.3f})"
+                      for res in results.values()] for name in next(iter(results.values()))]
+    harness.table(head, rows, title=f"\n{title}")
 
 
 def cuda_table(packed, O, w_f32, x, xs, xq, xsq, repeats):
@@ -91,8 +74,8 @@ def cuda_table(packed, O, w_f32, x, xs, xq, xsq, repeats):
     d_packed, d_xs = cuda.to_device(packed), cuda.to_device(xsq)
     d_x = cuda.to_device(xq.reshape(1, -1).copy())
     out1, out_m = cuda.device_array((1, O), np.int32), cuda.device_array((xs.shape[0], O), np.int32)
-    assert np.array_equal(ktc.ternary_matmul_cuda(d_x, d_packed, O).copy_to_host()[0],
-                          kt.ternary_matvec(xq, packed, O))
+    assert np.array_equal(ktc.matmul(d_x, d_packed, O).copy_to_host()[0],
+                          kt.matvec(xq, packed, O))
     dev = torch.device("cuda")
     w32, x32, xs32 = (torch.from_numpy(a).to(dev) for a in (w_f32, x, xs))
     w16, x16, xs16 = w32.bfloat16(), x32.bfloat16(), xs32.bfloat16()
@@ -106,11 +89,11 @@ def cuda_table(packed, O, w_f32, x, xs, xq, xsq, repeats):
 
     res = {}
     for title, contestants in (
-            ("batch 1", {"packed kernel": lambda: ktc.ternary_matmul_cuda(d_x, d_packed, O, out1),
+            ("batch 1", {"packed kernel": lambda: ktc.matmul(d_x, d_packed, O, out1),
                          "torch f32": lambda: torch.mv(w32, x32),
                          "torch bf16": lambda: torch.mv(w16, x16)}),
             (f"{xs.shape[0]} tokens",
-             {"packed kernel": lambda: ktc.ternary_matmul_cuda(d_xs, d_packed, O, out_m),
+             {"packed kernel": lambda: ktc.matmul(d_xs, d_packed, O, out_m),
               "torch f32": lambda: torch.nn.functional.linear(xs32, w32),
               "torch bf16": lambda: torch.nn.functional.linear(xs16, w16)})):
         res[title] = run({k: sync(v) for k, v in contestants.items()}, repeats)
@@ -139,18 +122,18 @@ def main():
     wt, xt, xst = torch.from_numpy(w_f32), torch.from_numpy(x), torch.from_numpy(xs)
 
     # the kernel is exact: check it once against the reference before timing
-    assert np.array_equal(kt.ternary_matvec(xq, packed, O), kt.ternary_matmul_ref(xq, packed, O))
+    assert np.array_equal(kt.matvec(xq, packed, O), kt.matmul_reference(xq, packed, O))
     y_packed = ternary.packed_linear_forward(x, packed, scale, shape)
     assert np.allclose(y_packed, ternary.bitlinear_forward(x, latent)[0])
 
     matvec = {
-        "packed kernel": lambda: kt.ternary_matvec(xq, packed, O),
+        "packed kernel": lambda: kt.matvec(xq, packed, O),
         "packed layer": lambda: ternary.packed_linear_forward(x, packed, scale, shape),
         "numpy f32": lambda: w_f32 @ x,
         "torch f32": lambda: torch.mv(wt, xt),
     }
     prefill = {
-        "packed kernel": lambda: kt.ternary_matmul(xsq, packed, O),
+        "packed kernel": lambda: kt.matmul(xsq, packed, O),
         "packed layer": lambda: ternary.packed_linear_forward(xs, packed, scale, shape),
         "numpy f32": lambda: xs @ w_f32.T,
         "torch f32": lambda: torch.nn.functional.linear(xst, wt),
@@ -175,11 +158,10 @@ def main():
     if args.cuda:
         cuda_table(packed, O, w_f32, x, xs, xq, xsq, args.repeats)
     n = O * I
-    print(f"\nbytes of W ({O} x {I})")
-    for name, size in (("float32", 4 * n), ("bfloat16", 2 * n), ("int8", n),
-                       ("packed 2-bit + scale", packed.nbytes + 4),
-                       ("log2(3) bits (entropy bound)", math.ceil(n * math.log2(3) / 8))):
-        print(f"  {name:30s}{size:>12,d}   float32 / this = {4 * n / size:5.2f}")
+    sizes = (("float32", 4 * n), ("bfloat16", 2 * n), ("int8", n), ("packed 2-bit + scale", packed.nbytes + 4),
+             ("log2(3) bits (entropy bound)", math.ceil(n * math.log2(3) / 8)))
+    harness.table(["", "bytes", "float32 / this"], [(name, f"{size:,d}", f"{4 * n / size:.2f}") for name, size in sizes],
+                  title=f"\nbytes of W ({O} x {I})", indent="  ")
 
 
 if __name__ == "__main__":

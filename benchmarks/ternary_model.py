@@ -5,31 +5,25 @@
 Three models with the same shapes and the same random latent weights: float32 (plain linears), ternary
 (BitLinear on the latent weights, as trained with --ternary) and packed (what `minillm quantize` writes:
 2 bits per weight, the Numba kernel on the packed bytes). Sampling is greedy, batch 1, one token per
-`gpt.step` with the KV cache; the median tokens/s of the repeats is printed with the ratio to float32.
+`gpt.step` with the KV cache; the models' runs alternate, and the tokens/s of the median run is printed
+with the ratio to float32.
 Sizes are those of model.safetensors written by checkpoint.save_checkpoint.
 """
 
 import argparse
 import os
-import sys
 import tempfile
-import time
 
+import harness  # first: puts the checkout and tests/ on sys.path
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from minillm import checkpoint, generate, models, quantize  # noqa: E402
+from minillm import checkpoint, generate, models, quantize
 from minillm.models import gpt
 
 
-def tokens_per_second(params, config, n_tokens, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        generate.generate(gpt, params, config, [[0]], n_tokens, None, temperature=0)
-        times.append(time.perf_counter() - start)
-    return n_tokens / float(np.median(times))
+def sampler(params, config, n_tokens):
+    """Greedy sampling of n_tokens tokens, batch 1, one `gpt.step` per token."""
+    return lambda: generate.generate(gpt, params, config, [[0]], n_tokens, None, temperature=0)
 
 
 def file_size(params, config):
@@ -57,13 +51,15 @@ def main():
     }
     print(f"GPT d_model {a.d_model}, {a.layers} layers, vocab {a.vocab}; greedy, batch 1, {a.tokens} tokens; "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'model':26s} {'model.safetensors':>18s} {'size ratio':>10s} {'tokens/s':>9s} {'speed ratio':>11s}")
-    base_size = base_speed = None
-    for name, (p, c) in contestants.items():
-        tokens_per_second(p, c, 4, 1)  # compile / warm up
-        size, speed = file_size(p, c), tokens_per_second(p, c, a.tokens, a.repeats)
-        base_size, base_speed = base_size or size, base_speed or speed
-        print(f"{name:26s} {size / 1e6:15.2f} MB {base_size / size:9.1f}x {speed:9.0f} {speed / base_speed:10.2f}x")
+    for p, c in contestants.values():
+        sampler(p, c, 4)()  # compile / warm up
+    sizes = [file_size(p, c) for p, c in contestants.values()]
+    # the three models' runs alternate; median seconds per run -> tokens/s
+    speeds = [a.tokens / t for t in harness.medians([sampler(p, c, a.tokens) for p, c in contestants.values()],
+                                                    a.repeats, warmup=0)]
+    harness.table(["model", "model.safetensors", "size ratio", "tokens/s", "speed ratio"],
+                  [(name, f"{size / 1e6:.2f} MB", f"{sizes[0] / size:.1f}x", f"{speed:.0f}", f"{speed / speeds[0]:.2f}x")
+                   for name, size, speed in zip(contestants, sizes, speeds)])
 
 
 if __name__ == "__main__":

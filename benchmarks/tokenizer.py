@@ -6,8 +6,8 @@ On each corpus, in one run: BPE training to vocab 4096 and 8192 (special <|endof
 pairs seen at least twice, one thread: RAYON_NUM_THREADS=1 for HF), then encoding throughput in
 MB/s of UTF-8 text with GPT-2's files, one thread. minillm keeps a pre-token cache between calls:
 "cold" clears it before every repeat (every pre-token is merged from scratch, as tiktoken does),
-"warm" encodes the same text a second time. Medians of the repeats; ratio = peer time / ours
-(> 1: minillm is faster).
+"warm" encodes the same text a second time. The contestants' calls alternate; medians of the repeats;
+ratio = peer time / ours (> 1: minillm is faster).
 """
 
 import os
@@ -16,13 +16,8 @@ os.environ["RAYON_NUM_THREADS"] = "1"  # before tokenizers starts its thread poo
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
+import harness  # noqa: E402  (first: puts the checkout and tests/ on sys.path)
 import tiktoken  # noqa: E402
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
@@ -30,20 +25,10 @@ from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from minillm.tokenizer import EOT, Tokenizer, bytes_to_unicode, read_text_file  # noqa: E402
 
+ROOT = harness.ROOT
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 _U2B = {c: b for b, c in bytes_to_unicode().items()}  # HF's byte-level strings -> bytes
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-def median_time(fn, repeats, before=None):
-    times = []
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def hf_train(text, vocab_size):
@@ -87,8 +72,8 @@ def main():
         text = read_text_file(path)
         name, mb = os.path.basename(path), len(text.encode("utf-8")) / 1e6
         for vs in (4096, 8192):
-            t_ours = median_time(lambda: Tokenizer.train(text, vs, progress=False), args.repeats)
-            t_hf = median_time(lambda: hf_train(text, vs), args.repeats)
+            t_ours, t_hf = harness.medians([lambda: Tokenizer.train(text, vs, progress=False),
+                                            lambda: hf_train(text, vs)], args.repeats, warmup=0)
             a = Tokenizer.train(text, vs, progress=False)
             b = hf_train(text, vs)
             ours_set = set(a.tokens[256:])
@@ -99,22 +84,21 @@ def main():
                          f"{shared:.1%} of the learned tokens shared"))
         assert ours.encode_array(text).tolist() == tk.encode_ordinary(text)
         n = len(text.encode("utf-8"))
-        t_cold = median_time(lambda: ours.encode_array(text), args.repeats, before=ours.clear_cache)
-        t_warm = median_time(lambda: ours.encode_array(text), args.repeats)
-        t_tk = median_time(lambda: tk.encode_ordinary(text), args.repeats)
-        t_hf = median_time(lambda: hf.encode(text, add_special_tokens=False), args.repeats)
+        # cold: the cache cleared (untimed) before each call; warm: right after a cold call, whose
+        # pre-tokens it finds cached
+        t_cold, t_warm, t_tk, t_hf = harness.medians(
+            [lambda: ours.encode_array(text), lambda: ours.encode_array(text), lambda: tk.encode_ordinary(text),
+             lambda: hf.encode(text, add_special_tokens=False)], args.repeats, warmup=0,
+            before=[ours.clear_cache, None, None, None])
         for label, t in (("encode (cold cache)", t_cold), ("encode (warm cache)", t_warm)):
             rows.append((name, label, f"{n / t / 1e6:.1f} MB/s", f"{n / t_tk / 1e6:.1f} MB/s",
                          f"{n / t_hf / 1e6:.1f} MB/s", f"{t_tk / t:.2f}", f"{t_hf / t:.2f}",
                          f"{mb:.1f} MB, ids equal tiktoken's"))
     head = ("corpus", "task", "minillm", "tiktoken", "HF tokenizers", "ratio tiktoken",
             "ratio HF", "note")
-    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-    print(f"median of {args.repeats} repeats, one thread; ratio = peer time / minillm time "
-          "(> 1: minillm faster)")
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-    for r in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    harness.table(head, rows, align="l" * len(head),
+                  title=f"median of {args.repeats} repeats (interleaved), one thread; ratio = peer time / "
+                        "minillm time (> 1: minillm faster)")
 
 if __name__ == "__main__":
     main()

@@ -22,24 +22,20 @@ device synchronisation.
 
 import argparse
 import os
-import statistics
-import sys
 import time
 
+import harness  # first: puts the checkout and tests/ on sys.path
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+import peers
+import torch
+import torch.nn.functional as F
+from transformers.utils import logging as hf_logging
 
 from minillm.models import gpt
 from minillm.nn import ops
-from minillm import optim, train  # noqa: E402
-from minillm.device import array_module_for, to_device  # noqa: E402
-from minillm.tree import flatten  # noqa: E402
+from minillm import optim, train
+from minillm.device import array_module_for, to_device
+from minillm.tree import flatten
 
 CONFIGS = {
     "small": dict(vocab_size=512, context=64, d_model=128, n_layer=4, n_head=4, batch=32),
@@ -53,35 +49,6 @@ def numpy_threads():
         if os.environ.get(var):
             return int(os.environ[var])
     return os.cpu_count()
-
-
-def hf_model(config, attn, params):
-    hc = GPT2Config(vocab_size=config["vocab_size"], n_positions=config["context"],
-                    n_embd=config["d_model"], n_layer=config["n_layer"], n_head=config["n_head"],
-                    attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, activation_function="gelu_new",
-                    layer_norm_epsilon=1e-5, bos_token_id=0, eos_token_id=0)
-    hc._attn_implementation = attn
-    model = GPT2LMHeadModel(hc).float()
-    flat = flatten(params)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.from_numpy(flat[name]))
-    return model
-
-
-def median_times(fns, repeats, warmup=2):
-    """Median wall time of each function; repeats are interleaved (a, b, c, a, b, c, ...) so that
-    every implementation sees the same background load."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
 
 
 def _synchronize(device):
@@ -121,7 +88,7 @@ def bench_train(name, repeats, device="cpu"):
     init_params = gpt.init(config, np.random.default_rng(0))
     mask = optim.decay_mask(flatten(init_params))
     for attn in ("sdpa", "eager"):
-        model = hf_model(config, attn, init_params).to(device)
+        model = peers.hf_gpt2(init_params, config, torch.float32, attn=attn).to(device)
         named = dict(model.named_parameters())
         groups = [{"params": [p for n, p in named.items() if mask[n]], "weight_decay": WD},
                   {"params": [p for n, p in named.items() if not mask[n]], "weight_decay": 0.0}]
@@ -138,14 +105,14 @@ def bench_train(name, repeats, device="cpu"):
 
         labels.append(f"torch eager ({attn} attn)")
         fns.append(theirs)
-    rows = list(zip(labels, median_times(fns, repeats)))
+    rows = list(zip(labels, harness.medians(fns, repeats, warmup=2)))   # interleaved
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"\ntraining step on {where}, {name}: B={batch} T={config['context']} C={config['d_model']} "
           f"L={config['n_layer']} H={config['n_head']} V={config['vocab_size']}, float32, "
           f"median of {repeats} (interleaved)")
-    print(f"  {'implementation':28s} {'s/step':>9s} {'tokens/s':>10s} {'minillm speed-up':>17s}")
-    for label, t in rows:
-        print(f"  {label:28s} {t:9.4f} {tokens / t:10.0f} {t / rows[0][1]:16.2f}x")
+    harness.table(["implementation", "s/step", "tokens/s", "minillm speed-up"],
+                  [(label, f"{t:.4f}", f"{tokens / t:.0f}", f"{t / rows[0][1]:.2f}x") for label, t in rows],
+                  indent="  ")
 
 
 def bench_sampling(repeats, new_tokens=256):
@@ -153,7 +120,7 @@ def bench_sampling(repeats, new_tokens=256):
     c.pop("batch")
     config = {"arch": "gpt", **c, "context": 512, "dtype": "float32"}
     params = gpt.init(config, np.random.default_rng(0))
-    model = hf_model(config, "sdpa", params).eval()
+    model = peers.hf_gpt2(params, config, torch.float32, attn="sdpa").eval()
     prompt = np.array([1], dtype=np.int64)
 
     def ours():
@@ -186,13 +153,13 @@ def bench_sampling(repeats, new_tokens=256):
 
     agree = ours() == torch_loop()
     labels = ["minillm gpt.step loop", "torch loop, HF past_key_values", "HF generate (greedy)"]
-    rows = list(zip(labels, median_times([ours, torch_loop, hf_generate], repeats)))
+    rows = list(zip(labels, harness.medians([ours, torch_loop, hf_generate], repeats, warmup=2)))
     print(f"\nsampling: batch 1, {new_tokens} new tokens (greedy, KV cache), C={config['d_model']} "
           f"L={config['n_layer']} H={config['n_head']} V={config['vocab_size']}, float32, median of "
           f"{repeats} (interleaved); greedy tokens identical to the torch loop: {agree}")
-    print(f"  {'implementation':32s} {'s':>8s} {'tokens/s':>10s} {'minillm speed-up':>17s}")
-    for label, t in rows:
-        print(f"  {label:32s} {t:8.4f} {new_tokens / t:10.0f} {t / rows[0][1]:16.2f}x")
+    harness.table(["implementation", "s", "tokens/s", "minillm speed-up"],
+                  [(label, f"{t:.4f}", f"{new_tokens / t:.0f}", f"{t / rows[0][1]:.2f}x") for label, t in rows],
+                  indent="  ")
 
 
 def profile_step(name, repeats):
@@ -212,10 +179,10 @@ def profile_step(name, repeats):
     state = optim.adamw_init(params)
     spent = collections.defaultdict(float)
     wrapped = [(gpt, ["forward", "backward"]), (attention, ["attention_forward", "attention_backward",
-               "_bmm"]), (layers, ["dense_forward", "dense_backward"]),
-               (layernorm, ["layernorm_forward_numba", "layernorm_backward_numba"]),
-               (gelu, ["gelu_forward_numba", "gelu_backward_numba"]),
-               (softmax, ["causal_softmax_numba", "causal_softmax_backward_numba"]),
+               "_bmm"]), (dense, ["dense_forward", "dense_backward"]),
+               (layernorm, ["forward", "backward"]),
+               (gelu, ["forward", "backward"]),
+               (softmax, ["causal", "causal_backward"]),
                (ops, ["cross_entropy_forward", "cross_entropy_backward"]), (optim, ["adamw_step"])]
     saved = []
     for module, names in wrapped:

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import minillm
 import minillm.kernels as kernel_dispatch
+import peers
 from gradcheck import check_grads, weighted_sum
 from minillm.nn import attention, ops
 from minillm.models import gpt
@@ -49,15 +49,6 @@ def scaled(params, factor=5.0):
     return params
 
 
-def hf_model(config):
-    hc = GPT2Config(vocab_size=config["vocab_size"], n_positions=config["context"],
-                    n_embd=config["d_model"], n_layer=config["n_layer"], n_head=config["n_head"],
-                    attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, activation_function="gelu_new",
-                    layer_norm_epsilon=1e-5, bos_token_id=0, eos_token_id=0)
-    hc._attn_implementation = "eager"
-    return GPT2LMHeadModel(hc).double()
-
-
 @pytest.fixture(params=["numpy", "numba"])
 def kernels(request):
     """Run a test with the NumPy ops (LayerNorm, GELU, softmax) and again with the Numba kernels."""
@@ -94,14 +85,12 @@ def gpt_loss(params, idx, config=CONFIG):
 def test_matches_hf_gpt2(kernels):
     rng = np.random.default_rng(2)
     params = perturbed(gpt.init(CONFIG, rng), rng)
-    model = hf_model(CONFIG)
+    model = peers.hf_gpt2(params, CONFIG)     # float64, eager attention
     flat = flatten(params)
     named = dict(model.named_parameters())
     assert sorted(named) == sorted(flat)      # the same names (lm_head tied, not a parameter)
-    with torch.no_grad():
-        for name, p in named.items():
-            assert tuple(p.shape) == flat[name].shape, name
-            p.copy_(torch.from_numpy(flat[name]))
+    for name, p in named.items():
+        assert tuple(p.shape) == flat[name].shape, name
     idx = rng.integers(0, CONFIG["vocab_size"], (3, 10))
     logits, loss, grads = loss_and_grads(params, idx)
 

@@ -311,21 +311,6 @@ def test_adamw_never_touches_frozen_weights():
 # --- peft on transformers' GPT2LMHeadModel ---------------------------------------------------------
 
 
-def _hf_gpt2(config, params):
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    hf = GPT2LMHeadModel(GPT2Config(
-        vocab_size=config["vocab_size"], n_positions=config["context"], n_embd=config["d_model"],
-        n_layer=config["n_layer"], n_head=config["n_head"], activation_function="gelu_new",
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
-        bos_token_id=0, eos_token_id=0, tie_word_embeddings=True)).double().eval()
-    state = {n: torch.from_numpy(a.copy()) for n, a in flatten(params).items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)   # our names = HF's minus lm_head
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    return hf
-
-
 def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
@@ -333,8 +318,8 @@ def _rel(a, b):
 @pytest.mark.filterwarnings("ignore::FutureWarning")   # transformers' own deprecation notice
 def test_matches_peft_on_gpt2():
     import torch
-    from peft import LoraConfig, get_peft_model
 
+    import peers
     from minillm.models import gpt
     from minillm import models
 
@@ -347,17 +332,12 @@ def test_matches_peft_on_gpt2():
     idx = rng.integers(0, config["vocab_size"], (2, 9))
     assert np.array_equal(gpt.forward(params, idx, config)[0], gpt.forward(base, idx, config)[0])
     randomise_B(params, rng)
-    # peft turns fan_in_fan_out on by itself for Conv1D (with a warning); say it explicitly.
-    peft_model = get_peft_model(_hf_gpt2(config, base), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], lora_dropout=0.0,
-        fan_in_fan_out=True, init_lora_weights=False, bias="none"))
-    theirs = {n.replace("base_model.model.", "").replace(".default.weight", ""): p
-              for n, p in peft_model.named_parameters() if p.requires_grad}
-    ours = flatten(params)
+    # GPT2LMHeadModel in float64 (HF's default attention) from the base weights, then peft's adapters set
+    # from ours; peft turns fan_in_fan_out on by itself for Conv1D (with a warning); say it explicitly.
+    hf = peers.hf_gpt2(base, config, attn=None).eval()
+    peft_model, theirs = peers.peft_lora(hf, params, rank=4, alpha=8, targets=["c_attn", "c_proj"],
+                                         fan_in_fan_out=True)
     assert set(theirs) == lora.adapter_names(params)   # same layers chosen (attn and mlp c_proj)
-    with torch.no_grad():
-        for n, p in theirs.items():
-            p.copy_(torch.from_numpy(ours[n]))
 
     g = rng.standard_normal((2, 9, config["vocab_size"]))
     logits, cache = gpt.forward(params, idx, config)

@@ -1,15 +1,14 @@
 """mamba.py: gradients, step == forward, and parity with HF transformers' MambaForCausalLM (slow torch path)."""
 
-import contextlib
 import importlib.util
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import MambaConfig, MambaForCausalLM
-from transformers.models.mamba import modeling_mamba
+from transformers import MambaForCausalLM
 
+import peers
 from gradcheck import check_grads, weighted_sum
 from minillm.models import mamba
 from minillm.tree import flatten, unflatten
@@ -92,7 +91,7 @@ def test_init_names_shapes_and_values():
     p = mamba.init(cfg, np.random.default_rng(0))
     flat = flatten(p)
     assert all(v.dtype == np.float32 for v in flat.values())
-    hf = MambaForCausalLM(hf_config(cfg))
+    hf = MambaForCausalLM(peers.mamba_config(cfg))
     expected = {k: tuple(v.shape) for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     assert {k: v.shape for k, v in flat.items()} == expected
     m = p["backbone"]["layers"]["0"]["mixer"]
@@ -123,45 +122,17 @@ def test_float32_and_bad_input():
 # --- parity with HF transformers ---------------------------------------------------------------------------
 
 
-def hf_config(cfg):
-    return MambaConfig(vocab_size=cfg["vocab_size"], hidden_size=cfg["d_model"], state_size=cfg["d_state"],
-                       num_hidden_layers=cfg["n_layer"], expand=cfg["expand"], conv_kernel=cfg["d_conv"],
-                       time_step_rank=cfg["dt_rank"], layer_norm_epsilon=cfg["norm_eps"], use_bias=False,
-                       use_conv_bias=True, residual_in_fp32=False, use_mambapy=False,
-                       use_associative_scan=False, tie_word_embeddings=True)
-
-
-def _rmsnorm_same_dtype(self, hidden_states):
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
-
-
-@contextlib.contextmanager
-def hf_float64():
-    """HF's slow path up-casts to float32 (`.float()`, RMSNorm's `.to(float32)`): meant for half precision,
-    for float64 inputs it is a down-cast. Neutralise those casts so the comparison is float64-accurate."""
-    orig_float, orig_norm = torch.Tensor.float, modeling_mamba.MambaRMSNorm.forward
-    torch.Tensor.float = lambda self, *a, **k: self if self.dtype == torch.float64 else orig_float(self, *a, **k)
-    modeling_mamba.MambaRMSNorm.forward = _rmsnorm_same_dtype
-    try:
-        yield
-    finally:
-        torch.Tensor.float, modeling_mamba.MambaRMSNorm.forward = orig_float, orig_norm
-
-
 def test_matches_hf_mamba_float64():
     # the CUDA fast paths (mamba_ssm, causal_conv1d) must not be importable: the slow torch path is the peer
     assert importlib.util.find_spec("mamba_ssm") is None and importlib.util.find_spec("causal_conv1d") is None
     cfg = config()
     rng = np.random.default_rng(5)
     params = randomize(mamba.init(cfg, rng), rng)
-    model = MambaForCausalLM(hf_config(cfg)).double().eval()
+    model = peers.hf_mamba(params, cfg).eval()        # float64; loading checks missing == [lm_head.weight]
     flat = flatten(params)
-    missing, unexpected = model.load_state_dict({k: torch.tensor(v) for k, v in flat.items()}, strict=False)
-    assert missing == ["lm_head.weight"] and not unexpected
     assert model.lm_head.weight is model.backbone.embeddings.weight      # tied head
     idx = rng.integers(0, cfg["vocab_size"], (2, 10))
-    with hf_float64():
+    with peers.mamba_float64():
         logits_t = model(torch.tensor(idx), use_cache=False).logits
         g = rng.standard_normal(logits_t.shape)
         (logits_t * torch.tensor(g)).sum().backward()

@@ -1,20 +1,19 @@
 """MoE layer: float64 gradient checks, cross-check against transformers' MixtralSparseMoeBlock, edge cases.
 
 HF (transformers 5) stores the experts fused: experts.gate_up_proj (E, 2F, C) = [w1; w3] per expert and
-experts.down_proj (E, C, F) = w2; `hf_block` maps our per-expert checkpoint names onto it.
+experts.down_proj (E, C, F) = w2; `peers.hf_mixtral_moe` maps our per-expert checkpoint names onto it.
 """
-
-import contextlib
 
 import numpy as np
 import pytest
 import torch
-from transformers import MixtralConfig
-from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
+import peers
 from gradcheck import check_grads, weighted_sum
 from minillm.models import moe as moe_model
 from minillm.nn import moe
+from minillm.tree import unflatten
 
 
 def make_case(seed, E=4, k=2, N=16, C=12, F=10, dead_expert=None, min_gap=1e-3):
@@ -41,43 +40,10 @@ def make_case(seed, E=4, k=2, N=16, C=12, F=10, dead_expert=None, min_gap=1e-3):
     raise AssertionError("no tie-free case found")
 
 
-@contextlib.contextmanager
-def float64_router():
-    """HF casts router logits to float32 (`.float()`) before the softmax and in its aux loss; make
-    that cast a no-op for float64 tensors so HF computes in float64 throughout."""
-    original = torch.Tensor.float
-
-    def keep_float64(self, *args, **kwargs):
-        return self if self.dtype == torch.float64 else original(self, *args, **kwargs)
-
-    torch.Tensor.float = keep_float64
-    try:
-        yield
-    finally:
-        torch.Tensor.float = original
-
-
-def hf_block(config, p):
-    E, k = config["n_experts"], config["top_k"]
-    C, F = p["gate"]["weight"].shape[1], p["experts"]["0"]["w1"]["weight"].shape[0]
-    hc = MixtralConfig(hidden_size=C, intermediate_size=F, num_local_experts=E, num_experts_per_tok=k,
-                       router_jitter_noise=0.0)
-    hc._experts_implementation = "eager"
-    block = MixtralSparseMoeBlock(hc).double().eval()
-    with torch.no_grad():
-        block.gate.weight.copy_(torch.from_numpy(p["gate"]["weight"]))
-        for e in range(E):
-            pe = p["experts"][str(e)]
-            block.experts.gate_up_proj[e].copy_(
-                torch.from_numpy(np.concatenate([pe["w1"]["weight"], pe["w3"]["weight"]])))
-            block.experts.down_proj[e].copy_(torch.from_numpy(pe["w2"]["weight"]))
-    return block
-
-
 def hf_run(config, p, x, g):
     """HF forward + backward of sum(y g) + aux_coef aux + z_coef z -> (y, logits, aux, grads like p, dx)."""
-    E, k, F = config["n_experts"], config["top_k"], config["d_ff"]
-    block = hf_block(config, p)
+    E, k = config["n_experts"], config["top_k"]
+    block = peers.hf_mixtral_moe(p, config).eval()    # float64
     captured = {}
 
     def keep_logits(module, inputs, outputs):
@@ -92,10 +58,7 @@ def hf_run(config, p, x, g):
     loss = ((y.reshape(g.shape) * torch.from_numpy(g)).sum() + config["aux_loss_coef"] * aux
             + config["router_z_loss_coef"] * z)
     loss.backward()
-    gu, gd = block.experts.gate_up_proj.grad.numpy(), block.experts.down_proj.grad.numpy()
-    grads = {"gate": {"weight": block.gate.weight.grad.numpy()},
-             "experts": {str(e): {"w1": {"weight": gu[e, :F]}, "w2": {"weight": gd[e]},
-                                  "w3": {"weight": gu[e, F:]}} for e in range(E)}}
+    grads = unflatten({n: v.numpy() for n, v in peers.mixtral_moe_grads(block).items()})
     return (y.detach().numpy().reshape(x.shape), logits.detach().numpy(), aux.item(), grads,
             xt.grad.numpy().reshape(x.shape))
 
@@ -131,7 +94,7 @@ def test_matches_hf_float64(E, k, N, dead):
     config, p, x = make_case(1, E=E, k=k, N=N, dead_expert=dead)
     g = np.random.default_rng(7).standard_normal(x.shape)
     y, cache, dx, grads = ours(config, p, x, g)
-    with float64_router():
+    with peers.no_float_upcast():   # HF's float32 router casts off
         hy, hlogits, haux, hgrads, hdx = hf_run(config, p, x, g)
     assert rel(y, hy) < 1e-9
     assert rel(cache["logits"], hlogits) < 1e-9

@@ -4,7 +4,8 @@
     fn(inputs, params, upstream, config) -> (outputs, grads),
 
 float64 files at rtol 1e-9 and float32 files (genuine HF float32 code) at 1e-5. These adapters are
-also worked examples of checking a PyTorch implementation against the golden files.
+also worked examples of checking a PyTorch implementation against the golden files; the HF modules
+are built from the golden params by the converters of tests/peers.py.
 """
 
 import contextlib
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import peers
 from minillm import reference
 
 torch._dynamo.config.disable = True   # HF wraps the BitNet quantisers in torch.compile: run them eagerly
@@ -39,12 +41,15 @@ def torch_grads(tensors):
     return {k: (v.grad if v.grad is not None else torch.zeros_like(v)) for k, v in tensors.items()}
 
 
-def module_adapter(make_module, inputs_key="x", output_key="y", extra=lambda m: {}):
-    """An adapter for a module whose state dict is keyed like the golden params."""
+def dtype_of(params):
+    return torch.from_numpy(params[next(iter(params))]).dtype
+
+
+def module_adapter(convert, inputs_key="x", output_key="y", extra=lambda m: {}):
+    """An adapter for a module whose state dict is keyed like the golden params;
+    convert(params, config, dtype) builds it with them loaded (a converter of peers.py)."""
     def fn(inputs, params, upstream, config):
-        dtype = torch.from_numpy(params[next(iter(params))]).dtype
-        module = make_module(config).to(dtype)
-        module.load_state_dict({k: T(v) for k, v in params.items()}, strict=True)
+        module = convert(params, config, dtype_of(params))
         x = T(inputs[inputs_key], True)
         y = module(x, **extra(x))
         y = y[0] if isinstance(y, tuple) else y
@@ -54,41 +59,10 @@ def module_adapter(make_module, inputs_key="x", output_key="y", extra=lambda m: 
     return fn
 
 
-@contextlib.contextmanager
-def no_float_upcast():
-    """HF casts to float32 (`.float()`) in its MoE router, Mamba and RWKV CPU paths and BitNet
-    quantisers: meant for half precision, a down-cast for float64. Make it a no-op for float64 so the
-    comparison is float64-accurate (the genuine float32 behaviour is checked on the float32 files)."""
-    original = torch.Tensor.float
-    torch.Tensor.float = lambda self, *a, **k: self if self.dtype == torch.float64 else original(self, *a, **k)
-    try:
-        yield
-    finally:
-        torch.Tensor.float = original
-
-
-def gpt2_config(config):
-    from transformers import GPT2Config
-
-    hc = GPT2Config(vocab_size=config.get("vocab_size", 8), n_positions=config.get("context", 64),
-                    n_embd=config.get("d_model", 16), n_layer=config.get("n_layer", 1),
-                    n_head=config["n_head"], activation_function="gelu_new", resid_pdrop=0.0,
-                    embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True,
-                    bos_token_id=0, eos_token_id=0)
-    hc._attn_implementation = "eager"
-    return hc
-
-
-def causal_mask(x):
-    """HF builds this in the model (create_causal_mask); a lone eager attention layer needs it given."""
-    T_ = x.shape[1]
-    upper = torch.triu(torch.ones(T_, T_, dtype=torch.bool), 1)
-    return {"attention_mask": torch.zeros(T_, T_, dtype=x.dtype).masked_fill(upper, torch.finfo(x.dtype).min)}
-
-
 def hf_layernorm(inputs, params, upstream, config):
     C = params["weight"].shape[0]
-    return module_adapter(lambda c: torch.nn.LayerNorm(C, eps=c["eps"]))(inputs, params, upstream, config)
+    return module_adapter(lambda p, c, dtype: peers.load_params(torch.nn.LayerNorm(C, eps=c["eps"]).to(dtype), p))(
+        inputs, params, upstream, config)
 
 
 def hf_gelu(inputs, params, upstream, config):
@@ -108,25 +82,15 @@ def torch_cross_entropy(inputs, params, upstream, config):
 
 
 def hf_attention(inputs, params, upstream, config):
-    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
-
-    return module_adapter(lambda c: GPT2Attention(gpt2_config(c), layer_idx=0), extra=causal_mask)(
-        inputs, params, upstream, config)
+    return module_adapter(peers.hf_gpt2_attention, extra=peers.gpt2_causal_mask)(inputs, params, upstream, config)
 
 
 def hf_gpt_block(inputs, params, upstream, config):
-    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
-
-    return module_adapter(lambda c: GPT2Block(gpt2_config(c), layer_idx=0), extra=causal_mask)(
-        inputs, params, upstream, config)
+    return module_adapter(peers.hf_gpt2_block, extra=peers.gpt2_causal_mask)(inputs, params, upstream, config)
 
 
 def hf_gpt(inputs, params, upstream, config):
-    from transformers import GPT2LMHeadModel
-
-    model = GPT2LMHeadModel(gpt2_config(config)).to(torch.from_numpy(params["transformer.wte.weight"]).dtype)
-    missing, unexpected = model.load_state_dict({k: T(v) for k, v in params.items()}, strict=False)
-    assert missing == ["lm_head.weight"] and not unexpected           # the tied head
+    model = peers.hf_gpt2(params, config, dtype_of(params))   # checks: only the tied lm_head is missing
     logits = model(input_ids=T(inputs["idx"])).logits
     backward({"logits": logits}, upstream)
     named = dict(model.named_parameters())
@@ -153,33 +117,18 @@ def torch_adamw(inputs, params, upstream, config):
 
 
 def hf_moe(inputs, params, upstream, config):
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    E, k, F_ = config["n_experts"], config["top_k"], config["d_ff"]
-    hc = MixtralConfig(hidden_size=config["d_model"], intermediate_size=F_, num_local_experts=E,
-                       num_experts_per_tok=k, router_jitter_noise=0.0)
-    hc._experts_implementation = "eager"
+    E, k = config["n_experts"], config["top_k"]
     x = T(inputs["x"], True)
-    block = MixtralSparseMoeBlock(hc).to(x.dtype)
-    with torch.no_grad():   # HF 5 fuses the experts: gate_up_proj[e] = [w1; w3], down_proj[e] = w2
-        block.gate.weight.copy_(T(params["gate.weight"]))
-        for e in range(E):
-            w = lambda n: T(params[f"experts.{e}.{n}.weight"])   # noqa: E731
-            block.experts.gate_up_proj[e].copy_(torch.cat([w("w1"), w("w3")]))
-            block.experts.down_proj[e].copy_(w("w2"))
+    block = peers.hf_mixtral_moe(params, config, x.dtype)   # HF 5 fuses the experts: [w1; w3], w2
     seen = {}
     block.gate.register_forward_hook(lambda m, i, o: seen.update(logits=o[0]))
     y = block(x)
     aux = load_balancing_loss_func((seen["logits"],), E, k).to(x.dtype)
     out = {"y": y, "aux_loss": aux, "router_logits": seen["logits"].reshape(x.shape[:-1] + (E,))}
     backward(out, upstream)
-    gu, gd = block.experts.gate_up_proj.grad, block.experts.down_proj.grad
-    grads = {"x": x.grad, "gate.weight": block.gate.weight.grad}
-    for e in range(E):
-        grads.update({f"experts.{e}.w1.weight": gu[e, :F_], f"experts.{e}.w3.weight": gu[e, F_:],
-                      f"experts.{e}.w2.weight": gd[e]})
-    return out, grads
+    return out, {"x": x.grad, **peers.mixtral_moe_grads(block)}
 
 
 def torch_selective_scan(inputs, params, upstream, config):
@@ -200,25 +149,8 @@ def torch_selective_scan(inputs, params, upstream, config):
 
 
 def hf_mamba_block(inputs, params, upstream, config):
-    from transformers import MambaConfig
-    from transformers.models.mamba import modeling_mamba
-
-    hc = MambaConfig(hidden_size=config["d_model"], state_size=config["d_state"], expand=config["expand"],
-                     conv_kernel=config["d_conv"], time_step_rank=config["dt_rank"],
-                     layer_norm_epsilon=config["norm_eps"], use_bias=False, use_conv_bias=True,
-                     residual_in_fp32=False, use_mambapy=False)
-
-    def rmsnorm_same_dtype(self, h):   # HF's RMSNorm computes in float32 whatever the input dtype
-        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-    saved = modeling_mamba.MambaRMSNorm.forward
-    modeling_mamba.MambaRMSNorm.forward = rmsnorm_same_dtype
-    try:
-        with no_float_upcast():
-            return module_adapter(lambda c: modeling_mamba.MambaBlock(hc, layer_idx=0))(
-                inputs, params, upstream, config)
-    finally:
-        modeling_mamba.MambaRMSNorm.forward = saved
+    with peers.mamba_float64():   # no .float(); HF's RMSNorm in the input dtype (it computes in float32)
+        return module_adapter(peers.hf_mamba_block)(inputs, params, upstream, config)
 
 
 def hf_wkv(inputs, params, upstream, config):
@@ -231,31 +163,13 @@ def hf_wkv(inputs, params, upstream, config):
 
 
 def hf_rwkv_block(inputs, params, upstream, config):
-    from transformers import RwkvConfig
-    from transformers.models.rwkv import modeling_rwkv
-
-    hc = RwkvConfig(hidden_size=config["d_model"], attention_hidden_size=config["d_model"],
-                    intermediate_size=config["intermediate_size"], num_hidden_layers=1,
-                    layer_norm_epsilon=config["layer_norm_epsilon"], rescale_every=0)
-    assert modeling_rwkv.rwkv_cuda_kernel is None   # the torch CPU path
-    return module_adapter(lambda c: modeling_rwkv.RwkvBlock(hc, layer_id=0))(inputs, params, upstream, config)
+    return module_adapter(peers.hf_rwkv_block)(inputs, params, upstream, config)   # asserts the torch CPU path
 
 
 def peft_lora(inputs, params, upstream, config):
-    from peft import LoraConfig, get_peft_model
-
     x = T(inputs["x"], True)
-    O, I = params["weight"].shape
-    base = torch.nn.Sequential()
-    base.add_module("lin", torch.nn.Linear(I, O).to(x.dtype))
-    model = get_peft_model(base, LoraConfig(r=config["rank"], lora_alpha=config["alpha"], target_modules=["lin"],
-                                            lora_dropout=0.0, bias="none", init_lora_weights=False))
+    model, _ = peers.peft_lora_linear(params, config["rank"], config["alpha"], x.dtype)
     lin = model.base_model.model.lin
-    with torch.no_grad():
-        lin.base_layer.weight.copy_(T(params["weight"]))
-        lin.base_layer.bias.copy_(T(params["bias"]))
-        lin.lora_A["default"].weight.copy_(T(params["lora_A"]))
-        lin.lora_B["default"].weight.copy_(T(params["lora_B"]))
     y = model(x)
     backward({"y": y}, upstream)
     assert lin.base_layer.weight.grad is None                 # frozen, as in the golden case
@@ -264,14 +178,8 @@ def peft_lora(inputs, params, upstream, config):
 
 
 def hf_bitlinear(inputs, params, upstream, config):
-    from transformers.integrations.bitnet import AutoBitLinear
-
     x = T(inputs["x"], True)
-    O, I = params["weight"].shape
-    layer = AutoBitLinear(I, O, bias=True, online_quant=True, dtype=x.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(T(params["weight"]))
-        layer.bias.copy_(T(params["bias"]))
+    layer = peers.hf_autobitlinear(params["weight"], params["bias"], online_quant=True, dtype=x.dtype)
     y = layer(x)
     backward({"y": y}, upstream)
     return {"y": y}, {"x": x.grad, "weight": layer.weight.grad, "bias": layer.bias.grad}
@@ -305,15 +213,15 @@ PEERS = [  # (component, adapter, context manager, variants); float32 variants r
     ("gpt_block", hf_gpt_block, contextlib.nullcontext, None),
     ("gpt", hf_gpt, contextlib.nullcontext, None),
     ("adamw", torch_adamw, contextlib.nullcontext, None),
-    ("moe", hf_moe, no_float_upcast, ["float64"]),
+    ("moe", hf_moe, peers.no_float_upcast, ["float64"]),
     ("moe", hf_moe, contextlib.nullcontext, ["float32"]),
     ("selective_scan", torch_selective_scan, contextlib.nullcontext, None),
     ("mamba_block", hf_mamba_block, contextlib.nullcontext, None),
-    ("wkv", hf_wkv, no_float_upcast, ["float64"]),
+    ("wkv", hf_wkv, peers.no_float_upcast, ["float64"]),
     ("wkv", hf_wkv, contextlib.nullcontext, ["float32"]),
-    ("rwkv_block", hf_rwkv_block, no_float_upcast, None),
+    ("rwkv_block", hf_rwkv_block, peers.no_float_upcast, None),
     ("lora_linear", peft_lora, contextlib.nullcontext, None),
-    ("bitlinear", hf_bitlinear, no_float_upcast, ["float64"]),
+    ("bitlinear", hf_bitlinear, peers.no_float_upcast, ["float64"]),
     ("bitlinear", hf_bitlinear, contextlib.nullcontext, ["float32"]),
     ("ternary_pack", hf_ternary_pack, contextlib.nullcontext, None),
     ("tokenizer_encode", tiktoken_encode, contextlib.nullcontext, None),

@@ -5,9 +5,10 @@ the recurrent `step` path against the parallel forward and against HF's own stat
 import numpy as np
 import pytest
 import torch
-from transformers import RwkvConfig, RwkvForCausalLM
+from transformers import RwkvForCausalLM
 from transformers.models.rwkv import modeling_rwkv
 
+import peers
 from gradcheck import check_grads, weighted_sum
 from minillm.nn import ops
 from minillm.models import rwkv
@@ -109,30 +110,13 @@ def _wkv_in_input_dtype(time_decay, time_first, key, value, state=None, return_s
     return torch.stack(out, 1), ([num, den, mx] if (return_state or state is not None) else None)
 
 
-def _hf_model(params, cfg=CFG):
-    config = RwkvConfig(vocab_size=cfg["vocab_size"], context_length=cfg["context"],
-                        hidden_size=cfg["d_model"], num_hidden_layers=cfg["n_layer"],
-                        attention_hidden_size=cfg["d_model"], intermediate_size=cfg["intermediate_size"],
-                        layer_norm_epsilon=cfg["layer_norm_epsilon"], rescale_every=0,
-                        tie_word_embeddings=False)
-    model = RwkvForCausalLM(config).double()
-    theirs = model.state_dict()
-    ours = {k: torch.tensor(v) for k, v in flatten(params).items()}
-    assert sorted(ours) == sorted(theirs)
-    for k in ours:
-        assert ours[k].shape == theirs[k].shape, k
-    model.load_state_dict(ours, strict=True)
-    assert modeling_rwkv.rwkv_cuda_kernel is None  # the pure-torch CPU path
-    return model
-
-
 def _rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
 
 def test_init_names_and_shapes_match_hf():
     params = rwkv.init({**CFG, "dtype": "float32"}, np.random.default_rng(0))
-    model = _hf_model(_params())
+    model = peers.hf_rwkv(_params(), CFG)
     ours = flatten(params)
     theirs = model.state_dict()
     assert list(ours) == [k for k in theirs]
@@ -148,7 +132,7 @@ def test_init_names_and_shapes_match_hf():
 def test_matches_hf_logits_and_all_grads(monkeypatch):
     monkeypatch.setattr(modeling_rwkv, "rwkv_linear_attention_cpu", _wkv_in_input_dtype)
     params, idx = _params(), _idx(2, 9)
-    model = _hf_model(params)
+    model = peers.hf_rwkv(params, CFG)    # float64
     logits, cache = rwkv.forward(params, idx, CFG)
     G = np.random.default_rng(7).normal(size=logits.shape)
     grads = flatten(rwkv.backward(G, cache))
@@ -164,7 +148,7 @@ def test_matches_hf_logits_and_all_grads(monkeypatch):
 def test_matches_genuine_hf_cpu_path():
     """Unpatched HF (its WKV loop in float32): logits agree to float32 accuracy."""
     params, idx = _params(), _idx(2, 9)
-    t_logits = _hf_model(params)(torch.tensor(idx), use_cache=False).logits.detach().numpy()
+    t_logits = peers.hf_rwkv(params, CFG)(torch.tensor(idx), use_cache=False).logits.detach().numpy()
     assert _rel(rwkv.forward(params, idx, CFG)[0], t_logits) < 1e-5
 
 
@@ -209,7 +193,7 @@ def test_step_matches_hf_state_path(monkeypatch):
     when B > 1 (transformers 5.x), which our step does not copy."""
     monkeypatch.setattr(modeling_rwkv, "rwkv_linear_attention_cpu", _wkv_in_input_dtype)
     params, idx = _params(), _idx(1, 8)
-    model = _hf_model(params).eval()
+    model = peers.hf_rwkv(params, CFG).eval()
     hf_state, state = _hf_zero_state(1), rwkv.init_state(params, CFG, 1)
     with torch.no_grad():
         for t in range(idx.shape[1]):
@@ -224,7 +208,7 @@ def test_prefill_matches_hf_chunked_state_path(monkeypatch):
     """Batch 2 through HF's multi-token state path: chunks of 3 and 4 tokens."""
     monkeypatch.setattr(modeling_rwkv, "rwkv_linear_attention_cpu", _wkv_in_input_dtype)
     params, idx = _params(), _idx(2, 7)
-    model = _hf_model(params).eval()
+    model = peers.hf_rwkv(params, CFG).eval()
     hf_state, state = _hf_zero_state(2), rwkv.init_state(params, CFG, 2)
     with torch.no_grad():
         for chunk in (idx[:, :3], idx[:, 3:]):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import peers
 from gradcheck import check_grads, weighted_sum
 from minillm.nn import dense, ternary
 from minillm.kernels import ternary as kt
@@ -79,16 +80,12 @@ def test_forward_matches_hf_bitlinear_float64(layout):
     """HF's packed BitLinear in float64, loaded with our packed bytes and weight_scale = 1 / s (its
     direction): y = x_q W_q^T / (a * weight_scale) + b. Both sides are exact integer products times one
     rescale, so they agree to a few float64 ulps (rtol 1e-13)."""
-    hf = _hf()
     rng = np.random.default_rng(1)
     x, w, b = _case(rng, layout)
     y, _ = ternary.bitlinear_forward(x, w, b, layout=layout)
-    packed, s, (O, I) = ternary.pack_weight(w, layout)
-    m = hf.BitLinear(I, O, bias=True, dtype=torch.float64)
+    packed, s, shape = ternary.pack_weight(w, layout)
+    m = peers.hf_bitlinear_packed(packed, s, shape, b)
     with torch.no_grad():
-        m.weight.copy_(torch.from_numpy(packed))
-        m.weight_scale.fill_(1.0 / float(s[0]))
-        m.bias.copy_(torch.from_numpy(b))
         y_hf = m(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(y, y_hf, rtol=1e-13, atol=1e-13 * np.abs(y).max())
 
@@ -97,17 +94,13 @@ def test_forward_matches_hf_autobitlinear():
     """AutoBitLinear (the class of the released microsoft/bitnet-b1.58-2B-4T, offline mode) multiplies
     by weight_scale = s = mean |W|: our direction. Its ActQuant runs in float32, so the agreement is
     float32-accurate (rtol 1e-6); online mode (WeightQuant too) gives the same."""
-    hf = _hf()
     rng = np.random.default_rng(2)
     x, w, _ = _case(rng, "out_in", bias=False)
     y, _ = ternary.bitlinear_forward(x, w)
     wq, s = ternary.weight_quant(w)
-    off = hf.AutoBitLinear(w.shape[1], w.shape[0], bias=False, dtype=torch.float64)
-    on = hf.AutoBitLinear(w.shape[1], w.shape[0], bias=False, online_quant=True, dtype=torch.float64)
+    off = peers.hf_autobitlinear(wq, online_quant=False, weight_scale=s)
+    on = peers.hf_autobitlinear(w, online_quant=True)
     with torch.no_grad():
-        off.weight.copy_(torch.from_numpy(wq))
-        off.weight_scale.fill_(float(s))
-        on.weight.copy_(torch.from_numpy(w))
         for m in (off, on):
             np.testing.assert_allclose(m(torch.from_numpy(x)).numpy(), y, rtol=1e-6,
                                        atol=1e-6 * np.abs(y).max())
@@ -173,11 +166,7 @@ def test_ste_matches_torch_autograd(layout):
     for ours, theirs in ((dx, xt), (dw, wt), (db, bt)):
         np.testing.assert_allclose(ours, theirs.grad.numpy(), rtol=1e-12, atol=1e-12)
     if layout == "out_in":
-        hf = _hf()
-        m = hf.AutoBitLinear(w.shape[1], w.shape[0], bias=True, online_quant=True, dtype=torch.float64)
-        with torch.no_grad():
-            m.weight.copy_(torch.from_numpy(w))
-            m.bias.copy_(torch.from_numpy(b))
+        m = peers.hf_autobitlinear(w, b, online_quant=True)
         xh = torch.tensor(x, requires_grad=True)
         m(xh).backward(torch.from_numpy(g))
         for ours, theirs in ((dx, xh.grad), (dw, m.weight.grad), (db, m.bias.grad)):
