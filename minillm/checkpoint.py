@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
+from minillm.arrays import to_host
 from minillm import __version__
 from minillm.fileio import fsync_directory, remove_if_exists, write_temp
 from minillm.tree import flatten, unflatten
@@ -78,11 +79,6 @@ def rng_from_state(state):
 
 # ---------------------------------------------------------------------------------------- save
 
-def _host(a):
-    """A C-contiguous numpy array (cupy arrays are copied to the host)."""
-    if not isinstance(a, np.ndarray) and hasattr(a, "get"):
-        a = a.get()
-    return np.ascontiguousarray(a)
 
 
 def _check_finite(flat, what):
@@ -135,7 +131,7 @@ def save_checkpoint(out_dir, params, config, tokenizer=None, optimizer_state=Non
     """
     if not isinstance(config, dict) or not isinstance(config.get("arch"), str):
         raise ValueError("config must be a dict with an 'arch' string")
-    flat = {n: _host(a) for n, a in flatten(params).items()}
+    flat = {n: np.ascontiguousarray(to_host(a)) for n, a in flatten(params).items()}
     if not flat:
         raise ValueError("refusing to save a checkpoint without parameters")
     _check_finite(flat, "parameters")
@@ -156,7 +152,7 @@ def save_checkpoint(out_dir, params, config, tokenizer=None, optimizer_state=Non
             for n, a in optimizer_state[key].items():
                 if n not in flat or tuple(a.shape) != flat[n].shape:
                     raise ValueError(f"optimizer moment {key}.{n} does not match a parameter")
-                moments[f"{key}.{n}"] = _host(a)
+                moments[f"{key}.{n}"] = np.ascontiguousarray(to_host(a))
         _check_finite(moments, "optimizer moments")
         opt_meta = {"step": str(int(optimizer_state["step"]))}
         files[OPTIMIZER_FILE] = _st_bytes(moments, opt_meta, "optimizer moments")

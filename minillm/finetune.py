@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from minillm.arrays import to_host
 from minillm import __version__, checkpoint, models
 from minillm.fileio import atomic_write
 from minillm.nn import lora
@@ -26,8 +27,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 FORMAT = "minillm-lora"
 
 
-def _host(a):
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else a
 
 
 def save_adapter(out_dir, params, config, base=None):
@@ -35,7 +34,7 @@ def save_adapter(out_dir, params, config, base=None):
     from safetensors.numpy import save_file
 
     _, adapters = lora.split_adapters(params)
-    flat = {n: np.ascontiguousarray(_host(a)) for n, a in flatten(adapters).items()}
+    flat = {n: np.ascontiguousarray(to_host(a)) for n, a in flatten(adapters).items()}
     if not flat:
         raise ValueError("save_adapter: the parameters hold no LoRA adapters")
     if not all(np.isfinite(a).all() for a in flat.values()):

@@ -13,7 +13,7 @@ kernels on host arrays, i.e. in Numba's CUDA simulator), for every op or for the
 The ops: gelu, layernorm, softmax (causal, rows, cross-entropy), embedding (backward), scan (Mamba's
 selective scan), wkv (RWKV), moe (dispatch / combine / SwiGLU), ternary (packed matmul), adamw (update).
 The tokenizer's BPE kernels (bpe.py, bpe_train.py) are host-only and called directly.
-This package imports nothing else of minillm.
+This package imports nothing else of minillm but minillm.arrays.
 """
 
 import contextlib

@@ -11,10 +11,12 @@ GPU form is one fused kernel (adamw_cuda.py) with the same arithmetic.
 
 import numpy as np
 
+from minillm.arrays import array_module
+
 
 def update_reference(p, g, m, v, decay, beta1, beta2, step_size, bias_correction2_sqrt, eps):
     """p, g, m, v: arrays of one shape (p, m, v updated in place); the rest are Python floats."""
-    xp = _xp(p)
+    xp = array_module(p)
     if decay != 1.0:
         p *= decay
     tmp = g - m                       # m <- lerp(m, g, 1 - b1)
@@ -34,10 +36,3 @@ def update_reference(p, g, m, v, decay, beta1, beta2, step_size, bias_correction
 
 update = update_reference
 
-
-def _xp(a):
-    if type(a).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    return np

@@ -10,22 +10,17 @@ rows added in index order: deterministic. No fastmath.
 import numba
 import numpy as np
 
+from minillm.arrays import array_module
+
 
 def backward_reference(dy, ids, shape, out=None):
     """dy: (..., C), ids: (...) int, shape: (V, C) -> dw: (V, C); added into `out` (V, C) when given.
     Works on NumPy and CuPy arrays alike."""
-    xp = _xp(dy)
+    xp = array_module(dy)
     dw = xp.zeros(shape, dtype=dy.dtype) if out is None else out
     xp.add.at(dw, ids.reshape(-1), dy.reshape(-1, shape[1]))
     return dw
 
-
-def _xp(a):
-    if type(a).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    return np
 
 
 @numba.njit(cache=True)

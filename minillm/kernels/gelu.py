@@ -16,6 +16,8 @@ import math
 import numba
 import numpy as np
 
+from minillm.arrays import array_module
+
 C = math.sqrt(2.0 / math.pi)
 A = 0.044715
 
@@ -25,7 +27,7 @@ A = 0.044715
 
 def forward_reference(x):
     """x: (...) -> (y, (x, t))."""
-    t = _xp(x).tanh(C * (x + A * x * x * x))
+    t = array_module(x).tanh(C * (x + A * x * x * x))
     return 0.5 * x * (1.0 + t), (x, t)
 
 
@@ -33,13 +35,6 @@ def backward_reference(dy, cache):
     x, t = cache
     return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * (C * (1.0 + 3.0 * A * x * x)))
 
-
-def _xp(a):
-    if type(a).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    return np
 
 
 # --- Numba CPU kernels ------------------------------------------------------------------------------

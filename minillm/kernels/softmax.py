@@ -25,13 +25,8 @@ import math
 import numba
 import numpy as np
 
+from minillm.arrays import array_module
 
-def _xp(a):
-    if type(a).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    return np
 
 
 def _check(s):
@@ -45,7 +40,7 @@ def _check(s):
 def causal_reference(s):
     """s: (..., T, T) float -> p (the same array, overwritten)."""
     _check(s)
-    xp = _xp(s)
+    xp = array_module(s)
     T = s.shape[-1]
     future = xp.triu(xp.ones((T, T), dtype=bool), 1)
     s[..., future] = -xp.inf
@@ -66,7 +61,7 @@ def causal_backward_reference(dp, p):
 def rows_reference(s):
     """s: (..., L) -> plain softmax over the last axis, in place (the decoding step: no mask)."""
     s -= s.max(axis=-1, keepdims=True)
-    _xp(s).exp(s, out=s)
+    array_module(s).exp(s, out=s)
     s /= s.sum(axis=-1, keepdims=True)
     return s
 
@@ -76,7 +71,7 @@ def rows_reference(s):
 
 def log_softmax(x, axis=-1):
     """log softmax along `axis` (forward only; cross_entropy has the fused backward)."""
-    xp = _xp(x)
+    xp = array_module(x)
     z = x - x.max(axis=axis, keepdims=True)
     return z - xp.log(xp.exp(z).sum(axis=axis, keepdims=True))
 
@@ -86,7 +81,7 @@ def cross_entropy_forward_reference(logits, targets, ignore_index=-100):
 
     Targets equal to `ignore_index` contribute nothing (as torch). Returns (loss: float, cache).
     """
-    xp = _xp(logits)
+    xp = array_module(logits)
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)
     t = targets.reshape(-1)
@@ -104,7 +99,7 @@ def cross_entropy_forward_reference(logits, targets, ignore_index=-100):
 def cross_entropy_backward_reference(dloss, cache):
     """dloss: scalar -> dlogits: same shape as logits. d/dz of -log softmax(z)_t = softmax(z) - onehot(t)."""
     logp, safe_t, keep, n, shape = cache
-    xp = _xp(logp)
+    xp = array_module(logp)
     d = xp.exp(logp)
     d[xp.arange(d.shape[0]), safe_t] -= 1.0
     d *= (keep * (dloss / n))[:, None].astype(d.dtype, copy=False)
