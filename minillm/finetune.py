@@ -129,7 +129,8 @@ def finetune(base_dir, text_path, opts, rank, alpha=None, targets=None, log=prin
         raise ValueError(f"base checkpoint {base_dir!r} has no tokenizer.json")
     tokenizer = Tokenizer.load(ckpt.tokenizer_path)
     config = {**ckpt.config, "lora": lora.lora_config(rank, alpha, targets)}
-    params = lora.add_adapters(ckpt.params, config, np.random.default_rng(opts.seed))
+    params = lora.add_adapters(ckpt.params, config, np.random.default_rng(opts.seed),
+                               default_targets=models.get_model(config["arch"]).LORA_TARGETS)
     trainable = lora.adapter_names(params)
     summary = lora.trainable_summary(params)
     log(lora.format_summary(params))

@@ -7,6 +7,7 @@ import pytest
 from gradcheck import check_grads, weighted_sum
 
 from minillm import finetune, optim
+from minillm.models import gpt
 from minillm.nn import dense, lora
 from minillm.tree import flatten
 
@@ -205,7 +206,7 @@ def test_targets():
     assert pick(["re:.*_proj"]) == ["transformer.h.0.attn.c_proj", "transformer.h.0.mixer.in_proj",
                                     "transformer.h.0.mixer.out_proj"]
     assert len(pick("all")) == 4 and len(pick(["h.0.*"])) == 4          # wildcards skip ln_1, biases
-    params = lora.add_adapters(base, cfg(arch="gpt"), rng)              # gpt default: attention
+    params = lora.add_adapters(base, cfg(arch="gpt"), rng, default_targets=gpt.LORA_TARGETS)  # attention
     assert {n.rsplit(".", 1)[0] for n in lora.adapter_names(params)} == {
         "transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"}
     for bad, msg in [(["wte"], "not a dense layer"), (["ln_1"], "not a dense layer"),
@@ -216,7 +217,7 @@ def test_targets():
     with pytest.raises(ValueError, match="no default LoRA targets"):
         lora.add_adapters(base, cfg(arch="toy"), rng)
     with pytest.raises(ValueError, match="already has a LoRA adapter"):
-        lora.add_adapters(params, cfg(arch="gpt"), rng)
+        lora.add_adapters(params, cfg(arch="gpt"), rng, default_targets=gpt.LORA_TARGETS)
     with pytest.raises(ValueError, match="rank"):
         lora.lora_config(0, 1.0)
 

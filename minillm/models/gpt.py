@@ -32,7 +32,6 @@ HF_CLASS = "GPT2LMHeadModel"
 DEFAULTS = {}                                   # GPT-2 adds no keys to models.BASE_DEFAULTS
 OPTIONS = ("n_head",)                           # config keys beyond the shared ones that a user may set
 LORA_TARGETS = ("attn.c_attn", "attn.c_proj")   # the default LoRA targets: the attention projections
-IN_OUT_LAYERS = ("c_attn", "c_proj", "c_fc")    # HF Conv1D modules: weights stored (in, out)
 NO_DECAY = ("wte", "wpe")                        # embeddings (and the tied head): no weight decay
 BOUNDED_POSITIONS = True                         # learned positions: at most `context` tokens in all
 

@@ -10,8 +10,7 @@ from minillm.nn import moe as moe_layer
 HF_CLASS = None                 # no HF class: GPT-2 blocks with a Mixtral feed-forward
 DEFAULTS = dict(moe_layer.DEFAULTS)
 OPTIONS = gpt.OPTIONS + ("n_experts", "top_k", "aux_loss_coef")
-LORA_TARGETS, IN_OUT_LAYERS, NO_DECAY, BOUNDED_POSITIONS = (gpt.LORA_TARGETS, gpt.IN_OUT_LAYERS, gpt.NO_DECAY,
-                                                           gpt.BOUNDED_POSITIONS)
+LORA_TARGETS, NO_DECAY, BOUNDED_POSITIONS = gpt.LORA_TARGETS, gpt.NO_DECAY, gpt.BOUNDED_POSITIONS
 
 
 def _config(config):

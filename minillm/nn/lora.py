@@ -16,7 +16,7 @@ other than embeddings / LM heads). A pattern matches a layer name when
   * fnmatch (case-sensitive) matches the whole name or a dotted suffix of it (like peft's
     target_modules): "c_attn" matches "transformer.h.0.attn.c_attn"; "h.0.*" matches layer 0 only;
   * "all" matches every dense layer.
-Examples (HF names): GPT attention "attn.c_attn", "attn.c_proj" (the default for gpt and moe);
+Examples (HF names): GPT attention "attn.c_attn", "attn.c_proj" (each model's default is its LORA_TARGETS);
 GPT MLP "mlp.c_fc", "mlp.c_proj"; MoE experts "experts.*.w1" (w2, w3; the router "gate" is never
 adapted); Mamba "mixer.in_proj", "mixer.out_proj" (x_proj, dt_proj); RWKV time mixing
 "attention.key", "attention.value", "attention.receptance" ("attention.output"), channel mixing
@@ -41,14 +41,6 @@ ADAPTER_KEYS = ("lora_A", "lora_B")
 # Last name parts of 2-D "weight" holders that are not dense layers (never adapted): embeddings,
 # LM heads, and the MoE router "gate" (a plain linear in moe.py, outside the dense hook).
 NOT_DENSE = ("wte", "wpe", "embeddings", "embed_tokens", "lm_head", "head", "gate")
-# Default targets per architecture: the attention projections (Mamba has none: its mixer's in/out
-# projections play that role). For these only "no layer matched at all" is an error.
-DEFAULT_TARGETS = {
-    "gpt": ["attn.c_attn", "attn.c_proj"],
-    "moe": ["attn.c_attn", "attn.c_proj"],            # GPT blocks with MoE feed-forwards
-    "mamba": ["mixer.in_proj", "mixer.out_proj"],
-    "rwkv": ["attention.key", "attention.value", "attention.receptance", "attention.output"],
-}
 # HF GPT-2's Conv1D modules store the weight as (in, out); every other dense layer is an
 # nn.Linear (out, in). See `layout_of`.
 IN_OUT_NAMES = ("c_attn", "c_proj", "c_fc")
@@ -222,10 +214,11 @@ def _rebuild(tree, fn, prefix=""):
 # --- adding, splitting, counting ------------------------------------------------------------------
 
 
-def add_adapters(params, config, rng, targets=None):
+def add_adapters(params, config, rng, targets=None, default_targets=None):
     """-> a new params tree (base arrays shared, not copied) with lora_A / lora_B in each target.
 
-    targets: patterns (default config["lora"]["targets"], else DEFAULT_TARGETS[config["arch"]]).
+    targets: patterns (default config["lora"]["targets"], else `default_targets`, the model's LORA_TARGETS,
+    for which only "no layer matched at all" is an error).
     lora_A ~ U(-1/sqrt(I), 1/sqrt(I)) of shape (r, I) (peft's kaiming_uniform(a=sqrt(5))), lora_B = 0
     of shape (O, r), in the weight's dtype and array module.
     """
@@ -235,10 +228,9 @@ def add_adapters(params, config, rng, targets=None):
     if targets is None:
         targets = lc.get("targets")
     if targets is None:
-        arch = config.get("arch")
-        if arch not in DEFAULT_TARGETS:
-            raise ValueError(f"no default LoRA targets for architecture {arch!r}; give targets")
-        targets, strict = DEFAULT_TARGETS[arch], False
+        if default_targets is None:
+            raise ValueError(f"no default LoRA targets for architecture {config.get('arch')!r}; give targets")
+        targets, strict = list(default_targets), False
     chosen = set(match_targets(params, targets, strict=strict))
 
     def adapt(name, node):
