@@ -14,9 +14,6 @@ import peers
 from gradcheck import check_grads, weighted_sum
 from minillm.nn import attention, ops
 from minillm.models import gpt
-from minillm.kernels import embedding as embedding_kernels
-from minillm.kernels import gelu as gelu_kernels
-from minillm.kernels import layernorm as layernorm_kernels
 from minillm.tree import flatten
 
 CONFIG = {"arch": "gpt", "vocab_size": 37, "context": 12, "n_layer": 2, "n_head": 3, "d_model": 24,
@@ -214,56 +211,3 @@ def test_feed_forward_dispatches_to_moe(monkeypatch):
     for t in range(5):
         step_logits, state = gpt.step(params, idx[:, t], state)
         np.testing.assert_allclose(step_logits, logits[:, t], rtol=1e-12, atol=1e-12)
-
-
-
-@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-15), (np.float32, 1e-6)])
-def test_gelu_kernel_matches_reference_and_ops(dtype, tol):
-    x = (np.random.default_rng(9).standard_normal((5, 333)) * 3).astype(dtype)
-    y, cache = gelu_kernels.forward(x)
-    y_ref, cache_ref = gelu_kernels.forward_reference(x)
-    np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol)
-    np.testing.assert_allclose(y, ops.gelu_forward(x)[0], rtol=tol, atol=tol)
-    dy = np.random.default_rng(10).standard_normal(x.shape).astype(dtype)
-    dx = gelu_kernels.backward(dy, cache)
-    assert y.dtype == dx.dtype == dtype
-    np.testing.assert_allclose(dx, gelu_kernels.backward_reference(dy, cache_ref), rtol=tol, atol=tol)
-    np.testing.assert_allclose(dx, ops.gelu_backward(dy, ops.gelu_forward(x)[1]), rtol=tol, atol=tol)
-    np.testing.assert_array_equal(gelu_kernels.forward(x)[0], y)    # deterministic
-
-
-@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-13), (np.float32, 2e-5)])
-@pytest.mark.parametrize("C", [13, 64])        # 13: the tail after the 8-lane partial sums
-def test_layernorm_kernel_matches_reference_and_ops(dtype, tol, C):
-    rng = np.random.default_rng(11)
-    x = (rng.standard_normal((2, 7, C)) * 3 + 1).astype(dtype)
-    w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
-    y, cache = layernorm_kernels.forward(x, w, b)
-    y_ref, cache_ref = layernorm_kernels.forward_reference(x, w, b)
-    np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol)
-    np.testing.assert_allclose(y, ops.layernorm_forward(x, w, b)[0], rtol=tol, atol=tol)
-    np.testing.assert_array_equal(layernorm_kernels.rows(x, w, b), y)
-    dy = rng.standard_normal(x.shape).astype(dtype)
-    got = layernorm_kernels.backward(dy, cache)
-    assert all(a.dtype == dtype for a in got) and got[0].shape == x.shape
-    for a, r, o in zip(got, layernorm_kernels.backward_reference(dy, cache_ref),
-                       ops.layernorm_backward(dy, ops.layernorm_forward(x, w, b)[1])):
-        np.testing.assert_allclose(a, r, rtol=tol, atol=tol * np.abs(r).max())
-        np.testing.assert_allclose(a, o, rtol=tol, atol=tol * np.abs(o).max())
-    np.testing.assert_array_equal(layernorm_kernels.backward(dy, cache)[0], got[0])
-
-
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_embedding_kernel_matches_reference(dtype):
-    rng = np.random.default_rng(12)
-    ids = rng.integers(0, 5, (3, 7))
-    ids[0, :4] = 2                                  # repeats accumulate
-    dy = rng.standard_normal((3, 7, 6)).astype(dtype)
-    ref = embedding_kernels.backward_reference(dy, ids, (5, 6))
-    got = embedding_kernels.backward(dy, ids, (5, 6))
-    assert got.dtype == dtype
-    np.testing.assert_allclose(got, ref, rtol=1e-6 if dtype == np.float32 else 1e-15, atol=1e-6)
-    np.testing.assert_allclose(got, ops.embedding_backward(dy, ops.embedding_forward(ids, ref)[1]),
-                               rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError):
-        embedding_kernels.backward(dy, ids + 3, (5, 6))
