@@ -200,21 +200,40 @@ def merge(base, adapter, out):
 @cli.command()
 @click.option("--checkpoint", default="out", show_default=True, help="Checkpoint directory.")
 @click.option("--adapter", default=None, help="A LoRA adapter directory to apply to the checkpoint.")
-@click.option("-n", "num", type=click.IntRange(1), default=10, show_default=True, help="How many samples.")
+@click.option("-n", "--num-samples", "num", type=click.IntRange(1), default=10, show_default=True,
+              help="How many samples.")
 @click.option("--prompt", default="", help="Text every sample starts with.")
-@click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--temperature", type=click.FloatRange(0), default=0.8, show_default=True)
-@click.option("--top-k", type=click.IntRange(1), default=None)
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True,
+              help="New tokens per sample at most. A model with learned positions (gpt, moe) slides its "
+                   "window past its context: the last context/2 tokens are read again and it goes on.")
+@click.option("--temperature", type=click.FloatRange(0), default=0.8, show_default=True,
+              help="Divide the logits by this; 0 is greedy.")
+@click.option("--greedy", is_flag=True, help="Always the most likely token (the same as --temperature 0).")
+@click.option("--top-k", type=click.IntRange(1), default=None, help="Keep the k most likely tokens (ties kept).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Keep the most likely tokens up to this probability mass.")
+@click.option("--seed", type=int, default=0, show_default=True, help="The same seed gives the same samples.")
+@click.option("--stream/--no-stream", default=None,
+              help="Print the tokens as they come [default: on for -n 1 on a terminal].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-def sample(checkpoint, adapter, num, prompt, max_tokens, temperature, top_k, top_p, seed, device):
-    """Print -n samples from a trained checkpoint, one per line."""
+def sample(checkpoint, adapter, num, prompt, max_tokens, temperature, greedy, top_k, top_p, seed, stream, device):
+    """Print samples from a trained checkpoint, one per line (control characters escaped)."""
     from minillm.generate import sample_lines
 
-    for line in sample_lines(checkpoint, num, prompt, max_tokens, temperature, top_k, top_p, seed,
-                             adapter=adapter, device=device):
+    if stream is None:
+        stream = num == 1 and sys.stdout.isatty()
+    if stream and num != 1:
+        raise UserError("--stream prints one sample: use -n 1")
+    write = (lambda text: click.echo(text, nl=False)) if stream else None
+    lines = sample_lines(checkpoint, num, prompt, max_tokens, 0.0 if greedy else temperature, top_k, top_p,
+                         seed, adapter=adapter, device=device, stream=write)
+    if stream:
+        click.echo()
+        return
+    for line in lines:
         click.echo(line)
+
+
 # --- end train and sample ---
 
 

@@ -61,13 +61,36 @@ class Counter:
 
 
 class PositionalCounter(Counter):
-    BOUNDED_POSITIONS = True    # as GPT: at most `context` tokens in all
+    """As Counter, with GPT's learned positions: a state that holds at most `context` tokens."""
+    BOUNDED_POSITIONS = True
+
+    @staticmethod
+    def init_state(params, config, batch):
+        return {"pos": 0, "context": config["context"], "seen": []}
+
+    @staticmethod
+    def step(params, tokens, state):
+        if state["pos"] >= state["context"]:
+            raise ValueError("the context is full")
+        state["pos"] += 1
+        state["seen"].append(int(tokens[0]))
+        return Counter.step(params, tokens, state)[0], state
 
 
-def test_generate_stops_at_stop_id_and_at_the_context():
+def test_generate_stops_at_stop_id_and_slides_past_the_context():
     out = generate.generate(Counter, None, {"arch": "mamba"}, [[2], [5]], 20, np.random.default_rng(0), stop_id=6)
     assert out == [[3, 4, 5], []]
-    out = generate.generate(PositionalCounter, None, {"arch": "gpt", "context": 4}, [[0, 1]], 20, np.random.default_rng(0))
-    assert out == [[2, 3]]
-    with pytest.raises(ValueError, match="context"):
-        generate.generate(PositionalCounter, None, {"arch": "gpt", "context": 2}, [[0, 1]], 5, np.random.default_rng(0))
+    out = generate.generate(Counter, None, {"arch": "mamba"}, [[2]], 20, np.random.default_rng(0), stop_id={5, 6})
+    assert out == [[3, 4]]
+    # context 4: the window slides (the last 2 tokens read again) instead of stopping at 2 new tokens
+    out = generate.generate(PositionalCounter, None, {"arch": "gpt", "context": 4}, [[0, 1]], 20,
+                            np.random.default_rng(0))
+    assert out == [[(2 + i) % Counter.V for i in range(20)]]
+    # a prompt longer than the context: its last `context` tokens are read
+    out = generate.generate(PositionalCounter, None, {"arch": "gpt", "context": 2}, [[0, 1, 2, 3]], 5,
+                            np.random.default_rng(0))
+    assert out == [[4, 5, 6, 0, 1]]
+
+
+def test_escape_controls_keeps_one_line():
+    assert generate.escape_controls("a\nb\tc\x1b[0m\x7f é") == "a\\nb\\tc\\x1b[0m\\x7f é"
