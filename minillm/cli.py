@@ -234,6 +234,22 @@ def sample(checkpoint, adapter, num, prompt, max_tokens, temperature, greedy, to
         click.echo(line)
 
 
+@cli.command("eval")
+@click.option("--checkpoint", default="out", show_default=True, help="Checkpoint directory.")
+@click.option("--adapter", default=None, help="A LoRA adapter directory to apply to the checkpoint.")
+@click.argument("file", type=click.Path())
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Windows per forward.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def eval_command(checkpoint, adapter, file, batch_size, device, quiet):
+    """Loss of a checkpoint on FILE (one document per line): nats/token, perplexity, bits/byte."""
+    from minillm.evaluate import evaluate_file
+
+    result = evaluate_file(checkpoint, file, adapter=adapter, batch_size=batch_size, progress=not quiet,
+                           device=device)
+    click.echo(result.summary())
+
+
 # --- end train and sample ---
 
 
