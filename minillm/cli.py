@@ -1,5 +1,6 @@
 """The `minillm` command line: thin Click commands that parse flags and call library functions."""
 
+import os
 import sys
 
 import click
@@ -248,6 +249,18 @@ def eval_command(checkpoint, adapter, file, batch_size, device, quiet):
     result = evaluate_file(checkpoint, file, adapter=adapter, batch_size=batch_size, progress=not quiet,
                            device=device)
     click.echo(result.summary())
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", default=None, help="The PNG to write [default: RUN/loss.png of the first run].")
+@click.option("--title", default=None, help="The figure's title.")
+def plot(runs, out, title):
+    """Plot training and validation loss (and the learning rate) of one or several training runs."""
+    from minillm.plot import plot_runs
+
+    out = out or os.path.join(runs[0], "loss.png")
+    click.echo(f"wrote {plot_runs(runs, out, title)}", err=True)
 
 
 # --- end train and sample ---
