@@ -142,7 +142,8 @@ def finetune(base_dir, text_path, opts, rank, alpha=None, targets=None, log=prin
         save_adapter(opts.out, params_, config, base=str(base_dir))
 
     val_loss = train.fit(model, params, config, train_ids, val_ids, opts,
-                         log=log, trainable=trainable, save=save)
+                         log=log, trainable=trainable, save=save,
+                         metrics_path=os.path.join(opts.out, "metrics.jsonl"))
     sizes = {k: os.path.getsize(p) for k, p in
              (("adapter_bytes", os.path.join(opts.out, ADAPTER_WEIGHTS)),
               ("base_bytes", os.path.join(base_dir, checkpoint.MODEL_FILE)))}

@@ -51,6 +51,7 @@ class MetricsLog:
 
     def __init__(self, path, resume_step=0):
         self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         kept = [r for r in read(path) if r.get("step", 0) < resume_step] if resume_step else []
         atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
 

@@ -13,7 +13,7 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from minillm import checkpoint, data, device, models, optim
+from minillm import checkpoint, data, device, metrics, models, optim
 from minillm.nn import ops
 from minillm.tokenizer import Tokenizer, read_text_file
 from minillm.tree import flatten
@@ -83,13 +83,14 @@ def xz_bits_per_byte(text_bytes):
 
 
 def fit(model, params, config, train_ids, val_ids, opts, log=print,
-        trainable=None, opt_state=None, start_step=0, rng_state=None, save=None):
+        trainable=None, opt_state=None, start_step=0, rng_state=None, save=None, metrics_path=None):
     """Train `params` in place for steps start_step..opts.steps-1; -> final validation loss (nats/token).
 
     trainable (as in optim.adamw_init: None for all, names, or a predicate on dotted names): only these are
     updated, and gradient clipping measures only their gradients (as torch does, whose frozen parameters
     have none). save(params, opt_state, trainer_state) writes a checkpoint; it runs at every evaluation and
-    at the end.
+    at the end. metrics_path: the metrics.jsonl to append a line per step and per evaluation to (cut back
+    to the steps before start_step first; see minillm.metrics).
     """
     rng = np.random.default_rng(opts.seed) if rng_state is None else checkpoint.rng_from_state(rng_state)
     flat = flatten(params)
@@ -101,11 +102,18 @@ def fit(model, params, config, train_ids, val_ids, opts, log=print,
     val_batches = data.eval_batches(val_ids, opts.batch_size, config["context"], opts.eval_batches)
     tokens_per_step = opts.batch_size * config["context"]
     val_loss = None
+    log_file = None if metrics_path is None else metrics.MetricsLog(metrics_path, start_step)
+    recent = []          # training losses since the last evaluation
 
     def checkpoint_now(step):
         nonlocal val_loss
         val_loss = evaluate(model, params, config, val_batches)
-        log(f"step {step}: val loss {val_loss:.4f}")
+        train_loss = float(np.mean(recent)) if recent else None
+        recent.clear()
+        shown = "" if train_loss is None else f"train loss {train_loss:.4f}, "
+        log(f"step {step}: {shown}val loss {val_loss:.4f}")
+        if log_file is not None:
+            log_file.append(step=step, train_loss=train_loss, val_loss=val_loss)
         if save is not None:
             save(params, opt_state, {"step": step, "rng_state": checkpoint.rng_state(rng),
                                      "val_loss": val_loss})
@@ -124,7 +132,7 @@ def fit(model, params, config, train_ids, val_ids, opts, log=print,
         grads = model.backward(ops.cross_entropy_backward(1.0, loss_cache), cache)
         if trainable is not None:   # frozen params' gradients are neither clipped nor used (as torch)
             grads = {n: g for n, g in flatten(grads).items() if is_trainable(n)}
-        optim.clip_grad_norm(grads, opts.grad_clip)
+        grad_norm = optim.clip_grad_norm(grads, opts.grad_clip)
         lr = optim.lr_at(step, opts.lr, opts.warmup, opts.steps, opts.min_lr_ratio)
         optim.adamw_step(params, grads, opt_state, lr, weight_decay=opts.weight_decay, mask=mask,
                          trainable=trainable)
@@ -132,9 +140,14 @@ def fit(model, params, config, train_ids, val_ids, opts, log=print,
         postfix = {"loss": f"{loss:.3f}", "tok/s": f"{done * tokens_per_step / (time.perf_counter() - started):.0f}"}
         if aux:
             postfix["aux"] = f"{aux:.3f}"
-        if hasattr(model, "stats"):
-            postfix.update({k: format_stat(v) for k, v in model.stats(cache).items()})
+        stats = model.stats(cache) if hasattr(model, "stats") else {}
+        postfix.update({k: format_stat(v) for k, v in stats.items()})
         bar.set_postfix(postfix, refresh=False)
+        recent.append(loss)
+        if log_file is not None:
+            log_file.append(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm,
+                            tokens_per_s=done * tokens_per_step / (time.perf_counter() - started),
+                            **({"aux_loss": aux} if aux else {}), **{k: device.to_host(v) for k, v in stats.items()})
         if (step + 1) % opts.eval_every == 0 and step + 1 < opts.steps:
             bar.clear()
             checkpoint_now(step + 1)
@@ -201,6 +214,7 @@ def train(text_path, opts, config_overrides, tokenizer_path=None, log=print):
 
     start = int(trainer_state.get("step", 0))
     fit(model, params, config, train_ids, val_ids, opts, log=log, opt_state=opt_state,
+        metrics_path=os.path.join(opts.out, "metrics.jsonl"),
         start_step=start, rng_state=trainer_state.get("rng_state"), save=save)
     # The final report covers the whole validation split, not just the sampled eval batches.
     full = data.eval_batches(val_ids, opts.batch_size, config["context"], max_batches=10**9)
