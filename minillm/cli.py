@@ -84,31 +84,39 @@ ARCH_CHOICES = click.Choice(list(ARCHITECTURES))
 
 
 def _check_arch_options(config):
-    """An architecture-specific option (a key some model declares in OPTIONS, beyond the shared ones) given
-    for another architecture is one error line naming the flags."""
+    """An option that some models declare in OPTIONS and the chosen one does not (e.g. --heads for mamba,
+    --experts for gpt) is one error line naming the flags and the architectures they apply to."""
     from minillm import models
 
     flag = {p.name: p.opts[0] for p in click.get_current_context().command.params}
-    for arch in ARCHITECTURES:
-        own = [k for k in models.get_model(arch).OPTIONS if k not in models.BASE_DEFAULTS]
-        if arch != config["arch"] and any(config.get(k) is not None for k in own):
-            theirs = set(models.get_model(config["arch"]).OPTIONS)
-            if not all(k in theirs for k in own if config.get(k) is not None):
-                raise UserError(f"{'/'.join(flag[k] for k in own)} only apply to --arch {arch}")
+    declared = {arch: set(models.get_model(arch).OPTIONS) for arch in ARCHITECTURES}
+    own = declared[config["arch"]]
+    given = [k for k in sorted(set().union(*declared.values()) - own, key=list(flag).index)
+             if config.get(k) is not None]
+    if given:
+        archs = [a for a in ARCHITECTURES if any(k in declared[a] for k in given)]
+        raise UserError(f"{'/'.join(flag[k] for k in given)} only apply to --arch {', '.join(archs)}")
 
 
 def loop_options(steps, lr, warmup, eval_every, out="out"):
     """The flags of the training loop that `train` and `finetune` share (with per-command defaults)."""
     flags = [
-        click.option("--steps", type=click.IntRange(1), default=steps, show_default=True),
-        click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True),
+        click.option("--steps", type=click.IntRange(1), default=steps, show_default=True,
+                     help="Optimizer steps in all (with --resume: the run's total; larger extends it)."),
+        click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+                     help="Sequences per step."),
         click.option("--lr", type=click.FloatRange(0, min_open=True), default=lr, show_default=True,
                      help="Peak learning rate (warmup, then cosine decay to 10%)."),
-        click.option("--warmup", type=click.IntRange(0), default=warmup, show_default=True),
-        click.option("--weight-decay", type=click.FloatRange(0), default=0.1, show_default=True),
-        click.option("--grad-clip", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True),
-        click.option("--seed", type=int, default=1337, show_default=True),
-        click.option("--eval-every", type=click.IntRange(1), default=eval_every, show_default=True),
+        click.option("--warmup", type=click.IntRange(0), default=warmup, show_default=True,
+                     help="Steps of linear learning-rate warmup."),
+        click.option("--weight-decay", type=click.FloatRange(0), default=0.1, show_default=True,
+                     help="Decoupled (AdamW) weight decay of the dense-layer matrices."),
+        click.option("--grad-clip", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+                     help="Clip the global gradient norm to this."),
+        click.option("--seed", type=click.IntRange(0), default=1337, show_default=True,
+                     help="Seed of the initialisation and the batches (same seed, same run)."),
+        click.option("--eval-every", type=click.IntRange(1), default=eval_every, show_default=True,
+                     help="Evaluate (and save a checkpoint) every this many steps."),
         click.option("--out", default=out, show_default=True, help="Output directory."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
@@ -137,21 +145,27 @@ def log(message):
 @cli.command()
 @click.argument("file", type=click.Path())
 @click.option("--arch", type=ARCH_CHOICES, default="gpt", show_default=True, help="Model architecture.")
-@click.option("--context", type=click.IntRange(1), default=None, help="Sequence length [64].")
-@click.option("--layers", "n_layer", type=click.IntRange(1), default=None, help="Number of blocks [4].")
-@click.option("--heads", "n_head", type=click.IntRange(1), default=None, help="Attention heads [4].")
-@click.option("--d-model", type=click.IntRange(1), default=None, help="Model width [128].")
-@click.option("--vocab-size", type=click.IntRange(1), default=None, help="BPE vocabulary incl. specials [2048].")
+@click.option("--context", type=click.IntRange(1), default=None, show_default="64", help="Sequence length.")
+@click.option("--layers", "n_layer", type=click.IntRange(1), default=None, show_default="4", help="Number of blocks.")
+@click.option("--heads", "n_head", type=click.IntRange(1), default=None, show_default="4",
+              help="gpt, moe: attention heads.")
+@click.option("--d-model", type=click.IntRange(1), default=None, show_default="128", help="Model width.")
+@click.option("--vocab-size", type=click.IntRange(1), default=None, show_default="2048",
+              help="BPE vocabulary incl. specials (with --tokenizer: taken from it).")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(), default=None,
               help="Reuse this tokenizer.json instead of training one on FILE.")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None, help="[float32]")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None, show_default="float32",
+              help="Parameter dtype.")
 @click.option("--ternary", is_flag=True, default=None, help="BitNet b1.58 ternary weights in every block linear.")
-@click.option("--experts", "n_experts", type=click.IntRange(1), default=None, help="moe: experts per layer [8].")
-@click.option("--top-k", "top_k", type=click.IntRange(1), default=None, help="moe: experts per token [2].")
-@click.option("--aux-loss-coef", type=click.FloatRange(0), default=None, help="moe: load-balancing loss weight.")
-@click.option("--d-state", type=click.IntRange(1), default=None, help="mamba: SSM state size [16].")
-@click.option("--d-conv", type=click.IntRange(1), default=None, help="mamba: conv kernel width [4].")
-@click.option("--expand", type=click.IntRange(1), default=None, help="mamba: inner width factor [2].")
+@click.option("--experts", "n_experts", type=click.IntRange(1), default=None, show_default="8",
+              help="moe: experts per layer.")
+@click.option("--experts-per-token", "top_k", type=click.IntRange(1), default=None, show_default="2",
+              help="moe: experts each token is routed to (top-k).")
+@click.option("--aux-loss-coef", type=click.FloatRange(0), default=None, show_default="0.01",
+              help="moe: load-balancing loss weight.")
+@click.option("--d-state", type=click.IntRange(1), default=None, show_default="16", help="mamba: SSM state size.")
+@click.option("--d-conv", type=click.IntRange(1), default=None, show_default="4", help="mamba: conv kernel width.")
+@click.option("--expand", type=click.IntRange(1), default=None, show_default="2", help="mamba: inner width factor.")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cuda: CuPy arrays and numba.cuda kernels on an NVIDIA GPU (pip install \"minillm[cuda]\").")
@@ -171,10 +185,11 @@ def train(file, tokenizer_path, resume, device, steps, batch_size, lr, warmup, w
 @cli.command()
 @click.argument("base", type=click.Path())
 @click.argument("file", type=click.Path())
-@click.option("--lora-rank", type=click.IntRange(1), default=8, show_default=True)
-@click.option("--lora-alpha", type=click.FloatRange(0, min_open=True), default=None, help="Scale numerator: the update is (alpha / rank) x A B [rank].")
-@click.option("--lora-targets", multiple=True,
-              help="Dense layers to adapt: name patterns (fnmatch, 're:<regex>' or 'all'); default: attention.")
+@click.option("--lora-rank", type=click.IntRange(1), default=8, show_default=True, help="Rank r of the adapters.")
+@click.option("--lora-alpha", type=click.FloatRange(0, min_open=True), default=None, show_default="rank",
+              help="Scale numerator: the update is (alpha / rank) x A B.")
+@click.option("--lora-targets", multiple=True, show_default="the model's LORA_TARGETS (attention projections)",
+              help="Dense layers to adapt: name patterns (fnmatch, 're:<regex>' or 'all').")
 @loop_options(steps=300, lr=1e-3, warmup=20, eval_every=100, out="out-lora")
 def finetune(base, file, lora_rank, lora_alpha, lora_targets, steps, batch_size, lr, warmup, weight_decay,
              grad_clip, seed, eval_every, out, quiet):
@@ -216,7 +231,8 @@ def merge(base, adapter, out):
 @click.option("--seed", type=int, default=0, show_default=True, help="The same seed gives the same samples.")
 @click.option("--stream/--no-stream", default=None,
               help="Print the tokens as they come [default: on for -n 1 on a terminal].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: CuPy arrays and numba.cuda kernels on an NVIDIA GPU.")
 def sample(checkpoint, adapter, num, prompt, max_tokens, temperature, greedy, top_k, top_p, seed, stream, device):
     """Print samples from a trained checkpoint, one per line (control characters escaped)."""
     from minillm.generate import sample_lines
@@ -240,7 +256,8 @@ def sample(checkpoint, adapter, num, prompt, max_tokens, temperature, greedy, to
 @click.option("--adapter", default=None, help="A LoRA adapter directory to apply to the checkpoint.")
 @click.argument("file", type=click.Path())
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Windows per forward.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: CuPy arrays and numba.cuda kernels on an NVIDIA GPU.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_command(checkpoint, adapter, file, batch_size, device, quiet):
     """Loss of a checkpoint on FILE (one document per line): nats/token, perplexity, bits/byte."""

@@ -192,6 +192,10 @@ def train(text_path, opts, config_overrides, tokenizer_path=None, log=print):
         config = models.build_config(arch, **config_overrides)
         if tokenizer_path:
             tokenizer = Tokenizer.load(tokenizer_path)
+            asked = config_overrides.get("vocab_size")
+            if asked is not None and asked != tokenizer.vocab_size:
+                raise ValueError(f"--vocab-size {asked} contradicts --tokenizer {tokenizer_path} "
+                                 f"({tokenizer.vocab_size} tokens); drop --vocab-size")
         else:
             log(f"training a {config['vocab_size']}-token BPE tokenizer on {text_path}")
             tokenizer = Tokenizer.train(data.documents(text), config["vocab_size"],

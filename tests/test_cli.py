@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import click
 import pytest
 
 from clirun import run_cli
@@ -110,3 +111,26 @@ def test_finetune_sample_with_adapter_and_merge(capsys, trained, small_corpus, t
     assert run_cli(capsys, "merge", trained, adapter, "--out", merged)[0] == 0
     assert run_cli(capsys, "sample", "--checkpoint", merged, *args)[1] == with_adapter
     one_error_line(capsys, "sample", "--checkpoint", trained, "--adapter", str(tmp_path / "missing"), match="missing")
+
+
+def test_options_of_other_architectures_and_contradictions_are_refused(capsys, small_corpus, tmp_path):
+    one_error_line(capsys, "train", small_corpus, "--arch", "mamba", "--heads", "2", "--out", str(tmp_path),
+                   match="--heads only apply to --arch gpt, moe")
+    one_error_line(capsys, "train", small_corpus, "--arch", "gpt", "--experts-per-token", "2", "--out",
+                   str(tmp_path), match="--experts-per-token only apply to --arch moe")
+    one_error_line(capsys, "train", small_corpus, "--top-k", "2", "--out", str(tmp_path), match="no such option")
+    one_error_line(capsys, "train", small_corpus, "--seed", "-1", "--out", str(tmp_path), match="--seed")
+    tok = str(tmp_path / "tok.json")
+    assert run_cli(capsys, "tokenizer", "train", small_corpus, "--vocab-size", "300", "--out", tok, "--quiet")[0] == 0
+    one_error_line(capsys, "train", small_corpus, "--tokenizer", tok, "--vocab-size", "400", "--out",
+                   str(tmp_path / "o"), *TINY[2:], match="contradicts --tokenizer")
+
+
+def test_every_option_has_help_and_shows_its_default(capsys):
+    for command in ("train", "finetune", "sample", "eval", "merge", "quantize", "plot"):
+        params = cli.cli.commands[command].params
+        for p in params:
+            if isinstance(p, click.Option) and p.name != "help":
+                assert p.help, f"{command} {p.opts[0]} has no help text"
+                assert p.is_flag or p.show_default or p.default in (None, "") or p.required, \
+                    f"{command} {p.opts[0]} hides its default"

@@ -20,7 +20,7 @@ def _config(config):
     if int(cfg["n_experts"]) < 1:
         raise ValueError(f"--experts must be positive for the moe architecture, got {cfg['n_experts']}")
     if not 1 <= int(cfg["top_k"]) <= int(cfg["n_experts"]):
-        raise ValueError(f"--top-k must lie in 1..{cfg['n_experts']}, got {cfg['top_k']}")
+        raise ValueError(f"--experts-per-token (top-k) must lie in 1..{cfg['n_experts']}, got {cfg['top_k']}")
     return cfg
 
 
