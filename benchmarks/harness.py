@@ -131,3 +131,50 @@ def generation(models, gen_context, gen_tokens):
     table(["", "at position 0", f"at position {prompt.shape[1]}"], rows,
           title=f"\nGeneration: batch 1, {base['n_layer']} layers, d_model {base['d_model']}, vocab "
                 f"{base['vocab_size']}, float32; tokens/s of `step` over {gen_tokens} tokens")
+
+
+# --- the machine's limits, measured in the same run ------------------------------------------------------
+
+_LIMITS = {}
+
+
+def gemm_flops(n=2048, repeats=5):
+    """FLOP/s of a large float32 GEMM (n x n @ n x n, 2 n^3 flops) with NumPy's BLAS: the compute ceiling
+    that MFU divides by. Measured once per run (median of `repeats`)."""
+    if "gemm" not in _LIMITS:
+        import numpy as np
+
+        a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+        b = a.T.copy()
+        seconds = medians([lambda: a @ b], repeats, warmup=1)[0]
+        _LIMITS["gemm"] = 2.0 * n ** 3 / seconds
+    return _LIMITS["gemm"]
+
+
+def copy_bandwidth(megabytes=256, repeats=5):
+    """Bytes/s moved by a large array copy (read + write counted): the ceiling of memory-bound kernels."""
+    if "copy" not in _LIMITS:
+        import numpy as np
+
+        src = np.ones(megabytes * 2 ** 20 // 4, dtype=np.float32)
+        dst = np.empty_like(src)
+        seconds = medians([lambda: np.copyto(dst, src)], repeats, warmup=1)[0]
+        _LIMITS["copy"] = 2.0 * src.nbytes / seconds
+    return _LIMITS["copy"]
+
+
+def gpt_flops_per_token(n_params, n_layer, d_model, context):
+    """Training FLOPs per token, 6 N + 12 L d T (the PaLM appendix B / nanoGPT estimate_mfu convention:
+    N without the position embeddings; the attention scores' 12 L d T on top)."""
+    return 6 * n_params + 12 * n_layer * d_model * context
+
+
+def mfu(tokens_per_s, flops_per_token):
+    """Model FLOPs utilisation: achieved FLOP/s over the measured float32 GEMM FLOP/s."""
+    return tokens_per_s * flops_per_token / gemm_flops()
+
+
+def limits_line():
+    """One line naming the ceilings, for the report."""
+    return (f"machine limits (this run): float32 GEMM {gemm_flops() / 1e9:.1f} GFLOP/s, "
+            f"copy {copy_bandwidth() / 1e9:.1f} GB/s")
