@@ -104,6 +104,13 @@ def bench_scan(args):
     print(f"max |y_ours - y_torch| = {errs[0]:.1e} (loop), {errs[1]:.1e} (HF); NumPy reference forward: "
           f"{ref_ms:.0f} ms")
     harness.versus(rows, ["torch loop ms", "HF slow path ms"], title="")
+    # the least a pass must move: forward reads x, dt, B, C and writes y; the backward reads them and dy
+    # again and writes dx, ddt, dB, dC (float32)
+    fwd_bytes = 4 * (3 * Bt * L * Dm + 2 * Bt * L * N)
+    both_bytes = fwd_bytes + 4 * (6 * Bt * L * Dm + 4 * Bt * L * N)
+    print(f"{harness.limits_line()}; minillm reaches {fwd_bytes / (fwd[0] / 1e3) / harness.copy_bandwidth():.3f} "
+          f"(forward) and {both_bytes / (fwd_bwd[0] / 1e3) / harness.copy_bandwidth():.3f} (forward+backward) "
+          f"of the copy bandwidth")
 
 
 def bench_mixer(args):

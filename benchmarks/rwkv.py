@@ -73,6 +73,12 @@ def bench_wkv(args):
           f"{torch.get_num_threads()}; medians of {args.repeats} (ours) / {args.torch_repeats} (torch)")
     print(f"max |y_ours - y_hf| = {err:.1e}; NumPy reference forward: {ref_ms:.1f} ms")
     harness.versus(rows, ["HF torch loop ms"])
+    # the least a pass must move: forward reads k, v and writes y; the backward reads k, v, y, dy and
+    # writes dk, dv (float32)
+    fwd_bytes, both_bytes = 4 * 3 * B * T * C, 4 * 9 * B * T * C
+    print(f"{harness.limits_line()}; minillm reaches {fwd_bytes / (rows[0][1] / 1e3) / harness.copy_bandwidth():.3f} "
+          f"(forward) and {both_bytes / (rows[1][1] / 1e3) / harness.copy_bandwidth():.3f} (forward+backward) "
+          f"of the copy bandwidth")
 
 
 def bench_cuda(args):
