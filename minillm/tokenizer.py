@@ -13,6 +13,13 @@ Text is UTF-8 bytes cut into pre-tokens by GPT-2's regex; the 256 byte values ar
 - **Special tokens**: `encode(text)` treats special-token text such as "<|endoftext|>" as plain
   text (like tiktoken's `encode_ordinary`); `encode(text, allowed_special={"<|endoftext|>"})` or
   `allowed_special="all"` turns those occurrences into their special ids.
+- **Unicode version**: the pre-tokenizer's \\p{L}, \\p{N} and \\s are those of Unicode 16.0.0 (the
+  version of tiktoken's `gpt2` encoding), read from the generated table
+  `minillm/kernels/unicode_classes.py` (made by `data/make_unicode_classes.py` from the Unicode
+  Character Database 16.0.0), not from the installed `regex` module or Python's `unicodedata`:
+  ids do not change when either is upgraded. A character assigned after 16.0 is an "other"
+  character (like punctuation), as in tiktoken. Moving to another version changes ids; it means
+  regenerating the table (and stating the new version).
 - `decode` replaces bytes that are not valid UTF-8 (e.g. ids that split a character) with U+FFFD
   as tiktoken does; `decode_bytes` returns the raw bytes. Strings with lone surrogates cannot be
   encoded (they have no UTF-8 form): ValueError.

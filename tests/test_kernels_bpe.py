@@ -1,4 +1,5 @@
-"""kernels/bpe.py: the Numba kernels against their references (the `regex` module, plain Python)."""
+"""kernels/bpe.py: the Numba kernels against their references (the `regex` module with the
+pinned pattern, plain Python)."""
 
 import os
 from collections import Counter
@@ -8,9 +9,11 @@ import pytest
 import regex
 
 from minillm.kernels import bpe, bpe_train
-from minillm.kernels.bpe import GPT2_PATTERN, categories
+from minillm.kernels.bpe import categories, pinned_pattern
 from minillm.tokenizer import Tokenizer
 
+# GPT-2's pattern with \p{L}, \p{N}, \s pinned to the kernels' Unicode version (not regex's own)
+PATTERN = pinned_pattern()
 # the corpora sit in ../shared/data beside the repository
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
                     "data")
@@ -51,15 +54,15 @@ def pieces(text):
 
 @pytest.mark.parametrize("text", EDGE)
 def test_pretokenize_matches_regex_on_edge_cases(text):
-    assert pieces(text) == regex.findall(GPT2_PATTERN, text)
+    assert pieces(text) == regex.findall(PATTERN, text)
 
 
 def test_pretokenize_matches_regex_on_random_and_real_text():
     for s in random_strings(2000, seed=0):
-        assert pieces(s) == regex.findall(GPT2_PATTERN, s), repr(s)
+        assert pieces(s) == regex.findall(PATTERN, s), repr(s)
     with open(f"{DATA}/shakespeare.txt", encoding="utf-8") as f:
         text = f.read(500_000)
-    assert pieces(text) == regex.findall(GPT2_PATTERN, text)
+    assert pieces(text) == regex.findall(PATTERN, text)
 
 
 def test_pretokenize_never_crosses_item_ends():
@@ -68,7 +71,7 @@ def test_pretokenize_never_crosses_item_ends():
     ends = np.cumsum([len(s) for s in items]).astype(np.int64)
     starts = bpe.pretokenize(buf, ends, categories())
     got = [buf[a:b].tobytes().decode() for a, b in zip(starts[:-1], starts[1:])]
-    assert got == [p for s in items for p in regex.findall(GPT2_PATTERN, s)]
+    assert got == [p for s in items for p in regex.findall(PATTERN, s)]
 
 
 def test_count_pieces_matches_counter():
@@ -80,7 +83,7 @@ def test_count_pieces_matches_counter():
                                     categories())
     got = {raw[o:o + n].decode(): c for o, n, c in zip(off, ln, cnt)}
     assert len(got) == len(off)  # each distinct piece once
-    assert got == Counter(regex.findall(GPT2_PATTERN, text))
+    assert got == Counter(regex.findall(PATTERN, text))
 
 
 def test_table_first_key_wins_and_missing_is_minus_one():
@@ -158,7 +161,7 @@ def test_train_kernel_grows_its_tables():
 def test_train_kernel_on_real_pieces_matches_reference():
     with open(f"{DATA}/headlines.txt", encoding="utf-8") as f:
         text = f.read(20_000)
-    words = Counter(tuple(p.encode()) for p in regex.findall(GPT2_PATTERN, text))
+    words = Counter(tuple(p.encode()) for p in regex.findall(PATTERN, text))
     want = bpe_train.train_reference(dict(words), 150, 256, 2)
     a, b, _ = bpe_train.train(*words_to_arrays(dict(words)), 150, 256, 2)
     assert list(zip(a.tolist(), b.tolist())) == want

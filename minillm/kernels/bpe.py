@@ -2,20 +2,30 @@
 
 Text is handled as UTF-8 bytes (uint8 arrays) cut into *items* (`item_ends`: exclusive byte
 offsets); pre-tokens never cross an item end. `cats` classifies every code point for GPT-2's
-pattern GPT2_PATTERN (OTHER, LETTER, NUMBER, SPACE: `categories()`, from the `regex` module's
-Unicode tables), and `_piece_end` is that pattern written out as a scanner.
+pattern GPT2_PATTERN (OTHER, LETTER, NUMBER, SPACE: `categories()`), and `_piece_end` is that
+pattern written out as a scanner.
+
+**Unicode version.** \\p{L}, \\p{N} and \\s are pinned to Unicode 16.0.0 (UNICODE_VERSION, the
+version of tiktoken's `gpt2` encoding) by the generated table `unicode_classes.py` (made by
+`data/make_unicode_classes.py` from the Unicode Character Database of that version), not taken
+from the installed `regex` module, whose tables follow its own release (Unicode 18.0.0 in regex
+2026.11): a character added after 16.0 is OTHER here, as in tiktoken. `pinned_pattern()` is
+GPT2_PATTERN with those classes written out, for `regex` (the references and the tests).
 
 Encoding (tiktoken's rule): in a pre-token, repeatedly merge the adjacent pair whose
 concatenation is the token with the lowest rank (= id), leftmost first. The pair table maps
 key(left, right) = left << 32 | right -> merged id, in open addressing (`table_build`).
 
-`encode_reference` (`regex.findall` + plain Python merges) is the specification of `encode`;
-training lives in `bpe_train.py`.
+`encode_reference` (`regex.findall(pinned_pattern())` + plain Python merges) is the
+specification of `encode`; training lives in `bpe_train.py`.
 """
 
 import numba
 import numpy as np
 import regex
+
+from minillm.kernels import unicode_classes
+from minillm.kernels.unicode_classes import UNICODE_VERSION  # noqa: F401 (re-exported)
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 OTHER, LETTER, NUMBER, SPACE = 0, 1, 2, 3
@@ -23,19 +33,35 @@ INF = np.int32(2**31 - 1)
 LONG = 128  # pre-tokens longer than this merge with a heap (O(n log n)) instead of rescans
 _GOLD = np.uint64(0x9E3779B97F4A7C15)
 _CATS = None
+_PINNED = None
 
 
 def categories():
-    """Per code point: OTHER / LETTER / NUMBER / SPACE, as the `regex` module's \\p{L}, \\p{N}, \\s
-    (built once, about 0.1 s)."""
+    """Per code point (0x110000 uint8): OTHER / LETTER / NUMBER / SPACE, as \\p{L}, \\p{N}, \\s of
+    Unicode UNICODE_VERSION (the table unicode_classes.py; built once)."""
     global _CATS
     if _CATS is None:
-        every = "".join(map(chr, range(0x110000)))
         cats = np.zeros(0x110000, np.uint8)
-        for cat, pat in ((LETTER, r"\p{L}"), (NUMBER, r"\p{N}"), (SPACE, r"\s")):
-            cats[[m.start() for m in regex.finditer(pat, every)]] = cat
+        for cat, rs in ((LETTER, unicode_classes.LETTER), (NUMBER, unicode_classes.NUMBER),
+                        (SPACE, unicode_classes.SPACE)):
+            for a, b in rs:
+                cats[a:b + 1] = cat
         _CATS = cats
     return _CATS
+
+
+def pinned_pattern():
+    """GPT2_PATTERN with \\p{L}, \\p{N}, \\s written out as the ranges of unicode_classes, so that
+    `regex` matches as the Numba pre-tokenizer does whatever Unicode version `regex` carries."""
+    global _PINNED
+    if _PINNED is None:
+        def body(rs):
+            return "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in rs)
+        let, num, sp = (body(unicode_classes.LETTER), body(unicode_classes.NUMBER),
+                        body(unicode_classes.SPACE))
+        _PINNED = (f"'s|'t|'re|'ve|'m|'ll|'d| ?[{let}]+| ?[{num}]+| ?[^{sp}{let}{num}]+"
+                   f"|[{sp}]+(?![^{sp}])|[{sp}]+")
+    return _PINNED
 
 
 # ---------------------------------------------------------------- pre-tokenization (GPT-2)
@@ -377,7 +403,7 @@ def encode_reference(text, byte_to_id, pairs, cache=None):
     pair (leftmost on ties) in plain Python; pre-tokens are cached in `cache` (a dict)."""
     cache = {} if cache is None else cache
     out = []
-    for piece in regex.findall(GPT2_PATTERN, text):
+    for piece in regex.findall(pinned_pattern(), text):
         if piece not in cache:
             ids = [int(byte_to_id[b]) for b in piece.encode("utf-8")]
             while len(ids) > 1:
