@@ -38,6 +38,7 @@ from minillm.kernels.bpe import GPT2_PATTERN, categories
 
 FORMAT, VERSION = "minillm-bpe", 1
 EOT = "<|endoftext|>"
+MAX_VOCAB_SIZE = 2**24  # Tokenizer.train refuses more: 16,777,216 ids, ~80x GPT-4o's ~200k
 
 
 def bytes_to_unicode():
@@ -226,13 +227,24 @@ class Tokenizer:
     def train(cls, text, vocab_size, special_tokens=(EOT,), progress=True, min_frequency=2):
         """Learn vocab_size - 256 - len(special_tokens) merges from a str or an iterable of str
         (each item pre-tokenized on its own). Stops early when no pair occurs min_frequency
-        times, giving a smaller vocabulary. progress: a tqdm bar on stderr."""
+        times, giving a smaller vocabulary. progress: a tqdm bar on stderr.
+
+        vocab_size must be in 256 + len(special_tokens) .. MAX_VOCAB_SIZE (2**24), else
+        ValueError before any work; within that, the merges are also capped by what the text
+        can give (each merge removes at least one pair occurrence of the distinct pre-tokens),
+        so memory stays bounded by the text whatever vocab_size asks."""
         specials = list(dict.fromkeys(special_tokens))
         if not all(isinstance(s, str) and s for s in specials):
             raise ValueError("special tokens must be non-empty strings")
-        if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 256 + len(specials):
-            raise ValueError(f"vocab size must be at least {256 + len(specials)} (256 bytes + "
-                             f"{len(specials)} special tokens), got {vocab_size}")
+        if (not isinstance(vocab_size, (int, np.integer)) or isinstance(vocab_size, bool)
+                or vocab_size < 256 + len(specials)):
+            raise ValueError(f"vocab_size must be at least {256 + len(specials)} (256 bytes + "
+                             f"{len(specials)} special tokens), got {vocab_size!r}")
+        if vocab_size > MAX_VOCAB_SIZE:
+            raise ValueError(f"vocab_size must be at most {MAX_VOCAB_SIZE} (2**24), got "
+                             f"{vocab_size}")
+        if not isinstance(min_frequency, (int, np.integer)) or isinstance(min_frequency, bool):
+            raise ValueError(f"min_frequency must be an integer, got {min_frequency!r}")
         items = [text] if isinstance(text, str) else text
         cut = regex.compile("|".join(map(regex.escape, sorted(specials, key=len, reverse=True))))
         counts, batch, size, seen = {}, [], 0, False
@@ -260,12 +272,13 @@ class Tokenizer:
         flush()
         if not seen:
             raise ValueError("the training text is empty")
-        words = [w for w in counts if len(w) > 1]
+        words = [w for w in counts if len(w) > 1]  # may be none: "x", "a b c", ...
         sym = np.frombuffer(b"".join(words), np.uint8).astype(np.int32)
         wlen = np.array([len(w) for w in words], np.int32)
-        wstart = np.concatenate(([0], np.cumsum(wlen[:-1], dtype=np.int64))).astype(np.int64)
+        wstart = np.cumsum(wlen, dtype=np.int64) - wlen  # one start per word, none for no word
         wfreq = np.array([counts[w] for w in words], np.int64)
-        n_merges = vocab_size - 256 - len(specials)
+        # no more merges than pair occurrences in the distinct words (bpe_train.train cuts too)
+        n_merges = min(int(vocab_size) - 256 - len(specials), int(np.sum(wlen - 1, dtype=np.int64)))
         from tqdm import tqdm
 
         with tqdm(total=n_merges, desc="BPE merges", unit="merge", disable=not progress,

@@ -13,7 +13,7 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 from clirun import run_cli
 from minillm.kernels import bpe_train
-from minillm.tokenizer import EOT, Tokenizer, read_text_file
+from minillm.tokenizer import EOT, MAX_VOCAB_SIZE, Tokenizer, read_text_file
 from test_kernels_bpe import DATA, EDGE, PATTERN, random_strings
 
 VOCAB, ENCODER = f"{DATA}/gpt2/vocab.bpe", f"{DATA}/gpt2/encoder.json"
@@ -159,6 +159,14 @@ def test_training_equals_the_reference_twin():
     assert tok.tokens == tokens
 
 
+def test_training_merges_are_capped_by_the_text():
+    """The largest vocab_size on a tiny text: only the merges the text can give ("abab": 3 pair
+    occurrences, so at most 3 merges), nothing allocated for the rest."""
+    tok = Tokenizer.train("abab", MAX_VOCAB_SIZE, progress=False, min_frequency=1)
+    assert tok.vocab_size == 256 + 2 + 1 and tok.tokens[256:] == [b"ab", b"abab"]
+    assert Tokenizer.train("x", MAX_VOCAB_SIZE, progress=False).vocab_size == 257
+
+
 def test_training_input_forms_and_specials():
     lines = ["low lower lowest", "new newer newest", f"wide{EOT}wider widest"]
     a = Tokenizer.train(lines, 300, progress=False, min_frequency=1)
@@ -175,6 +183,11 @@ def test_training_input_forms_and_specials():
 def test_training_rejects_bad_arguments():
     with pytest.raises(ValueError, match="at least 257"):
         Tokenizer.train("some text", 256, progress=False)
+    for too_big in (MAX_VOCAB_SIZE + 1, 10**12, 10**30):  # refused before any work
+        with pytest.raises(ValueError, match=f"vocab_size must be at most {MAX_VOCAB_SIZE}"):
+            Tokenizer.train("some text", too_big, progress=False)
+    with pytest.raises(ValueError, match="min_frequency must be an integer"):
+        Tokenizer.train("some text", 300, progress=False, min_frequency=1.5)
     with pytest.raises(ValueError, match="empty"):
         Tokenizer.train("", 300, progress=False)
     with pytest.raises(ValueError, match="empty"):
@@ -277,6 +290,8 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
         (*train, str(tmp_path / "empty.txt")), (*train, str(tmp_path / "bin.txt")),
         (*train, str(tmp_path / "latin.txt")),
         ("tokenizer", "train", str(tmp_path / "ok.txt"), "--vocab-size", "100", "--out", "x.json"),
+        ("tokenizer", "train", str(tmp_path / "ok.txt"), "--vocab-size", str(10**12), "--out",
+         "x.json"),
         ("tokenizer", "encode", "--tokenizer", str(tmp_path / "bad.json"), "hi"),
         ("tokenizer", "encode", "--tokenizer", str(tmp_path / "nope.json"), "hi"),
     ]

@@ -16,6 +16,10 @@ Encoding (tiktoken's rule): in a pre-token, repeatedly merge the adjacent pair w
 concatenation is the token with the lowest rank (= id), leftmost first. The pair table maps
 key(left, right) = left << 32 | right -> merged id, in open addressing (`table_build`).
 
+Every kernel is safe on any input: empty text, one byte, items of any length, and even bytes
+that are not UTF-8 (a truncated or invalid sequence reads as one OTHER byte) never make it read
+or write out of bounds.
+
 `encode_reference` (`regex.findall(pinned_pattern())` + plain Python merges) is the
 specification of `encode`; training lives in `bpe_train.py`.
 """
@@ -67,18 +71,29 @@ def pinned_pattern():
 # ---------------------------------------------------------------- pre-tokenization (GPT-2)
 
 @numba.njit(cache=True, inline="always")
-def _cp(buf, i):
-    """(code point, byte length) of the UTF-8 character at buf[i] (the input is valid UTF-8)."""
+def _cp(buf, i, n):
+    """(code point, byte length) of the UTF-8 character at buf[i] of buf[:n]. Never reads past n:
+    a sequence cut short by n, or one that is not UTF-8 at all (the tokenizer only passes valid
+    UTF-8), reads as U+FFFD (OTHER) of length 1."""
     b0 = np.int32(buf[i])
     if b0 < 0x80:
         return b0, 1
+    if b0 < 0xC0 or b0 >= 0xF8:  # a continuation byte, or no UTF-8 lead byte
+        return 0xFFFD, 1
     if b0 < 0xE0:
+        if i + 1 >= n:
+            return 0xFFFD, 1
         return ((b0 & 0x1F) << 6) | (np.int32(buf[i + 1]) & 0x3F), 2
     if b0 < 0xF0:
+        if i + 2 >= n:
+            return 0xFFFD, 1
         return (((b0 & 0x0F) << 12) | ((np.int32(buf[i + 1]) & 0x3F) << 6)
                 | (np.int32(buf[i + 2]) & 0x3F)), 3
-    return (((b0 & 0x07) << 18) | ((np.int32(buf[i + 1]) & 0x3F) << 12)
-            | ((np.int32(buf[i + 2]) & 0x3F) << 6) | (np.int32(buf[i + 3]) & 0x3F)), 4
+    if i + 3 >= n:
+        return 0xFFFD, 1
+    c = (((b0 & 0x07) << 18) | ((np.int32(buf[i + 1]) & 0x3F) << 12)
+         | ((np.int32(buf[i + 2]) & 0x3F) << 6) | (np.int32(buf[i + 3]) & 0x3F))
+    return (c, 4) if c < 0x110000 else (0xFFFD, 1)
 
 
 @numba.njit(cache=True, inline="always")
@@ -91,7 +106,7 @@ def _run(buf, j, n, cats, cat):
                 break
             j += 1
         else:
-            c, ln = _cp(buf, j)
+            c, ln = _cp(buf, j, n)
             if cats[c] != cat:
                 break
             j += ln
@@ -100,8 +115,8 @@ def _run(buf, j, n, cats, cat):
 
 @numba.njit(cache=True)
 def _piece_end(buf, i, n, cats):
-    """End (exclusive) of the GPT-2 pre-token that starts at byte i of buf[:n]."""
-    c, ln = _cp(buf, i)
+    """End (exclusive) of the GPT-2 pre-token that starts at byte i < n of buf[:n]: in i+1..n."""
+    c, ln = _cp(buf, i, n)
     if c == 39 and i + 1 < n:  # contractions 's 't 'm 'd 're 've 'll (case-sensitive)
         c1 = buf[i + 1]
         if c1 == 115 or c1 == 116 or c1 == 109 or c1 == 100:
@@ -114,14 +129,14 @@ def _piece_end(buf, i, n, cats):
     if cat != SPACE:  # \p{L}+ | \p{N}+ | [^\s\p{L}\p{N}]+
         return _run(buf, i + ln, n, cats, cat)
     if c == 32 and i + 1 < n:  # ' ?' prefix in front of a letter/number/other run
-        c2, l2 = _cp(buf, i + 1)
+        c2, l2 = _cp(buf, i + 1, n)
         k2 = cats[c2]
         if k2 != SPACE:
             return _run(buf, i + 1 + l2, n, cats, k2)
     last = i  # \s+(?!\S) keeps the last space for the next word; \s+ when only one is left
     j = i + ln
     while j < n:
-        c3, l3 = _cp(buf, j)
+        c3, l3 = _cp(buf, j, n)
         if cats[c3] != SPACE:
             break
         last = j
@@ -133,11 +148,13 @@ def _piece_end(buf, i, n, cats):
 
 @numba.njit(cache=True)
 def pretokenize(buf, item_ends, cats):
-    """Byte offsets where the pre-tokens start, plus the final end: (n_pieces + 1,) int64."""
+    """Byte offsets where the pre-tokens start, plus the final end: (n_pieces + 1,) int64.
+    Item ends past len(buf) count as len(buf); an end before the previous one makes an empty item."""
     out = np.empty(len(buf) + 1, np.int64)
     k = 0
     i = 0
     for e in item_ends:
+        e = min(e, len(buf))
         while i < e:
             out[k] = i
             k += 1
@@ -296,9 +313,13 @@ def _heap_pop(hr, hp, n):
 def new_cache(entries=1 << 16):
     """An empty pre-token cache for `encode`: pieces -> ids, kept between calls. ent[e] =
     (hash, key offset, key length, ids offset, ids length); use[0..2] = entries, key bytes and
-    ids used. `encode` stops adding when it is full (see `cache_full`)."""
-    return dict(slots=np.full(2 * entries, -1, np.int32), ent=np.zeros((entries, 5), np.int64),
-                keys=np.zeros(16 * entries, np.uint8), vals=np.zeros(8 * entries, np.int32),
+    ids used. `encode` stops adding when it is full (see `cache_full`). entries is rounded up to
+    a power of two (at least 2)."""
+    size = 2
+    while size < entries:
+        size *= 2
+    return dict(slots=np.full(2 * size, -1, np.int32), ent=np.zeros((size, 5), np.int64),
+                keys=np.zeros(16 * size, np.uint8), vals=np.zeros(8 * size, np.int32),
                 use=np.zeros(3, np.int64))
 
 
@@ -311,7 +332,8 @@ def cache_full(c):
 @numba.njit(cache=True)
 def encode(buf, item_ends, cats, byte_to_id, tk, tv, slots, ent, keys, vals, use):
     """Token ids of every item, and each item's end in them: (ids int32, id_ends int64).
-    Pre-tokens of 2..LONG bytes go through the cache (slots, ent, keys, vals, use: new_cache)."""
+    Pre-tokens of 2..LONG bytes go through the cache (slots, ent, keys, vals, use: new_cache).
+    Item ends past len(buf) count as len(buf)."""
     out = np.empty(len(buf), np.int32)
     id_ends = np.empty(len(item_ends), np.int64)
     ids = np.empty(LONG, np.int32)
@@ -320,7 +342,7 @@ def encode(buf, item_ends, cats, byte_to_id, tk, tv, slots, ent, keys, vals, use
     k = 0
     i = 0
     for it in range(len(item_ends)):
-        e = item_ends[it]
+        e = min(item_ends[it], len(buf))
         while i < e:
             j = _piece_end(buf, i, e, cats)
             m = j - i
@@ -380,9 +402,11 @@ def encode(buf, item_ends, cats, byte_to_id, tk, tv, slots, ent, keys, vals, use
 
 @numba.njit(cache=True)
 def decode(ids, tok_bytes, tok_off):
-    """Concatenated bytes of the tokens (ids already checked to be in range): uint8 array."""
+    """Concatenated bytes of the tokens: uint8 array (ValueError for an id out of range)."""
     total = 0
     for t in ids:
+        if t < 0 or t >= len(tok_off) - 1:
+            raise ValueError("token id out of range")
         total += tok_off[t + 1] - tok_off[t]
     out = np.empty(total, np.uint8)
     k = 0

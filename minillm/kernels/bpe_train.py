@@ -16,7 +16,8 @@ from minillm.kernels.bpe import _piece_end, _slot
 
 @numba.njit(cache=True)
 def count_pieces(buf, item_ends, cats):
-    """Distinct pre-tokens with their counts: (byte offset of one occurrence, length, count)."""
+    """Distinct pre-tokens with their counts: (byte offset of one occurrence, length, count).
+    Item ends past len(buf) count as len(buf)."""
     cap = 1 << 12
     table = np.full(cap, -1, np.int64)
     eoff = np.empty(cap // 2, np.int64)
@@ -26,6 +27,7 @@ def count_pieces(buf, item_ends, cats):
     n = 0
     i = 0
     for e in item_ends:
+        e = min(e, len(buf))
         while i < e:
             j = _piece_end(buf, i, e, cats)
             h = np.uint64(14695981039346656037)  # FNV-1a
@@ -98,6 +100,7 @@ def train_reference(words, n_merges, first_id, min_count=1):
 # list nodes (nword, nnext); max-heap (hcnt, hkey, hpair); scal = [n_pairs, n_nodes, heap size,
 # merges done, next id, space needed]; outputs ma, mb, mcnt.
 _N_PAIRS, _N_NODES, _N_HEAP, _DONE, _NEXT_ID, _NEED = range(6)
+INT32_MAX = 2**31 - 1  # ids are int32
 NEED_SPACE, FINISHED = 1, 2
 
 
@@ -157,7 +160,7 @@ def _hdown(hc, hk, hp, n, c, k, p):
 def train_init(sym, wstart, wlen, wfreq, tk, tv, pa, pb, pcnt, phead, plast, pstamp,
                nword, nnext, hc, hk, hp, scal):
     """Count every adjacent pair once and fill the occurrence lists and the heap."""
-    for w in range(len(wstart)):
+    for w in range(len(wlen)):
         s = wstart[w]
         for i in range(wlen[w] - 1):
             q = _pair(tk, tv, pa, pb, pcnt, phead, plast, pstamp, scal, sym[s + i], sym[s + i + 1])
@@ -271,14 +274,40 @@ def _grown(arr, size):
     return out
 
 
+def check_words(sym, wstart, wlen, wfreq, first_id):
+    """ValueError unless the word arrays fit together: as many starts, lengths and weights,
+    every word inside sym, lengths and weights >= 0, symbols in 0..first_id - 1."""
+    if not len(wstart) == len(wlen) == len(wfreq):
+        raise ValueError(f"{len(wstart)} word starts, {len(wlen)} lengths and {len(wfreq)} "
+                         f"weights: expected as many of each")
+    if len(wlen) and (wlen.min() < 0 or wstart.min() < 0 or wfreq.min() < 0
+                      or int((wstart.astype(np.int64) + wlen).max()) > len(sym)):
+        raise ValueError("a word lies outside sym, or has a negative length or weight")
+    if len(sym) and (sym.min() < 0 or sym.max() >= first_id):
+        raise ValueError(f"symbols must be in 0..{first_id - 1} (merges create ids from {first_id})")
+
+
 def train(sym, wstart, wlen, wfreq, n_merges, first_id, min_count=1, on_progress=None):
     """Learn up to n_merges merges over words (sym[wstart[w]:wstart[w] + wlen[w]], weight
     wfreq[w]); returns (a, b, count) arrays, merge i creating id first_id + i. `sym` and `wlen`
     are rewritten in place (the words as merged). on_progress(merges done) is called between
-    chunks of merges."""
+    chunks of merges. No word, words of one symbol and n_merges = 0 are fine. n_merges beyond
+    the number of adjacent pairs in the words (each merge removes at least one) is cut to it,
+    so every allocation is bounded by the words, whatever n_merges."""
     sym = np.ascontiguousarray(sym, np.int32)
+    wstart = np.ascontiguousarray(wstart, np.int64)
+    wlen = np.ascontiguousarray(wlen, np.int32)
+    wfreq = np.ascontiguousarray(wfreq, np.int64)
+    if not 0 <= first_id <= INT32_MAX:
+        raise ValueError(f"first_id must be in 0..{INT32_MAX}, got {first_id}")
+    check_words(sym, wstart, wlen, wfreq, first_id)
+    n_pairs = int(np.sum(np.maximum(wlen, 1) - 1, dtype=np.int64))
+    n_merges = min(int(n_merges), n_pairs, INT32_MAX - first_id)
+    if n_merges < 0:
+        raise ValueError(f"n_merges must be >= 0, got {n_merges}")
+    min_count = int(min(max(min_count, 1), 2**62))
     # room for the initial pairs (with repeats); the merges grow the tables by doubling
-    n_sym = int(np.sum(np.maximum(wlen, 1) - 1)) + 16
+    n_sym = n_pairs + 16
     cap = 16
     while cap < 2 * n_sym:
         cap *= 2
