@@ -107,6 +107,28 @@ def test_encode_kernel_matches_reference(gpt2):
         assert gpt2.encode(t) == bpe.encode_reference(t, gpt2._byte_to_id, pairs, cache), repr(t)
 
 
+@pytest.mark.parametrize("tables", ["gpt2", "small"])
+def test_merge_long_equals_merge_short(gpt2, tables):
+    """The in-place block-minimum merge of long pieces against tiktoken's rescanning loop, at
+    every length around the block size and beyond, on few-letter alphabets (many equal ranks,
+    merges that meet across block edges)."""
+    if tables == "gpt2":
+        tk, tv, b2i = gpt2._tk, gpt2._tv, gpt2._byte_to_id
+    else:
+        tok = Tokenizer.train("abab aabb baba ab " * 50 + "aaaa bbbb " * 20, 300, progress=False)
+        tk, tv, b2i = tok._tk, tok._tv, tok._byte_to_id
+    rng = np.random.default_rng(5)
+    r = np.empty(4096, np.int32)
+    for m in [*range(0, 3 * bpe.BLOCK + 3), 500, 1000, 4000]:
+        for alphabet in (b"a", b"ab", b"abc ", b"the quick"):
+            raw = bytes(rng.choice(list(alphabet), m)) if m else b""
+            ids = b2i[np.frombuffer(raw, np.uint8)].astype(np.int32)
+            short, long_ = ids.copy(), ids.copy()
+            n_short = bpe._merge_short(short, r, m, tk, tv)
+            n_long = bpe._merge_long(long_, m, tk, tv)
+            assert long_[:n_long].tolist() == short[:n_short].tolist(), (m, alphabet)
+
+
 def test_encode_cache_gives_same_ids_when_warm_and_when_full(gpt2):
     with open(f"{DATA}/shakespeare.txt", encoding="utf-8") as f:
         text = f.read(200_000)

@@ -73,6 +73,19 @@ def test_gpt2_ids_equal_tiktoken_on_edge_and_random_strings(gpt2, tiktoken_gpt2)
         assert gpt2.encode(s) == tiktoken_gpt2.encode_ordinary(s), repr(s)
 
 
+def test_gpt2_ids_equal_tiktoken_on_long_pieces(gpt2, tiktoken_gpt2):
+    """Pre-tokens of 10^4..10^5 bytes (the in-place long-piece merge), one call for all and one
+    each, through encode and encode_array."""
+    rng = np.random.default_rng(13)
+    texts = ["a" * 100_000, "ab" * 20_000, " " * 30_000 + "x", "9" * 25_000, "ña" * 8_000,
+             "the" * 9_000, "!?." * 7_000, "".join(rng.choice(list("abcdefgh"), 50_000)),
+             "日本" * 5_000]
+    for s in texts:
+        assert gpt2.encode_array(s).tolist() == tiktoken_gpt2.encode_ordinary(s), s[:12]
+    joined = " ".join(texts)
+    assert gpt2.encode(joined) == tiktoken_gpt2.encode_ordinary(joined)
+
+
 def test_special_tokens_policy(gpt2, tiktoken_gpt2):
     s = f"one{EOT}two {EOT}"
     assert gpt2.encode(s) == tiktoken_gpt2.encode_ordinary(s)  # plain text by default

@@ -18,7 +18,8 @@ key(left, right) = left << 32 | right -> merged id, in open addressing (`table_b
 
 Every kernel is safe on any input: empty text, one byte, items of any length, and even bytes
 that are not UTF-8 (a truncated or invalid sequence reads as one OTHER byte) never make it read
-or write out of bounds.
+or write out of bounds. Extra memory of `encode` is bounded by the text: the output (4 bytes per
+input byte) plus, for a pre-token longer than LONG bytes, 4 bytes per byte of it (`_merge_long`).
 
 `encode_reference` (`regex.findall(pinned_pattern())` + plain Python merges) is the
 specification of `encode`; training lives in `bpe_train.py`.
@@ -34,7 +35,8 @@ from minillm.kernels.unicode_classes import UNICODE_VERSION  # noqa: F401 (re-ex
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 OTHER, LETTER, NUMBER, SPACE = 0, 1, 2, 3
 INF = np.int32(2**31 - 1)
-LONG = 128  # pre-tokens longer than this merge with a heap (O(n log n)) instead of rescans
+LONG = 128  # pre-tokens longer than this merge with _merge_long (O(log n) a merge), not rescans
+BLOCK = 64  # _merge_long keeps the minimum rank of each block of this many positions
 _GOLD = np.uint64(0x9E3779B97F4A7C15)
 _CATS = None
 _PINNED = None
@@ -238,76 +240,95 @@ def _merge_short(ids, r, m, tk, tv):
     return m
 
 
+@numba.njit(cache=True, inline="always")
+def _after(ids, p, m):
+    """Start of the live token after the one starting at p (m at the end); see _merge_long."""
+    if p + 1 < m and ids[p + 1] < 0:
+        return p - np.int64(ids[p + 1])
+    return p + 1
+
+
+@numba.njit(cache=True, inline="always")
+def _refresh(tree, leaves, cur, b, m):
+    """Recompute the minimum of block b of cur and the min-tree above it."""
+    lo = b * BLOCK
+    hi = min(lo + BLOCK, m)
+    v = INF
+    for k in range(lo, hi):
+        if cur[k] < v:
+            v = cur[k]
+    i = leaves + b
+    tree[i] = v
+    i >>= 1
+    while i >= 1:
+        w = min(tree[2 * i], tree[2 * i + 1])
+        if tree[i] == w:
+            break
+        tree[i] = w
+        i >>= 1
+
+
 @numba.njit(cache=True)
 def _merge_long(ids, m, tk, tv):
-    """Same result as _merge_short in O(m log m): linked list + min-heap of (rank, position)."""
-    nxt = np.arange(1, m + 1)
-    prv = np.arange(-1, m - 1)
-    cur = np.empty(m, np.int64)  # rank of the pair starting at each live position
-    hr = np.empty(2 * m + 2, np.int64)
-    hp = np.empty(2 * m + 2, np.int64)
-    n = 0
-    for k in range(m):
-        cur[k] = _rank(tk, tv, ids[k], ids[k + 1]) if k + 1 < m else INF
-        if cur[k] < INF:
-            n = _heap_push(hr, hp, n, cur[k], k)
-    while n > 0:
-        rk, p = hr[0], hp[0]
-        n = _heap_pop(hr, hp, n)
-        if cur[p] != rk:
-            continue  # stale entry (the position died or its pair changed)
-        q = nxt[p]
-        ids[p] = rk
-        nxt[p] = nxt[q]
-        if nxt[q] < m:
-            prv[nxt[q]] = p
-        cur[q] = -1
-        cur[p] = _rank(tk, tv, ids[p], ids[nxt[p]]) if nxt[p] < m else INF
-        if cur[p] < INF:
-            n = _heap_push(hr, hp, n, cur[p], p)
-        if prv[p] >= 0:
-            a = prv[p]
-            cur[a] = _rank(tk, tv, ids[a], ids[p])
-            if cur[a] < INF:
-                n = _heap_push(hr, hp, n, cur[a], a)
+    """Same result as _merge_short on ids[:m], in place, in O(log m + BLOCK) per merge and 4 bytes
+    of extra memory per byte: cur[p] = rank of the pair starting at live position p (INF at
+    dead ones), the minimum of each BLOCK of cur, and a min-tree over the blocks that finds the
+    lowest rank and its leftmost block. The live tokens need no links: a token of L >= 2 bytes
+    starting at p keeps its id at ids[p] and -L at ids[p + 1] and ids[p + L - 1]; every position
+    that starts no live token holds a negative value. Returns the number of ids left."""
+    if m < 2:
+        return m
+    if m > INF:
+        raise ValueError("a pre-token longer than 2**31 - 1 bytes")
+    cur = np.empty(m, np.int32)
+    for k in range(m - 1):
+        cur[k] = _rank(tk, tv, ids[k], ids[k + 1])
+    cur[m - 1] = INF
+    n_blocks = (m + BLOCK - 1) // BLOCK
+    leaves = 1
+    while leaves < n_blocks:
+        leaves *= 2
+    tree = np.full(2 * leaves, INF, np.int32)
+    for b in range(n_blocks):
+        v = INF
+        for k in range(b * BLOCK, min(b * BLOCK + BLOCK, m)):
+            if cur[k] < v:
+                v = cur[k]
+        tree[leaves + b] = v
+    for i in range(leaves - 1, 0, -1):
+        tree[i] = min(tree[2 * i], tree[2 * i + 1])
+    while tree[1] < INF:
+        best = tree[1]
+        i = 1
+        while i < leaves:  # leftmost block holding the minimum
+            i = 2 * i if tree[2 * i] == best else 2 * i + 1
+        p = (i - leaves) * BLOCK
+        while cur[p] != best:
+            p += 1
+        q = _after(ids, p, m)  # merge the tokens at p and q into one of r - p bytes
+        r = _after(ids, q, m)
+        ln = r - p
+        ids[p] = best
+        ids[q] = -ln
+        ids[p + 1] = -ln
+        ids[r - 1] = -ln
+        cur[q] = INF
+        cur[p] = _rank(tk, tv, best, ids[r]) if r < m else INF
+        bp, bq = p // BLOCK, q // BLOCK
+        _refresh(tree, leaves, cur, bp, m)
+        if bq != bp:
+            _refresh(tree, leaves, cur, bq, m)
+        if p > 0:
+            a = p - 1 if ids[p - 1] >= 0 else p + np.int64(ids[p - 1])  # the token before p
+            cur[a] = _rank(tk, tv, ids[a], best)
+            _refresh(tree, leaves, cur, a // BLOCK, m)
     k, j = 0, 0
     while k < m:
+        nxt = _after(ids, k, m)
         ids[j] = ids[k]
         j += 1
-        k = nxt[k]
+        k = nxt
     return j
-
-
-@numba.njit(cache=True, inline="always")
-def _heap_push(hr, hp, n, rk, p):
-    i = n
-    while i > 0:
-        par = (i - 1) >> 1
-        if hr[par] < rk or (hr[par] == rk and hp[par] < p):
-            break
-        hr[i], hp[i] = hr[par], hp[par]
-        i = par
-    hr[i], hp[i] = rk, p
-    return n + 1
-
-
-@numba.njit(cache=True, inline="always")
-def _heap_pop(hr, hp, n):
-    n -= 1
-    rk, p = hr[n], hp[n]
-    i = 0
-    while True:
-        c = 2 * i + 1
-        if c >= n:
-            break
-        if c + 1 < n and (hr[c + 1] < hr[c] or (hr[c + 1] == hr[c] and hp[c + 1] < hp[c])):
-            c += 1
-        if rk < hr[c] or (rk == hr[c] and p < hp[c]):
-            break
-        hr[i], hp[i] = hr[c], hp[c]
-        i = c
-    hr[i], hp[i] = rk, p
-    return n
 
 
 def new_cache(entries=1 << 16):
@@ -332,7 +353,8 @@ def cache_full(c):
 @numba.njit(cache=True)
 def encode(buf, item_ends, cats, byte_to_id, tk, tv, slots, ent, keys, vals, use):
     """Token ids of every item, and each item's end in them: (ids int32, id_ends int64).
-    Pre-tokens of 2..LONG bytes go through the cache (slots, ent, keys, vals, use: new_cache).
+    Pre-tokens of 2..LONG bytes go through the cache (slots, ent, keys, vals, use: new_cache);
+    longer ones are merged in place in the output (a piece of m bytes gives at most m ids).
     Item ends past len(buf) count as len(buf)."""
     out = np.empty(len(buf), np.int32)
     id_ends = np.empty(len(item_ends), np.int64)
@@ -388,13 +410,10 @@ def encode(buf, item_ends, cats, byte_to_id, tk, tv, slots, ent, keys, vals, use
                         use[0] += 1
                         use[1] += m
                         use[2] += n
-            else:
-                big = np.empty(m, np.int32)
+            else:  # k + m <= j <= len(buf): each byte so far gave at most one id
                 for q in range(m):
-                    big[q] = byte_to_id[buf[i + q]]
-                m = _merge_long(big, m, tk, tv)
-                out[k:k + m] = big[:m]
-                k += m
+                    out[k + q] = byte_to_id[buf[i + q]]
+                k += _merge_long(out[k:k + m], m, tk, tv)
             i = j
         id_ends[it] = k
     return out[:k].copy(), id_ends
