@@ -92,9 +92,17 @@ class Tokenizer:
         for i, t in enumerate(tokens):
             first.setdefault(t, i)
         keys, vals = [], []
+        # split points only where both halves have the length of some token: the tokens of a
+        # long run ('a' * 2**k, ...) have few lengths, and trying every split of each was O(L^2)
+        sizes = sorted({len(t) for t in tokens})
+        size_set = set(sizes)
         for i in range(256, len(tokens)):
             t, ok = tokens[i], False
-            for k in range(1, len(t)):  # every split into two tokens merges into t
+            for k in sizes:  # every split into two tokens merges into t
+                if k >= len(t):
+                    break
+                if len(t) - k not in size_set:
+                    continue
                 x, y = first.get(t[:k]), first.get(t[k:])
                 if x is not None and y is not None:
                     keys.append((x << 32) | y)

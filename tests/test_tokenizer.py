@@ -180,6 +180,15 @@ def test_training_merges_are_capped_by_the_text():
     assert Tokenizer.train("x", MAX_VOCAB_SIZE, progress=False).vocab_size == 257
 
 
+def test_training_on_one_long_run():
+    """A text that is one run of a letter: each merge doubles the token ('a' * 2**k). Building
+    the tokenizer from such long tokens once tried every split of each (O(L^2) per token: a
+    10 MB run took hours); tests/test_tokenizer_bounds.py trains on a 1 MB run under a timeout."""
+    tok = Tokenizer.train("a" * 2**16, 300, progress=False)
+    assert [len(t) for t in tok.tokens[256:]] == [2**k for k in range(1, 16)]
+    assert tok.encode("a" * (2**16 + 3)) == [tok.vocab_size - 2] * 2 + [256, 97]  # 2**15 * 2 + 2 + 1
+
+
 def test_training_input_forms_and_specials():
     lines = ["low lower lowest", "new newer newest", f"wide{EOT}wider widest"]
     a = Tokenizer.train(lines, 300, progress=False, min_frequency=1)

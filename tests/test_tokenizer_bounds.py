@@ -40,6 +40,7 @@ TRAIN_CASES = [
     ("hello hello hello", 300, (EOT,), 10**30, 257),  # no pair reaches min_frequency
     ("hello hello hello", 300, (EOT,), -5, None),  # min_frequency < 1 means 1
     ("ab" * 3000, 400, (EOT,), 1, None),  # one long pre-token
+    ("a" * 2**20, 300, (EOT,), 2, 276),  # one run: tokens up to 'a' * 2**19 (no O(L^2) build)
     ("hello", 2**24, (EOT,), 1, None),  # the largest vocab_size: capped by what the text gives
     ("hello", 2**24 + 1, (EOT,), 2, "at most 16777216"),
     ("hello", 10**12, (EOT,), 2, "at most 16777216"),
