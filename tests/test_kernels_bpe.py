@@ -180,6 +180,18 @@ def test_train_kernel_grows_its_tables():
     assert c[0] >= 300 and np.all(c >= 1)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_train_kernel_from_tight_tables_matches_reference(seed):
+    """Symbols 0..k-1 and first_id = k: the tables start at k**2 + 16 pairs and grow at many
+    merges (each merge reserves at most 2 * new id + 1 pairs)."""
+    rng = np.random.default_rng(100 + seed)
+    k = 1 + seed % 4
+    words = random_words(rng, int(rng.integers(1, 80)), k, int(rng.integers(1, 60)))
+    want = bpe_train.train_reference(words, 150, k, 1)
+    a, b, _ = bpe_train.train(*words_to_arrays(words), 150, k, 1)
+    assert list(zip(a.tolist(), b.tolist())) == want
+
+
 def test_train_kernel_on_real_pieces_matches_reference():
     with open(f"{DATA}/headlines.txt", encoding="utf-8") as f:
         text = f.read(20_000)

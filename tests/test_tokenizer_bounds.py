@@ -150,6 +150,14 @@ def kernel_cases():
         a, b, _ = tr(np.array([5, 6], np.int32), np.array([0], i64), np.array([2], np.int32),
                      np.array([3], i64), n_merges, 256)  # one word, one pair
         assert (a.tolist(), b.tolist()) == ([5] * min(n_merges, 1), [6] * min(n_merges, 1))
+    from test_kernels_bpe import random_words, words_to_arrays
+
+    for seed in range(20):  # tables that start tiny (first_id = alphabet) and grow many times
+        rng = np.random.default_rng(seed)
+        k = int(rng.integers(1, 5))
+        words = random_words(rng, int(rng.integers(1, 60)), k, int(rng.integers(1, 40)))
+        a, b, _ = tr(*words_to_arrays(words), 100, k, int(rng.integers(1, 3)))
+        assert len(a) <= 100
     for bad in ((z32, np.array([0], i64), z32, z64),  # a start for no word (the hang)
                 (np.array([1], np.int32), np.array([0], i64), np.array([2], np.int32),
                  np.array([1], i64)),  # a word past the end of sym
