@@ -1,6 +1,7 @@
 """Tokenizer benchmark: minillm vs HF `tokenizers` (training) and vs tiktoken and HF (encoding).
 
     python benchmarks/tokenizer.py [--corpus FILE ...] [--repeats N] [--gpt2-dir DIR]
+    python benchmarks/tokenizer.py --memory [--corpus FILE ...]     # peak memory of encoding (Linux)
 
 On each corpus, in one run: BPE training to vocab 4096 and 8192 (special <|endoftext|> included,
 pairs seen at least twice, one thread: RAYON_NUM_THREADS=1 for HF), then encoding throughput in
@@ -8,6 +9,11 @@ MB/s of UTF-8 text with GPT-2's files, one thread. minillm keeps a pre-token cac
 "cold" clears it before every repeat (every pre-token is merged from scratch, as tiktoken does),
 "warm" encodes the same text a second time. The contestants' calls alternate; medians of the repeats;
 ratio = peer time / ours (> 1: minillm is faster).
+
+--memory: the peak resident memory of one encode call (encode_array / tiktoken's encode_ordinary,
+GPT-2's files) on 50 MB of the letter a (one giant pre-token) and on each corpus, each in a fresh
+process: the high-water mark is reset (/proc/self/clear_refs) once the tokenizer is loaded and
+warm and the text is read, so the figure is what the call itself adds.
 """
 
 import os
@@ -53,6 +59,41 @@ def peers_for_encoding(gpt2_dir):
     return Tokenizer.from_gpt2_files(vocab, encoder), tk, hf
 
 
+def _status_mb(key):
+    with open("/proc/self/status") as f:
+        return int(f.read().split(key + ":")[1].split()[0]) / 1024
+
+
+def memory_child(who, what, gpt2_dir):
+    """In a fresh process: MB the encode call adds at its peak, printed as 'MB ids'."""
+    ours, tk, _ = peers_for_encoding(gpt2_dir)
+    enc = ours.encode_array if who == "minillm" else tk.encode_ordinary
+    enc("warm up " + "b" * 300)
+    text = "a" * 50_000_000 if what == "a50" else read_text_file(what)
+    del ours, tk
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    base = _status_mb("VmRSS")
+    ids = enc(text)
+    print(f"{_status_mb('VmHWM') - base:.0f} {len(ids)}")
+
+
+def memory(corpora, gpt2_dir):
+    import subprocess
+
+    print("peak memory an encode call adds (MB; resident set high-water mark, fresh process)")
+    for what in ["a50", *corpora]:
+        row = []
+        for who in ("minillm", "tiktoken"):
+            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", who,
+                                what, "--gpt2-dir", gpt2_dir], capture_output=True, text=True,
+                               check=True)
+            row.append(r.stdout.split())
+        name = "50 MB of 'a'" if what == "a50" else os.path.basename(what)
+        print(f"{name:20s} minillm {row[0][0]:>6s} MB   tiktoken {row[1][0]:>6s} MB   "
+              f"({row[0][1]} ids)")
+
+
 def main():
     default_headlines = os.path.join(ROOT, "data", "headlines.txt")
     if not os.path.exists(default_headlines):
@@ -62,7 +103,13 @@ def main():
                     default=[default_headlines, os.path.join(SHARED, "shakespeare.txt")])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gpt2-dir", default=os.path.join(SHARED, "gpt2"))
+    ap.add_argument("--memory", action="store_true", help="peak memory of encoding instead")
+    ap.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_child:
+        return memory_child(*args.memory_child, args.gpt2_dir)
+    if args.memory:
+        return memory(args.corpus, args.gpt2_dir)
 
     Tokenizer.train("warm up the numba kernels " * 20, 300, progress=False)  # compile / load
     ours, tk, hf = peers_for_encoding(args.gpt2_dir)

@@ -13,6 +13,13 @@ Text is UTF-8 bytes cut into pre-tokens by GPT-2's regex; the 256 byte values ar
 - **Special tokens**: `encode(text)` treats special-token text such as "<|endoftext|>" as plain
   text (like tiktoken's `encode_ordinary`); `encode(text, allowed_special={"<|endoftext|>"})` or
   `allowed_special="all"` turns those occurrences into their special ids.
+- **Unicode version**: the pre-tokenizer's \\p{L}, \\p{N} and \\s are those of Unicode 16.0.0 (the
+  version of tiktoken's `gpt2` encoding), read from the generated table
+  `minillm/kernels/unicode_classes.py` (made by `data/make_unicode_classes.py` from the Unicode
+  Character Database 16.0.0), not from the installed `regex` module or Python's `unicodedata`:
+  ids do not change when either is upgraded. A character assigned after 16.0 is an "other"
+  character (like punctuation), as in tiktoken. Moving to another version changes ids; it means
+  regenerating the table (and stating the new version).
 - `decode` replaces bytes that are not valid UTF-8 (e.g. ids that split a character) with U+FFFD
   as tiktoken does; `decode_bytes` returns the raw bytes. Strings with lone surrogates cannot be
   encoded (they have no UTF-8 form): ValueError.
@@ -32,6 +39,7 @@ from minillm.kernels.bpe import GPT2_PATTERN, categories
 
 FORMAT, VERSION = "minillm-bpe", 1
 EOT = "<|endoftext|>"
+MAX_VOCAB_SIZE = 2**24  # Tokenizer.train refuses more: 16,777,216 ids, ~80x GPT-4o's ~200k
 
 
 def bytes_to_unicode():
@@ -85,9 +93,17 @@ class Tokenizer:
         for i, t in enumerate(tokens):
             first.setdefault(t, i)
         keys, vals = [], []
+        # split points only where both halves have the length of some token: the tokens of a
+        # long run ('a' * 2**k, ...) have few lengths, and trying every split of each was O(L^2)
+        sizes = sorted({len(t) for t in tokens})
+        size_set = set(sizes)
         for i in range(256, len(tokens)):
             t, ok = tokens[i], False
-            for k in range(1, len(t)):  # every split into two tokens merges into t
+            for k in sizes:  # every split into two tokens merges into t
+                if k >= len(t):
+                    break
+                if len(t) - k not in size_set:
+                    continue
                 x, y = first.get(t[:k]), first.get(t[k:])
                 if x is not None and y is not None:
                     keys.append((x << 32) | y)
@@ -220,13 +236,24 @@ class Tokenizer:
     def train(cls, text, vocab_size, special_tokens=(EOT,), progress=True, min_frequency=2):
         """Learn vocab_size - 256 - len(special_tokens) merges from a str or an iterable of str
         (each item pre-tokenized on its own). Stops early when no pair occurs min_frequency
-        times, giving a smaller vocabulary. progress: a tqdm bar on stderr."""
+        times, giving a smaller vocabulary. progress: a tqdm bar on stderr.
+
+        vocab_size must be in 256 + len(special_tokens) .. MAX_VOCAB_SIZE (2**24), else
+        ValueError before any work; within that, the merges are also capped by what the text
+        can give (each merge removes at least one pair occurrence of the distinct pre-tokens),
+        so memory stays bounded by the text whatever vocab_size asks."""
         specials = list(dict.fromkeys(special_tokens))
         if not all(isinstance(s, str) and s for s in specials):
             raise ValueError("special tokens must be non-empty strings")
-        if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 256 + len(specials):
-            raise ValueError(f"vocab size must be at least {256 + len(specials)} (256 bytes + "
-                             f"{len(specials)} special tokens), got {vocab_size}")
+        if (not isinstance(vocab_size, (int, np.integer)) or isinstance(vocab_size, bool)
+                or vocab_size < 256 + len(specials)):
+            raise ValueError(f"vocab_size must be at least {256 + len(specials)} (256 bytes + "
+                             f"{len(specials)} special tokens), got {vocab_size!r}")
+        if vocab_size > MAX_VOCAB_SIZE:
+            raise ValueError(f"vocab_size must be at most {MAX_VOCAB_SIZE} (2**24), got "
+                             f"{vocab_size}")
+        if not isinstance(min_frequency, (int, np.integer)) or isinstance(min_frequency, bool):
+            raise ValueError(f"min_frequency must be an integer, got {min_frequency!r}")
         items = [text] if isinstance(text, str) else text
         cut = regex.compile("|".join(map(regex.escape, sorted(specials, key=len, reverse=True))))
         counts, batch, size, seen = {}, [], 0, False
@@ -254,12 +281,13 @@ class Tokenizer:
         flush()
         if not seen:
             raise ValueError("the training text is empty")
-        words = [w for w in counts if len(w) > 1]
+        words = [w for w in counts if len(w) > 1]  # may be none: "x", "a b c", ...
         sym = np.frombuffer(b"".join(words), np.uint8).astype(np.int32)
         wlen = np.array([len(w) for w in words], np.int32)
-        wstart = np.concatenate(([0], np.cumsum(wlen[:-1], dtype=np.int64))).astype(np.int64)
+        wstart = np.cumsum(wlen, dtype=np.int64) - wlen  # one start per word, none for no word
         wfreq = np.array([counts[w] for w in words], np.int64)
-        n_merges = vocab_size - 256 - len(specials)
+        # no more merges than pair occurrences in the distinct words (bpe_train.train cuts too)
+        n_merges = min(int(vocab_size) - 256 - len(specials), int(np.sum(wlen - 1, dtype=np.int64)))
         from tqdm import tqdm
 
         with tqdm(total=n_merges, desc="BPE merges", unit="merge", disable=not progress,

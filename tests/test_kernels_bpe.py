@@ -1,4 +1,5 @@
-"""kernels/bpe.py: the Numba kernels against their references (the `regex` module, plain Python)."""
+"""kernels/bpe.py: the Numba kernels against their references (the `regex` module with the
+pinned pattern, plain Python)."""
 
 import os
 from collections import Counter
@@ -8,9 +9,11 @@ import pytest
 import regex
 
 from minillm.kernels import bpe, bpe_train
-from minillm.kernels.bpe import GPT2_PATTERN, categories
+from minillm.kernels.bpe import categories, pinned_pattern
 from minillm.tokenizer import Tokenizer
 
+# GPT-2's pattern with \p{L}, \p{N}, \s pinned to the kernels' Unicode version (not regex's own)
+PATTERN = pinned_pattern()
 # the corpora sit in ../shared/data beside the repository
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
                     "data")
@@ -51,15 +54,15 @@ def pieces(text):
 
 @pytest.mark.parametrize("text", EDGE)
 def test_pretokenize_matches_regex_on_edge_cases(text):
-    assert pieces(text) == regex.findall(GPT2_PATTERN, text)
+    assert pieces(text) == regex.findall(PATTERN, text)
 
 
 def test_pretokenize_matches_regex_on_random_and_real_text():
     for s in random_strings(2000, seed=0):
-        assert pieces(s) == regex.findall(GPT2_PATTERN, s), repr(s)
+        assert pieces(s) == regex.findall(PATTERN, s), repr(s)
     with open(f"{DATA}/shakespeare.txt", encoding="utf-8") as f:
         text = f.read(500_000)
-    assert pieces(text) == regex.findall(GPT2_PATTERN, text)
+    assert pieces(text) == regex.findall(PATTERN, text)
 
 
 def test_pretokenize_never_crosses_item_ends():
@@ -68,7 +71,7 @@ def test_pretokenize_never_crosses_item_ends():
     ends = np.cumsum([len(s) for s in items]).astype(np.int64)
     starts = bpe.pretokenize(buf, ends, categories())
     got = [buf[a:b].tobytes().decode() for a, b in zip(starts[:-1], starts[1:])]
-    assert got == [p for s in items for p in regex.findall(GPT2_PATTERN, s)]
+    assert got == [p for s in items for p in regex.findall(PATTERN, s)]
 
 
 def test_count_pieces_matches_counter():
@@ -80,7 +83,7 @@ def test_count_pieces_matches_counter():
                                     categories())
     got = {raw[o:o + n].decode(): c for o, n, c in zip(off, ln, cnt)}
     assert len(got) == len(off)  # each distinct piece once
-    assert got == Counter(regex.findall(GPT2_PATTERN, text))
+    assert got == Counter(regex.findall(PATTERN, text))
 
 
 def test_table_first_key_wins_and_missing_is_minus_one():
@@ -102,6 +105,28 @@ def test_encode_kernel_matches_reference(gpt2):
     cache, pairs = {}, bpe.pair_dict(gpt2._tk, gpt2._tv)
     for t in texts:
         assert gpt2.encode(t) == bpe.encode_reference(t, gpt2._byte_to_id, pairs, cache), repr(t)
+
+
+@pytest.mark.parametrize("tables", ["gpt2", "small"])
+def test_merge_long_equals_merge_short(gpt2, tables):
+    """The in-place block-minimum merge of long pieces against tiktoken's rescanning loop, at
+    every length around the block size and beyond, on few-letter alphabets (many equal ranks,
+    merges that meet across block edges)."""
+    if tables == "gpt2":
+        tk, tv, b2i = gpt2._tk, gpt2._tv, gpt2._byte_to_id
+    else:
+        tok = Tokenizer.train("abab aabb baba ab " * 50 + "aaaa bbbb " * 20, 300, progress=False)
+        tk, tv, b2i = tok._tk, tok._tv, tok._byte_to_id
+    rng = np.random.default_rng(5)
+    r = np.empty(4096, np.int32)
+    for m in [*range(0, 3 * bpe.BLOCK + 3), 500, 1000, 4000]:
+        for alphabet in (b"a", b"ab", b"abc ", b"the quick"):
+            raw = bytes(rng.choice(list(alphabet), m)) if m else b""
+            ids = b2i[np.frombuffer(raw, np.uint8)].astype(np.int32)
+            short, long_ = ids.copy(), ids.copy()
+            n_short = bpe._merge_short(short, r, m, tk, tv)
+            n_long = bpe._merge_long(long_, m, tk, tv)
+            assert long_[:n_long].tolist() == short[:n_short].tolist(), (m, alphabet)
 
 
 def test_encode_cache_gives_same_ids_when_warm_and_when_full(gpt2):
@@ -155,10 +180,22 @@ def test_train_kernel_grows_its_tables():
     assert c[0] >= 300 and np.all(c >= 1)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_train_kernel_from_tight_tables_matches_reference(seed):
+    """Symbols 0..k-1 and first_id = k: the tables start at k**2 + 16 pairs and grow at many
+    merges (each merge reserves at most 2 * new id + 1 pairs)."""
+    rng = np.random.default_rng(100 + seed)
+    k = 1 + seed % 4
+    words = random_words(rng, int(rng.integers(1, 80)), k, int(rng.integers(1, 60)))
+    want = bpe_train.train_reference(words, 150, k, 1)
+    a, b, _ = bpe_train.train(*words_to_arrays(words), 150, k, 1)
+    assert list(zip(a.tolist(), b.tolist())) == want
+
+
 def test_train_kernel_on_real_pieces_matches_reference():
     with open(f"{DATA}/headlines.txt", encoding="utf-8") as f:
         text = f.read(20_000)
-    words = Counter(tuple(p.encode()) for p in regex.findall(GPT2_PATTERN, text))
+    words = Counter(tuple(p.encode()) for p in regex.findall(PATTERN, text))
     want = bpe_train.train_reference(dict(words), 150, 256, 2)
     a, b, _ = bpe_train.train(*words_to_arrays(dict(words)), 150, 256, 2)
     assert list(zip(a.tolist(), b.tolist())) == want

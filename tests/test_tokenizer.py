@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import unicodedata
 
 import numpy as np
 import pytest
@@ -14,9 +13,8 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 from clirun import run_cli
 from minillm.kernels import bpe_train
-from minillm.kernels.bpe import GPT2_PATTERN
-from minillm.tokenizer import EOT, Tokenizer, read_text_file
-from test_kernels_bpe import DATA, EDGE, random_strings
+from minillm.tokenizer import EOT, MAX_VOCAB_SIZE, Tokenizer, read_text_file
+from test_kernels_bpe import DATA, EDGE, PATTERN, random_strings
 
 VOCAB, ENCODER = f"{DATA}/gpt2/vocab.bpe", f"{DATA}/gpt2/encoder.json"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,18 +66,24 @@ def test_gpt2_ids_equal_tiktoken_on_corpora(gpt2, tiktoken_gpt2, name):
     assert gpt2.encode_batch(lines) == tiktoken_gpt2.encode_ordinary_batch(lines, num_threads=1)
 
 
-def assigned(s):
-    """s with code points unassigned in Python's (older) Unicode tables replaced by "x". Our
-    pre-tokenizer follows the `regex` module's Unicode version, tiktoken's Rust regex another
-    one: a letter added recently (e.g. U+32ABC, CJK Ext. J) is a letter for one, unassigned
-    (an "other" character) for the other, and the pre-tokens differ there."""
-    return "".join("x" if unicodedata.category(c) == "Cn" else c for c in s)
-
-
 def test_gpt2_ids_equal_tiktoken_on_edge_and_random_strings(gpt2, tiktoken_gpt2):
+    """Random code points of every plane, unassigned ones and recent additions included: the
+    pre-tokenizer's Unicode classes are pinned to tiktoken's version (kernels/unicode_classes)."""
     for s in EDGE + random_strings(1000, seed=10) + ["ab" * 300, " " * 500, "x" * 2000]:
-        s = assigned(s)
         assert gpt2.encode(s) == tiktoken_gpt2.encode_ordinary(s), repr(s)
+
+
+def test_gpt2_ids_equal_tiktoken_on_long_pieces(gpt2, tiktoken_gpt2):
+    """Pre-tokens of 10^4..10^5 bytes (the in-place long-piece merge), one call for all and one
+    each, through encode and encode_array."""
+    rng = np.random.default_rng(13)
+    texts = ["a" * 100_000, "ab" * 20_000, " " * 30_000 + "x", "9" * 25_000, "ña" * 8_000,
+             "the" * 9_000, "!?." * 7_000, "".join(rng.choice(list("abcdefgh"), 50_000)),
+             "日本" * 5_000]
+    for s in texts:
+        assert gpt2.encode_array(s).tolist() == tiktoken_gpt2.encode_ordinary(s), s[:12]
+    joined = " ".join(texts)
+    assert gpt2.encode(joined) == tiktoken_gpt2.encode_ordinary(joined)
 
 
 def test_special_tokens_policy(gpt2, tiktoken_gpt2):
@@ -158,7 +162,7 @@ def test_training_equals_the_reference_twin():
     text = "".join(random_strings(200, seed=12)) + " the cat sat on the mat" * 20
     tok = Tokenizer.train(text, 256 + 80 + 1, progress=False, min_frequency=1)
     words = {}
-    for p in regex.findall(GPT2_PATTERN, text):
+    for p in regex.findall(PATTERN, text):
         w = tuple(p.encode())
         words[w] = words.get(w, 0) + 1
     merges = bpe_train.train_reference(words, 80, 256)
@@ -166,6 +170,23 @@ def test_training_equals_the_reference_twin():
     for a, b in merges:
         tokens.append(tokens[a] + tokens[b])
     assert tok.tokens == tokens
+
+
+def test_training_merges_are_capped_by_the_text():
+    """The largest vocab_size on a tiny text: only the merges the text can give ("abab": 3 pair
+    occurrences, so at most 3 merges), nothing allocated for the rest."""
+    tok = Tokenizer.train("abab", MAX_VOCAB_SIZE, progress=False, min_frequency=1)
+    assert tok.vocab_size == 256 + 2 + 1 and tok.tokens[256:] == [b"ab", b"abab"]
+    assert Tokenizer.train("x", MAX_VOCAB_SIZE, progress=False).vocab_size == 257
+
+
+def test_training_on_one_long_run():
+    """A text that is one run of a letter: each merge doubles the token ('a' * 2**k). Building
+    the tokenizer from such long tokens once tried every split of each (O(L^2) per token: a
+    10 MB run took hours); tests/test_tokenizer_bounds.py trains on a 1 MB run under a timeout."""
+    tok = Tokenizer.train("a" * 2**16, 300, progress=False)
+    assert [len(t) for t in tok.tokens[256:]] == [2**k for k in range(1, 16)]
+    assert tok.encode("a" * (2**16 + 3)) == [tok.vocab_size - 2] * 2 + [256, 97]  # 2**15 * 2 + 2 + 1
 
 
 def test_training_input_forms_and_specials():
@@ -184,6 +205,11 @@ def test_training_input_forms_and_specials():
 def test_training_rejects_bad_arguments():
     with pytest.raises(ValueError, match="at least 257"):
         Tokenizer.train("some text", 256, progress=False)
+    for too_big in (MAX_VOCAB_SIZE + 1, 10**12, 10**30):  # refused before any work
+        with pytest.raises(ValueError, match=f"vocab_size must be at most {MAX_VOCAB_SIZE}"):
+            Tokenizer.train("some text", too_big, progress=False)
+    with pytest.raises(ValueError, match="min_frequency must be an integer"):
+        Tokenizer.train("some text", 300, progress=False, min_frequency=1.5)
     with pytest.raises(ValueError, match="empty"):
         Tokenizer.train("", 300, progress=False)
     with pytest.raises(ValueError, match="empty"):
@@ -286,6 +312,8 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
         (*train, str(tmp_path / "empty.txt")), (*train, str(tmp_path / "bin.txt")),
         (*train, str(tmp_path / "latin.txt")),
         ("tokenizer", "train", str(tmp_path / "ok.txt"), "--vocab-size", "100", "--out", "x.json"),
+        ("tokenizer", "train", str(tmp_path / "ok.txt"), "--vocab-size", str(10**12), "--out",
+         "x.json"),
         ("tokenizer", "encode", "--tokenizer", str(tmp_path / "bad.json"), "hi"),
         ("tokenizer", "encode", "--tokenizer", str(tmp_path / "nope.json"), "hi"),
     ]

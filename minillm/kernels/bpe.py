@@ -2,57 +2,100 @@
 
 Text is handled as UTF-8 bytes (uint8 arrays) cut into *items* (`item_ends`: exclusive byte
 offsets); pre-tokens never cross an item end. `cats` classifies every code point for GPT-2's
-pattern GPT2_PATTERN (OTHER, LETTER, NUMBER, SPACE: `categories()`, from the `regex` module's
-Unicode tables), and `_piece_end` is that pattern written out as a scanner.
+pattern GPT2_PATTERN (OTHER, LETTER, NUMBER, SPACE: `categories()`), and `_piece_end` is that
+pattern written out as a scanner.
+
+**Unicode version.** \\p{L}, \\p{N} and \\s are pinned to Unicode 16.0.0 (UNICODE_VERSION, the
+version of tiktoken's `gpt2` encoding) by the generated table `unicode_classes.py` (made by
+`data/make_unicode_classes.py` from the Unicode Character Database of that version), not taken
+from the installed `regex` module, whose tables follow its own release (Unicode 18.0.0 in regex
+2026.11): a character added after 16.0 is OTHER here, as in tiktoken. `pinned_pattern()` is
+GPT2_PATTERN with those classes written out, for `regex` (the references and the tests).
 
 Encoding (tiktoken's rule): in a pre-token, repeatedly merge the adjacent pair whose
 concatenation is the token with the lowest rank (= id), leftmost first. The pair table maps
 key(left, right) = left << 32 | right -> merged id, in open addressing (`table_build`).
 
-`encode_reference` (`regex.findall` + plain Python merges) is the specification of `encode`;
-training lives in `bpe_train.py`.
+Every kernel is safe on any input: empty text, one byte, items of any length, and even bytes
+that are not UTF-8 (a truncated or invalid sequence reads as one OTHER byte) never make it read
+or write out of bounds. Extra memory of `encode` is bounded by the text: the output (4 bytes per
+input byte) plus, for a pre-token longer than LONG bytes, 4 bytes per byte of it (`_merge_long`).
+
+`encode_reference` (`regex.findall(pinned_pattern())` + plain Python merges) is the
+specification of `encode`; training lives in `bpe_train.py`.
 """
 
 import numba
 import numpy as np
 import regex
 
+from minillm.kernels import unicode_classes
+from minillm.kernels.unicode_classes import UNICODE_VERSION  # noqa: F401 (re-exported)
+
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 OTHER, LETTER, NUMBER, SPACE = 0, 1, 2, 3
 INF = np.int32(2**31 - 1)
-LONG = 128  # pre-tokens longer than this merge with a heap (O(n log n)) instead of rescans
+LONG = 128  # pre-tokens longer than this merge with _merge_long (O(log n) a merge), not rescans
+BLOCK = 64  # _merge_long keeps the minimum rank of each block of this many positions
 _GOLD = np.uint64(0x9E3779B97F4A7C15)
 _CATS = None
+_PINNED = None
 
 
 def categories():
-    """Per code point: OTHER / LETTER / NUMBER / SPACE, as the `regex` module's \\p{L}, \\p{N}, \\s
-    (built once, about 0.1 s)."""
+    """Per code point (0x110000 uint8): OTHER / LETTER / NUMBER / SPACE, as \\p{L}, \\p{N}, \\s of
+    Unicode UNICODE_VERSION (the table unicode_classes.py; built once)."""
     global _CATS
     if _CATS is None:
-        every = "".join(map(chr, range(0x110000)))
         cats = np.zeros(0x110000, np.uint8)
-        for cat, pat in ((LETTER, r"\p{L}"), (NUMBER, r"\p{N}"), (SPACE, r"\s")):
-            cats[[m.start() for m in regex.finditer(pat, every)]] = cat
+        for cat, rs in ((LETTER, unicode_classes.LETTER), (NUMBER, unicode_classes.NUMBER),
+                        (SPACE, unicode_classes.SPACE)):
+            for a, b in rs:
+                cats[a:b + 1] = cat
         _CATS = cats
     return _CATS
+
+
+def pinned_pattern():
+    """GPT2_PATTERN with \\p{L}, \\p{N}, \\s written out as the ranges of unicode_classes, so that
+    `regex` matches as the Numba pre-tokenizer does whatever Unicode version `regex` carries."""
+    global _PINNED
+    if _PINNED is None:
+        def body(rs):
+            return "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in rs)
+        let, num, sp = (body(unicode_classes.LETTER), body(unicode_classes.NUMBER),
+                        body(unicode_classes.SPACE))
+        _PINNED = (f"'s|'t|'re|'ve|'m|'ll|'d| ?[{let}]+| ?[{num}]+| ?[^{sp}{let}{num}]+"
+                   f"|[{sp}]+(?![^{sp}])|[{sp}]+")
+    return _PINNED
 
 
 # ---------------------------------------------------------------- pre-tokenization (GPT-2)
 
 @numba.njit(cache=True, inline="always")
-def _cp(buf, i):
-    """(code point, byte length) of the UTF-8 character at buf[i] (the input is valid UTF-8)."""
+def _cp(buf, i, n):
+    """(code point, byte length) of the UTF-8 character at buf[i] of buf[:n]. Never reads past n:
+    a sequence cut short by n, or one that is not UTF-8 at all (the tokenizer only passes valid
+    UTF-8), reads as U+FFFD (OTHER) of length 1."""
     b0 = np.int32(buf[i])
     if b0 < 0x80:
         return b0, 1
+    if b0 < 0xC0 or b0 >= 0xF8:  # a continuation byte, or no UTF-8 lead byte
+        return 0xFFFD, 1
     if b0 < 0xE0:
+        if i + 1 >= n:
+            return 0xFFFD, 1
         return ((b0 & 0x1F) << 6) | (np.int32(buf[i + 1]) & 0x3F), 2
     if b0 < 0xF0:
+        if i + 2 >= n:
+            return 0xFFFD, 1
         return (((b0 & 0x0F) << 12) | ((np.int32(buf[i + 1]) & 0x3F) << 6)
                 | (np.int32(buf[i + 2]) & 0x3F)), 3
-    return (((b0 & 0x07) << 18) | ((np.int32(buf[i + 1]) & 0x3F) << 12)
-            | ((np.int32(buf[i + 2]) & 0x3F) << 6) | (np.int32(buf[i + 3]) & 0x3F)), 4
+    if i + 3 >= n:
+        return 0xFFFD, 1
+    c = (((b0 & 0x07) << 18) | ((np.int32(buf[i + 1]) & 0x3F) << 12)
+         | ((np.int32(buf[i + 2]) & 0x3F) << 6) | (np.int32(buf[i + 3]) & 0x3F))
+    return (c, 4) if c < 0x110000 else (0xFFFD, 1)
 
 
 @numba.njit(cache=True, inline="always")
@@ -65,7 +108,7 @@ def _run(buf, j, n, cats, cat):
                 break
             j += 1
         else:
-            c, ln = _cp(buf, j)
+            c, ln = _cp(buf, j, n)
             if cats[c] != cat:
                 break
             j += ln
@@ -74,8 +117,8 @@ def _run(buf, j, n, cats, cat):
 
 @numba.njit(cache=True)
 def _piece_end(buf, i, n, cats):
-    """End (exclusive) of the GPT-2 pre-token that starts at byte i of buf[:n]."""
-    c, ln = _cp(buf, i)
+    """End (exclusive) of the GPT-2 pre-token that starts at byte i < n of buf[:n]: in i+1..n."""
+    c, ln = _cp(buf, i, n)
     if c == 39 and i + 1 < n:  # contractions 's 't 'm 'd 're 've 'll (case-sensitive)
         c1 = buf[i + 1]
         if c1 == 115 or c1 == 116 or c1 == 109 or c1 == 100:
@@ -88,14 +131,14 @@ def _piece_end(buf, i, n, cats):
     if cat != SPACE:  # \p{L}+ | \p{N}+ | [^\s\p{L}\p{N}]+
         return _run(buf, i + ln, n, cats, cat)
     if c == 32 and i + 1 < n:  # ' ?' prefix in front of a letter/number/other run
-        c2, l2 = _cp(buf, i + 1)
+        c2, l2 = _cp(buf, i + 1, n)
         k2 = cats[c2]
         if k2 != SPACE:
             return _run(buf, i + 1 + l2, n, cats, k2)
     last = i  # \s+(?!\S) keeps the last space for the next word; \s+ when only one is left
     j = i + ln
     while j < n:
-        c3, l3 = _cp(buf, j)
+        c3, l3 = _cp(buf, j, n)
         if cats[c3] != SPACE:
             break
         last = j
@@ -107,11 +150,13 @@ def _piece_end(buf, i, n, cats):
 
 @numba.njit(cache=True)
 def pretokenize(buf, item_ends, cats):
-    """Byte offsets where the pre-tokens start, plus the final end: (n_pieces + 1,) int64."""
+    """Byte offsets where the pre-tokens start, plus the final end: (n_pieces + 1,) int64.
+    Item ends past len(buf) count as len(buf); an end before the previous one makes an empty item."""
     out = np.empty(len(buf) + 1, np.int64)
     k = 0
     i = 0
     for e in item_ends:
+        e = min(e, len(buf))
         while i < e:
             out[k] = i
             k += 1
@@ -195,84 +240,107 @@ def _merge_short(ids, r, m, tk, tv):
     return m
 
 
+@numba.njit(cache=True, inline="always")
+def _after(ids, p, m):
+    """Start of the live token after the one starting at p (m at the end); see _merge_long."""
+    if p + 1 < m and ids[p + 1] < 0:
+        return p - np.int64(ids[p + 1])
+    return p + 1
+
+
+@numba.njit(cache=True, inline="always")
+def _refresh(tree, leaves, cur, b, m):
+    """Recompute the minimum of block b of cur and the min-tree above it."""
+    lo = b * BLOCK
+    hi = min(lo + BLOCK, m)
+    v = INF
+    for k in range(lo, hi):
+        if cur[k] < v:
+            v = cur[k]
+    i = leaves + b
+    tree[i] = v
+    i >>= 1
+    while i >= 1:
+        w = min(tree[2 * i], tree[2 * i + 1])
+        if tree[i] == w:
+            break
+        tree[i] = w
+        i >>= 1
+
+
 @numba.njit(cache=True)
 def _merge_long(ids, m, tk, tv):
-    """Same result as _merge_short in O(m log m): linked list + min-heap of (rank, position)."""
-    nxt = np.arange(1, m + 1)
-    prv = np.arange(-1, m - 1)
-    cur = np.empty(m, np.int64)  # rank of the pair starting at each live position
-    hr = np.empty(2 * m + 2, np.int64)
-    hp = np.empty(2 * m + 2, np.int64)
-    n = 0
-    for k in range(m):
-        cur[k] = _rank(tk, tv, ids[k], ids[k + 1]) if k + 1 < m else INF
-        if cur[k] < INF:
-            n = _heap_push(hr, hp, n, cur[k], k)
-    while n > 0:
-        rk, p = hr[0], hp[0]
-        n = _heap_pop(hr, hp, n)
-        if cur[p] != rk:
-            continue  # stale entry (the position died or its pair changed)
-        q = nxt[p]
-        ids[p] = rk
-        nxt[p] = nxt[q]
-        if nxt[q] < m:
-            prv[nxt[q]] = p
-        cur[q] = -1
-        cur[p] = _rank(tk, tv, ids[p], ids[nxt[p]]) if nxt[p] < m else INF
-        if cur[p] < INF:
-            n = _heap_push(hr, hp, n, cur[p], p)
-        if prv[p] >= 0:
-            a = prv[p]
-            cur[a] = _rank(tk, tv, ids[a], ids[p])
-            if cur[a] < INF:
-                n = _heap_push(hr, hp, n, cur[a], a)
+    """Same result as _merge_short on ids[:m], in place, in O(log m + BLOCK) per merge and 4 bytes
+    of extra memory per byte: cur[p] = rank of the pair starting at live position p (INF at
+    dead ones), the minimum of each BLOCK of cur, and a min-tree over the blocks that finds the
+    lowest rank and its leftmost block. The live tokens need no links: a token of L >= 2 bytes
+    starting at p keeps its id at ids[p] and -L at ids[p + 1] and ids[p + L - 1]; every position
+    that starts no live token holds a negative value. Returns the number of ids left."""
+    if m < 2:
+        return m
+    if m > INF:
+        raise ValueError("a pre-token longer than 2**31 - 1 bytes")
+    cur = np.empty(m, np.int32)
+    for k in range(m - 1):
+        cur[k] = _rank(tk, tv, ids[k], ids[k + 1])
+    cur[m - 1] = INF
+    n_blocks = (m + BLOCK - 1) // BLOCK
+    leaves = 1
+    while leaves < n_blocks:
+        leaves *= 2
+    tree = np.full(2 * leaves, INF, np.int32)
+    for b in range(n_blocks):
+        v = INF
+        for k in range(b * BLOCK, min(b * BLOCK + BLOCK, m)):
+            if cur[k] < v:
+                v = cur[k]
+        tree[leaves + b] = v
+    for i in range(leaves - 1, 0, -1):
+        tree[i] = min(tree[2 * i], tree[2 * i + 1])
+    while tree[1] < INF:
+        best = tree[1]
+        i = 1
+        while i < leaves:  # leftmost block holding the minimum
+            i = 2 * i if tree[2 * i] == best else 2 * i + 1
+        p = (i - leaves) * BLOCK
+        while cur[p] != best:
+            p += 1
+        q = _after(ids, p, m)  # merge the tokens at p and q into one of r - p bytes
+        r = _after(ids, q, m)
+        ln = r - p
+        ids[p] = best
+        ids[q] = -ln
+        ids[p + 1] = -ln
+        ids[r - 1] = -ln
+        cur[q] = INF
+        cur[p] = _rank(tk, tv, best, ids[r]) if r < m else INF
+        bp, bq = p // BLOCK, q // BLOCK
+        _refresh(tree, leaves, cur, bp, m)
+        if bq != bp:
+            _refresh(tree, leaves, cur, bq, m)
+        if p > 0:
+            a = p - 1 if ids[p - 1] >= 0 else p + np.int64(ids[p - 1])  # the token before p
+            cur[a] = _rank(tk, tv, ids[a], best)
+            _refresh(tree, leaves, cur, a // BLOCK, m)
     k, j = 0, 0
     while k < m:
+        nxt = _after(ids, k, m)
         ids[j] = ids[k]
         j += 1
-        k = nxt[k]
+        k = nxt
     return j
-
-
-@numba.njit(cache=True, inline="always")
-def _heap_push(hr, hp, n, rk, p):
-    i = n
-    while i > 0:
-        par = (i - 1) >> 1
-        if hr[par] < rk or (hr[par] == rk and hp[par] < p):
-            break
-        hr[i], hp[i] = hr[par], hp[par]
-        i = par
-    hr[i], hp[i] = rk, p
-    return n + 1
-
-
-@numba.njit(cache=True, inline="always")
-def _heap_pop(hr, hp, n):
-    n -= 1
-    rk, p = hr[n], hp[n]
-    i = 0
-    while True:
-        c = 2 * i + 1
-        if c >= n:
-            break
-        if c + 1 < n and (hr[c + 1] < hr[c] or (hr[c + 1] == hr[c] and hp[c + 1] < hp[c])):
-            c += 1
-        if rk < hr[c] or (rk == hr[c] and p < hp[c]):
-            break
-        hr[i], hp[i] = hr[c], hp[c]
-        i = c
-    hr[i], hp[i] = rk, p
-    return n
 
 
 def new_cache(entries=1 << 16):
     """An empty pre-token cache for `encode`: pieces -> ids, kept between calls. ent[e] =
     (hash, key offset, key length, ids offset, ids length); use[0..2] = entries, key bytes and
-    ids used. `encode` stops adding when it is full (see `cache_full`)."""
-    return dict(slots=np.full(2 * entries, -1, np.int32), ent=np.zeros((entries, 5), np.int64),
-                keys=np.zeros(16 * entries, np.uint8), vals=np.zeros(8 * entries, np.int32),
+    ids used. `encode` stops adding when it is full (see `cache_full`). entries is rounded up to
+    a power of two (at least 2)."""
+    size = 2
+    while size < entries:
+        size *= 2
+    return dict(slots=np.full(2 * size, -1, np.int32), ent=np.zeros((size, 5), np.int64),
+                keys=np.zeros(16 * size, np.uint8), vals=np.zeros(8 * size, np.int32),
                 use=np.zeros(3, np.int64))
 
 
@@ -285,7 +353,9 @@ def cache_full(c):
 @numba.njit(cache=True)
 def encode(buf, item_ends, cats, byte_to_id, tk, tv, slots, ent, keys, vals, use):
     """Token ids of every item, and each item's end in them: (ids int32, id_ends int64).
-    Pre-tokens of 2..LONG bytes go through the cache (slots, ent, keys, vals, use: new_cache)."""
+    Pre-tokens of 2..LONG bytes go through the cache (slots, ent, keys, vals, use: new_cache);
+    longer ones are merged in place in the output (a piece of m bytes gives at most m ids).
+    Item ends past len(buf) count as len(buf)."""
     out = np.empty(len(buf), np.int32)
     id_ends = np.empty(len(item_ends), np.int64)
     ids = np.empty(LONG, np.int32)
@@ -294,7 +364,7 @@ def encode(buf, item_ends, cats, byte_to_id, tk, tv, slots, ent, keys, vals, use
     k = 0
     i = 0
     for it in range(len(item_ends)):
-        e = item_ends[it]
+        e = min(item_ends[it], len(buf))
         while i < e:
             j = _piece_end(buf, i, e, cats)
             m = j - i
@@ -340,13 +410,10 @@ def encode(buf, item_ends, cats, byte_to_id, tk, tv, slots, ent, keys, vals, use
                         use[0] += 1
                         use[1] += m
                         use[2] += n
-            else:
-                big = np.empty(m, np.int32)
+            else:  # k + m <= j <= len(buf): each byte so far gave at most one id
                 for q in range(m):
-                    big[q] = byte_to_id[buf[i + q]]
-                m = _merge_long(big, m, tk, tv)
-                out[k:k + m] = big[:m]
-                k += m
+                    out[k + q] = byte_to_id[buf[i + q]]
+                k += _merge_long(out[k:k + m], m, tk, tv)
             i = j
         id_ends[it] = k
     return out[:k].copy(), id_ends
@@ -354,9 +421,11 @@ def encode(buf, item_ends, cats, byte_to_id, tk, tv, slots, ent, keys, vals, use
 
 @numba.njit(cache=True)
 def decode(ids, tok_bytes, tok_off):
-    """Concatenated bytes of the tokens (ids already checked to be in range): uint8 array."""
+    """Concatenated bytes of the tokens: uint8 array (ValueError for an id out of range)."""
     total = 0
     for t in ids:
+        if t < 0 or t >= len(tok_off) - 1:
+            raise ValueError("token id out of range")
         total += tok_off[t + 1] - tok_off[t]
     out = np.empty(total, np.uint8)
     k = 0
@@ -377,7 +446,7 @@ def encode_reference(text, byte_to_id, pairs, cache=None):
     pair (leftmost on ties) in plain Python; pre-tokens are cached in `cache` (a dict)."""
     cache = {} if cache is None else cache
     out = []
-    for piece in regex.findall(GPT2_PATTERN, text):
+    for piece in regex.findall(pinned_pattern(), text):
         if piece not in cache:
             ids = [int(byte_to_id[b]) for b in piece.encode("utf-8")]
             while len(ids) > 1:

@@ -16,7 +16,8 @@ from minillm.kernels.bpe import _piece_end, _slot
 
 @numba.njit(cache=True)
 def count_pieces(buf, item_ends, cats):
-    """Distinct pre-tokens with their counts: (byte offset of one occurrence, length, count)."""
+    """Distinct pre-tokens with their counts: (byte offset of one occurrence, length, count).
+    Item ends past len(buf) count as len(buf)."""
     cap = 1 << 12
     table = np.full(cap, -1, np.int64)
     eoff = np.empty(cap // 2, np.int64)
@@ -26,6 +27,7 @@ def count_pieces(buf, item_ends, cats):
     n = 0
     i = 0
     for e in item_ends:
+        e = min(e, len(buf))
         while i < e:
             j = _piece_end(buf, i, e, cats)
             h = np.uint64(14695981039346656037)  # FNV-1a
@@ -96,8 +98,9 @@ def train_reference(words, n_merges, first_id, min_count=1):
 # Trainer state: words (sym, wstart, wlen, wfreq, wstamp); pairs (tk, tv hash -> pair index;
 # pa, pb, pcnt, phead = occurrence list head, plast = last word appended, pstamp); occurrence
 # list nodes (nword, nnext); max-heap (hcnt, hkey, hpair); scal = [n_pairs, n_nodes, heap size,
-# merges done, next id, space needed]; outputs ma, mb, mcnt.
-_N_PAIRS, _N_NODES, _N_HEAP, _DONE, _NEXT_ID, _NEED = range(6)
+# merges done, next id, pair and heap slots needed, node slots needed]; outputs ma, mb, mcnt.
+_N_PAIRS, _N_NODES, _N_HEAP, _DONE, _NEXT_ID, _NEED, _NEED_NODES = range(7)
+INT32_MAX = 2**31 - 1  # ids are int32
 NEED_SPACE, FINISHED = 1, 2
 
 
@@ -157,7 +160,7 @@ def _hdown(hc, hk, hp, n, c, k, p):
 def train_init(sym, wstart, wlen, wfreq, tk, tv, pa, pb, pcnt, phead, plast, pstamp,
                nword, nnext, hc, hk, hp, scal):
     """Count every adjacent pair once and fill the occurrence lists and the heap."""
-    for w in range(len(wstart)):
+    for w in range(len(wlen)):
         s = wstart[w]
         for i in range(wlen[w] - 1):
             q = _pair(tk, tv, pa, pb, pcnt, phead, plast, pstamp, scal, sym[s + i], sym[s + i + 1])
@@ -176,8 +179,9 @@ def train_init(sym, wstart, wlen, wfreq, tk, tv, pa, pb, pcnt, phead, plast, pst
 @numba.njit(cache=True)
 def train_steps(sym, wstart, wlen, wfreq, wstamp, tk, tv, pa, pb, pcnt, phead, plast, pstamp,
                 nword, nnext, hc, hk, hp, scal, touched, mpos, ma, mb, mcnt, n_steps, min_count):
-    """Up to n_steps merges. Returns 0 (done them), NEED_SPACE (scal[_NEED] more pair, node and
-    heap slots are needed before the next merge) or FINISHED (no pair counts min_count)."""
+    """Up to n_steps merges. Returns 0 (done them), NEED_SPACE (scal[_NEED] more pair and heap
+    slots and scal[_NEED_NODES] more node slots are needed before the next merge) or FINISHED
+    (no pair counts min_count)."""
     for _ in range(n_steps):
         n = scal[_N_HEAP]
         while n > 0:  # pop stale entries: the heap holds upper bounds of the counts
@@ -194,14 +198,23 @@ def train_steps(sym, wstart, wlen, wfreq, wstamp, tk, tv, pa, pb, pcnt, phead, p
         if n == 0 or hc[0] < min_count:
             return FINISHED
         p = hp[0]
-        need = 0  # new pairs, nodes and heap entries are bounded by the symbols visited
+        # Room for the merge: every pair it creates holds the new id t, so there are at most
+        # 2t + 1 of them ((x, t), (t, y), (t, t) with x, y < t) and at most as many as the
+        # symbols visited; each visited word gets at most that many occurrence nodes.
+        most = 2 * scal[_NEXT_ID] + 1
+        visited = 0
+        need_nodes = 0
         nd = phead[p]
         while nd != -1:
-            need += wlen[nword[nd]]
+            ln = wlen[nword[nd]]
+            visited += ln
+            need_nodes += min(ln, most)
             nd = nnext[nd]
+        need = min(visited, most)
         if (scal[_N_PAIRS] + need > len(pa) or 2 * (scal[_N_PAIRS] + need) > len(tk)
-                or scal[_N_NODES] + need > len(nword) or n + need > len(hc)):
+                or scal[_N_NODES] + need_nodes > len(nword) or n + need > len(hc)):
             scal[_NEED] = need
+            scal[_NEED_NODES] = need_nodes
             return NEED_SPACE
         a, b, t, step = pa[p], pb[p], scal[_NEXT_ID], scal[_DONE]
         ma[step], mb[step], mcnt[step] = a, b, pcnt[p]
@@ -271,24 +284,54 @@ def _grown(arr, size):
     return out
 
 
+def check_words(sym, wstart, wlen, wfreq, first_id):
+    """ValueError unless the word arrays fit together: as many starts, lengths and weights,
+    every word inside sym, lengths and weights >= 0, symbols in 0..first_id - 1."""
+    if not len(wstart) == len(wlen) == len(wfreq):
+        raise ValueError(f"{len(wstart)} word starts, {len(wlen)} lengths and {len(wfreq)} "
+                         f"weights: expected as many of each")
+    if len(wlen) and (wlen.min() < 0 or wstart.min() < 0 or wfreq.min() < 0
+                      or int((wstart.astype(np.int64) + wlen).max()) > len(sym)):
+        raise ValueError("a word lies outside sym, or has a negative length or weight")
+    if len(sym) and (sym.min() < 0 or sym.max() >= first_id):
+        raise ValueError(f"symbols must be in 0..{first_id - 1} (merges create ids from {first_id})")
+
+
 def train(sym, wstart, wlen, wfreq, n_merges, first_id, min_count=1, on_progress=None):
     """Learn up to n_merges merges over words (sym[wstart[w]:wstart[w] + wlen[w]], weight
     wfreq[w]); returns (a, b, count) arrays, merge i creating id first_id + i. `sym` and `wlen`
     are rewritten in place (the words as merged). on_progress(merges done) is called between
-    chunks of merges."""
+    chunks of merges. No word, words of one symbol and n_merges = 0 are fine. n_merges beyond
+    the number of adjacent pairs in the words (each merge removes at least one) is cut to it,
+    so every allocation is bounded by the words, whatever n_merges."""
     sym = np.ascontiguousarray(sym, np.int32)
-    # room for the initial pairs (with repeats); the merges grow the tables by doubling
-    n_sym = int(np.sum(np.maximum(wlen, 1) - 1)) + 16
+    wstart = np.ascontiguousarray(wstart, np.int64)
+    wlen = np.ascontiguousarray(wlen, np.int32)
+    wfreq = np.ascontiguousarray(wfreq, np.int64)
+    if not 0 <= first_id <= INT32_MAX:
+        raise ValueError(f"first_id must be in 0..{INT32_MAX}, got {first_id}")
+    check_words(sym, wstart, wlen, wfreq, first_id)
+    n_pairs = int(np.sum(np.maximum(wlen, 1) - 1, dtype=np.int64))
+    n_merges = min(int(n_merges), n_pairs, INT32_MAX - first_id)
+    if n_merges < 0:
+        raise ValueError(f"n_merges must be >= 0, got {n_merges}")
+    min_count = int(min(max(min_count, 1), 2**62))
+    # Room for the initial pairs: distinct ones (pair table, heap) are at most the pair
+    # occurrences and at most first_id**2 (symbols are below first_id); occurrence nodes at most
+    # the occurrences. The merges grow the tables by doubling (train_steps says how much).
+    n_distinct = min(n_pairs, first_id * first_id) + 16
     cap = 16
-    while cap < 2 * n_sym:
+    while cap < 2 * n_distinct:
         cap *= 2
     st = dict(tk=np.full(cap, -1, np.int64), tv=np.zeros(cap, np.int32))
-    for name, dt in (("pa", np.int32), ("pb", np.int32), ("pcnt", np.int64), ("phead", np.int32),
-                     ("plast", np.int32), ("pstamp", np.int32), ("touched", np.int32),
-                     ("nword", np.int32), ("nnext", np.int32), ("hp", np.int32),
-                     ("hc", np.int64), ("hk", np.int64)):
-        st[name] = np.zeros(n_sym, dt)
-    scal = np.zeros(6, np.int64)
+    for name, dt, size in (("pa", np.int32, n_distinct), ("pb", np.int32, n_distinct),
+                           ("pcnt", np.int64, n_distinct), ("phead", np.int32, n_distinct),
+                           ("plast", np.int32, n_distinct), ("pstamp", np.int32, n_distinct),
+                           ("touched", np.int32, n_distinct), ("hp", np.int32, n_distinct),
+                           ("hc", np.int64, n_distinct), ("hk", np.int64, n_distinct),
+                           ("nword", np.int32, n_pairs + 16), ("nnext", np.int32, n_pairs + 16)):
+        st[name] = np.zeros(size, dt)
+    scal = np.zeros(7, np.int64)
     scal[_NEXT_ID] = first_id
     wstamp = np.full(len(wstart), -1, np.int32)
     mpos = np.zeros(int(np.max(wlen, initial=1)), np.bool_)
@@ -306,7 +349,7 @@ def train(sym, wstart, wlen, wfreq, n_merges, first_id, min_count=1, on_progress
         if status == FINISHED:
             break
         if status == NEED_SPACE:
-            need = int(scal[_NEED])
+            need, need_nodes = int(scal[_NEED]), int(scal[_NEED_NODES])
             if scal[_N_PAIRS] + need > len(st["pa"]):
                 size = max(2 * len(st["pa"]), int(scal[_N_PAIRS]) + need)
                 for name in ("pa", "pb", "pcnt", "phead", "plast", "pstamp", "touched"):
@@ -318,10 +361,11 @@ def train(sym, wstart, wlen, wfreq, n_merges, first_id, min_count=1, on_progress
                 n_pairs = int(scal[_N_PAIRS])
                 keys = (st["pa"][:n_pairs].astype(np.int64) << 32) | st["pb"][:n_pairs]
                 st["tk"], st["tv"] = _rehash(keys, cap)
-            for name, used in (("nword", _N_NODES), ("nnext", _N_NODES), ("hc", _N_HEAP),
-                               ("hk", _N_HEAP), ("hp", _N_HEAP)):
-                if scal[used] + need > len(st[name]):
-                    st[name] = _grown(st[name], max(2 * len(st[name]), int(scal[used]) + need))
+            for name, used, more in (("nword", _N_NODES, need_nodes),
+                                     ("nnext", _N_NODES, need_nodes), ("hc", _N_HEAP, need),
+                                     ("hk", _N_HEAP, need), ("hp", _N_HEAP, need)):
+                if scal[used] + more > len(st[name]):
+                    st[name] = _grown(st[name], max(2 * len(st[name]), int(scal[used]) + more))
         elif on_progress is not None:
             on_progress(int(scal[_DONE]))
     done = int(scal[_DONE])
