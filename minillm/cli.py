@@ -1,5 +1,6 @@
 """The `minillm` command line: thin Click commands that parse flags and call library functions."""
 
+import math
 import sys
 
 import click
@@ -10,6 +11,20 @@ from minillm.models import ARCHITECTURES
 
 class UserError(Exception):
     """A problem with the user's input: reported as one line on stderr, exit status 1."""
+
+
+class Finite(click.FloatRange):
+    """click.FloatRange that also refuses NaN and +-inf (FloatRange lets NaN through every bound)."""
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+SEED = click.IntRange(0, 2**63 - 1)
 
 
 @click.group()
@@ -31,15 +46,18 @@ def _text_arg(text):
 
 @tokenizer_group.command("train")
 @click.argument("file", type=click.Path())
-@click.option("--vocab-size", type=int, required=True, help="Vocabulary size, special tokens included.")
+@click.option("--vocab-size", type=click.IntRange(1, 1 << 20), required=True,
+              help="Vocabulary size, special tokens included.")
 @click.option("--out", required=True, type=click.Path(), help="Where to write the tokenizer JSON.")
 @click.option("--min-frequency", type=int, default=2, show_default=True,
               help="Stop merging when the best pair occurs fewer times.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def tokenizer_train(file, vocab_size, out, min_frequency, quiet):
     """Learn BPE merges from the UTF-8 text FILE and write the tokenizer to --out."""
+    from minillm import store
     from minillm.tokenizer import Tokenizer, read_text_file
 
+    store.refuse_overwrite(out, {"the training text": file})
     text = read_text_file(file)
     tok = Tokenizer.train(text, vocab_size, progress=not quiet, min_frequency=min_frequency)
     tok.save(out)
@@ -101,12 +119,12 @@ def loop_options(steps, lr, warmup, eval_every, out="out"):
     flags = [
         click.option("--steps", type=click.IntRange(1), default=steps, show_default=True),
         click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True),
-        click.option("--lr", type=click.FloatRange(0, min_open=True), default=lr, show_default=True,
+        click.option("--lr", type=Finite(0, min_open=True), default=lr, show_default=True,
                      help="Peak learning rate (warmup, then cosine decay to 10%)."),
         click.option("--warmup", type=click.IntRange(0), default=warmup, show_default=True),
-        click.option("--weight-decay", type=click.FloatRange(0), default=0.1, show_default=True),
-        click.option("--grad-clip", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True),
-        click.option("--seed", type=int, default=1337, show_default=True),
+        click.option("--weight-decay", type=Finite(0), default=0.1, show_default=True),
+        click.option("--grad-clip", type=Finite(0, min_open=True), default=1.0, show_default=True),
+        click.option("--seed", type=SEED, default=1337, show_default=True),
         click.option("--eval-every", type=click.IntRange(1), default=eval_every, show_default=True),
         click.option("--out", default=out, show_default=True, help="Output directory."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
@@ -147,7 +165,7 @@ def log(message):
 @click.option("--ternary", is_flag=True, default=None, help="BitNet b1.58 ternary weights in every block linear.")
 @click.option("--experts", "n_experts", type=click.IntRange(1), default=None, help="moe: experts per layer [8].")
 @click.option("--top-k", "top_k", type=click.IntRange(1), default=None, help="moe: experts per token [2].")
-@click.option("--aux-loss-coef", type=click.FloatRange(0), default=None, help="moe: load-balancing loss weight.")
+@click.option("--aux-loss-coef", type=Finite(0), default=None, help="moe: load-balancing loss weight.")
 @click.option("--d-state", type=click.IntRange(1), default=None, help="mamba: SSM state size [16].")
 @click.option("--d-conv", type=click.IntRange(1), default=None, help="mamba: conv kernel width [4].")
 @click.option("--expand", type=click.IntRange(1), default=None, help="mamba: inner width factor [2].")
@@ -171,7 +189,7 @@ def train(file, tokenizer_path, resume, device, steps, batch_size, lr, warmup, w
 @click.argument("base", type=click.Path())
 @click.argument("file", type=click.Path())
 @click.option("--lora-rank", type=click.IntRange(1), default=8, show_default=True)
-@click.option("--lora-alpha", type=click.FloatRange(0, min_open=True), default=None, help="Scale numerator: the update is (alpha / rank) x A B [rank].")
+@click.option("--lora-alpha", type=Finite(0, min_open=True), default=None, help="Scale numerator: the update is (alpha / rank) x A B [rank].")
 @click.option("--lora-targets", multiple=True,
               help="Dense layers to adapt: name patterns (fnmatch, 're:<regex>' or 'all'); default: attention.")
 @loop_options(steps=300, lr=1e-3, warmup=20, eval_every=100, out="out-lora")
@@ -203,10 +221,10 @@ def merge(base, adapter, out):
 @click.option("-n", "num", type=click.IntRange(1), default=10, show_default=True, help="How many samples.")
 @click.option("--prompt", default="", help="Text every sample starts with.")
 @click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--temperature", type=click.FloatRange(0), default=0.8, show_default=True)
+@click.option("--temperature", type=Finite(0), default=0.8, show_default=True)
 @click.option("--top-k", type=click.IntRange(1), default=None)
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--top-p", type=Finite(0, 1, min_open=True), default=None)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 def sample(checkpoint, adapter, num, prompt, max_tokens, temperature, top_k, top_p, seed, device):
     """Print -n samples from a trained checkpoint, one per line."""
@@ -302,6 +320,9 @@ def main(argv=None):
         sys.exit(e.exit_code)
     except (UserError, ValueError, OSError, UnicodeDecodeError) as e:
         click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except MemoryError as e:
+        click.echo(f"error: out of memory{f' ({e})' if str(e) else ''}; use smaller sizes", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
