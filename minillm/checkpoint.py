@@ -79,7 +79,7 @@ def rng_state(rng):
     return plain(rng.bit_generator.state)
 
 
-def rng_from_state(state):
+def rng_from_state(state, where="checkpoint"):
     """Rebuild the numpy Generator saved by rng_state (same stream from where it stopped)."""
     try:
         if state["bit_generator"] not in BIT_GENERATORS:
@@ -87,7 +87,7 @@ def rng_from_state(state):
         bit_generator = getattr(np.random, state["bit_generator"])()
         bit_generator.state = state
     except Exception as e:   # KeyError, TypeError, ValueError, OverflowError ... from any garbage
-        raise ValueError(f"bad RNG state in checkpoint: {type(e).__name__}: {e}") from None
+        raise ValueError(f"bad RNG state in {where}: {type(e).__name__}: {e}") from None
     return np.random.Generator(bit_generator)
 
 
@@ -142,6 +142,14 @@ def is_minillm_checkpoint(directory):
         return isinstance(config, dict) and isinstance(config.get("format"), int) and "minillm_version" in config
     except (OSError, ValueError):
         return False
+
+
+def check_writable(out_dir):
+    """Fail early, writing nothing, when a save to out_dir would have to replace files minillm did not
+    write there (see store.check_target)."""
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"checkpoint path '{out_dir}' exists and is not a directory")
+    store.check_target(os.fspath(out_dir), FILES, is_minillm_checkpoint)
 
 
 def save_checkpoint(out_dir, params, config, tokenizer=None, optimizer_state=None,

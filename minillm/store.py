@@ -96,7 +96,8 @@ def refuse_overwrite(out, inputs):
         except OSError:          # one of them does not exist (yet)
             same = False
         if same:
-            raise ValueError(f"--out '{out}' is {what} ('{path}'): refusing to write over it; "
+            also = "" if os.path.normpath(out) == os.path.normpath(path) else f" ('{path}')"
+            raise ValueError(f"--out '{out}' is {what}{also}: refusing to write over it; "
                              "choose another directory")
 
 
@@ -242,6 +243,33 @@ def _adopt(directory, vroot, names):
         _link(directory, name, f"{CURRENT}/{name}")
 
 
+def _current(directory):
+    """-> (the current version's directory or None, its name or None)."""
+    cur = os.path.join(directory, CURRENT)
+    if not os.path.islink(cur):
+        return None, None
+    version = os.readlink(cur).partition("/")[2]
+    return os.path.join(directory, VERSIONS, version), version
+
+
+def check_target(directory, names, adoptable=None):
+    """Whether publish may write `names` into `directory`, writing nothing: -> the plain files of an older
+    minillm it would adopt; ValueError naming a file it would have to replace without having written it."""
+    if not os.path.isdir(directory):
+        return []
+    vdir, _ = _current(directory)
+    plain = sorted(n for n in names if os.path.lexists(os.path.join(directory, n))
+                   and not _link_ok(directory, n, vdir))
+    if not plain:
+        return []
+    regular = all(os.path.isfile(os.path.join(directory, n)) and not os.path.islink(os.path.join(directory, n))
+                  for n in plain)
+    if vdir is None and regular and adoptable is not None and adoptable(directory):
+        return plain
+    raise ValueError(f"'{os.path.join(directory, plain[0])}' is not a file minillm saved there (not its link "
+                     f"into {CURRENT}/): refusing to replace it; move it away or choose another directory")
+
+
 def publish(directory, files, known=(), adoptable=None):
     """Write `files` ({name: bytes, str or writer(tmp_path)}) as the new version of `directory` -> its path.
 
@@ -252,28 +280,17 @@ def publish(directory, files, known=(), adoptable=None):
     if os.path.lexists(directory) and not os.path.isdir(directory):
         raise ValueError(f"'{directory}' exists and is not a directory")
     with lock(directory):
+        names = set(files) | set(known)
+        plain = check_target(directory, names, adoptable)
         vroot = os.path.join(directory, VERSIONS)
         os.makedirs(vroot, exist_ok=True)
-        cur = os.readlink(os.path.join(directory, CURRENT)) if os.path.islink(
-            os.path.join(directory, CURRENT)) else None
-        keep = cur.partition("/")[2] if cur else None
+        kept, keep = _current(directory)
         _remove_debris(directory, vroot, keep)
-        names = set(files) | set(known)
-        kept = keep and os.path.join(vroot, keep)
         for n in names:    # finish an adoption a crash interrupted: hard links of the current files
             if not os.path.islink(os.path.join(directory, n)) and _link_ok(directory, n, kept):
                 _link(directory, n, f"{CURRENT}/{n}")
-        plain = sorted(n for n in names if os.path.lexists(os.path.join(directory, n))
-                       and not _link_ok(directory, n))
         if plain:
-            if cur is None and adoptable is not None and all(os.path.isfile(os.path.join(directory, n))
-                                                             and not os.path.islink(os.path.join(directory, n))
-                                                             for n in plain) and adoptable(directory):
-                _adopt(directory, vroot, plain)
-            else:
-                raise ValueError(f"'{os.path.join(directory, plain[0])}' is not a file minillm saved there "
-                                 f"(not its link into {CURRENT}/): refusing to replace it; move it away or "
-                                 "choose another directory")
+            _adopt(directory, vroot, plain)
         numbers = [int(_VERSION.fullmatch(v).group(1)) for v in _versions(vroot)]
         version = f"v{max(numbers, default=0) + 1:06d}"
         tmp = os.path.join(vroot, f".tmp-{os.getpid()}-{secrets.token_hex(4)}")

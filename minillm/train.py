@@ -168,6 +168,7 @@ def train(text_path, opts, config_overrides, tokenizer_path=None, log=print):
     arch = config_overrides.pop("arch", None) or "gpt"
     text = read_text_file(text_path)  # validates early: missing, empty, binary, non-UTF-8
     xp = device.array_module_for(opts.device)  # and fails early without a GPU for --device cuda
+    checkpoint.check_writable(opts.out)   # before any work: --out holds no file minillm did not write
     with store.lock(opts.out):   # one writer per --out for the whole run
         return _train(text, text_path, arch, xp, opts, config_overrides, tokenizer_path, log)
 
@@ -184,7 +185,8 @@ def _resume_state(opts, arch, config_overrides):
         raise ValueError(f"--resume --steps {opts.steps}: the checkpoint in {opts.out!r} is already at step "
                          f"{step}; give --steps {step} or more")
     if ckpt.trainer_state.get("rng_state") is not None:   # garbage is refused before any work
-        checkpoint.rng_from_state(ckpt.trainer_state["rng_state"])
+        checkpoint.rng_from_state(ckpt.trainer_state["rng_state"],
+                                  f"'{os.path.join(opts.out, checkpoint.TRAINER_FILE)}' (rng_state)")
     validate.check_memory(validate.training_bytes(ckpt.config, opts.batch_size),
                           f"training (--batch-size {opts.batch_size})")
     return ckpt, tokenizer

@@ -122,8 +122,9 @@ def _layer_index(name):
 
 
 def check_header(config, header, where):
-    """The config's n_layer, vocab_size, d_model (and context, for learned positions) against the shapes
-    present in the weights file, before any model is built from the config."""
+    """The config's n_layer, vocab_size, d_model (and context, for learned positions: its table cannot be
+    larger than all the weights) against the shapes present in the weights file, before any model is built
+    from the config (expected_shapes then checks every tensor)."""
     layers = {i for i in map(_layer_index, header) if i is not None}
     L, V, d = config["n_layer"], config["vocab_size"], config["d_model"]
     if layers != set(range(L)):
@@ -133,9 +134,10 @@ def check_header(config, header, where):
     if (V, d) not in shapes:
         raise ValueError(f"{where}: config.json says vocab_size {V} and d_model {d}, but the weights have "
                          f"no ({V}, {d}) embedding")
-    if getattr(models.get_model(config["arch"]), "BOUNDED_POSITIONS", False) and (config["context"], d) not in shapes:
-        raise ValueError(f"{where}: config.json says context {config['context']}, but the weights have no "
-                         f"({config['context']}, {d}) position table")
+    total = sum(math.prod(s) for s, _ in header.values())
+    if getattr(models.get_model(config["arch"]), "BOUNDED_POSITIONS", False) and config["context"] * d > total:
+        raise ValueError(f"{where}: config.json says context {config['context']}, but the weights hold "
+                         f"{total:,} values in all: no ({config['context']}, {d}) position table fits")
     check_memory(sum(math.prod(s) * np.dtype(t).itemsize for s, t in header.values()
                      if t in DTYPES.values() and t != "bfloat16"), "loading these weights")
 
