@@ -186,3 +186,17 @@ def test_kill_9_during_training_saves(tmp_path):
     assert load_checkpoint(out).trainer_state["step"] == steps[-1] + 1
     assert_clean(out)
     assert np.isfinite(load_checkpoint(out).trainer_state["val_loss"])
+
+
+def test_a_reader_whose_version_a_save_removed_retries(tmp_path):
+    out = str(tmp_path / "ck")
+    old_save(out)
+    kw, new = new_save()
+    calls = []
+
+    def reader(vdir, files):
+        calls.append(vdir)
+        if len(calls) == 1:                 # a save lands between resolving `current` and opening a file
+            save_checkpoint(out, **kw)
+        return open(os.path.join(vdir, "trainer_state.json")).read()
+    assert store.read(out, reader) == '{\n  "step": 2\n}\n' and calls[0] != calls[1]

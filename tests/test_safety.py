@@ -285,3 +285,9 @@ def test_full_disk_is_one_line(capsys, tmp_path, world, monkeypatch):
     code, _, err = run_cli(capsys, *resume(world, ck, "--steps", "6", "--eval-every", "1"))
     assert code == 1 and "No space left on device; nothing was replaced" in err.strip().splitlines()[-1]
     assert "Traceback" not in err and tree_state(ck) == before
+
+
+def test_a_real_ctrl_c_still_stops_a_golden_check(capsys, tmp_path, world):
+    code, _, err = run_cli(capsys, "reference", "check", world["golden"], "--impl",
+                           impl(tmp_path, "import os, signal; os.kill(os.getpid(), signal.SIGINT)"))
+    assert code == 130 and err.strip() in ("aborted", "interrupted")
