@@ -155,6 +155,7 @@ def finetune(base_dir, text_path, opts, rank, alpha=None, targets=None, log=prin
     if opts.resume:
         raise ValueError("finetune does not resume; start again with a new --out")
     store.refuse_overwrite(opts.out, {"the base checkpoint": base_dir})
+    store.check_target(opts.out, (ADAPTER_WEIGHTS, ADAPTER_CONFIG), _is_adapter_dir)   # before any work
     text = read_text_file(text_path)
     ckpt = checkpoint.load_checkpoint(base_dir)
     model = models.get_model(ckpt.config["arch"])

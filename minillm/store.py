@@ -28,7 +28,8 @@ save is refused naming it, and a reader whose version a later save removed simpl
 A directory of plain files written by an older minillm is adopted on the first save: its files are
 hard-linked (or copied) into .versions/v000000 and become the current version before anything is
 replaced, so no crash can lose them. A plain file of one of our names that is not adopted (not written by
-minillm) is never replaced: the save is refused naming it.
+minillm) is never replaced: the save is refused naming it; so is a save into a directory whose current
+version is of another kind (an adapter written over a checkpoint would remove its files).
 
 This module imports nothing of minillm but fileio.
 """
@@ -258,6 +259,14 @@ def check_target(directory, names, adoptable=None):
     if not os.path.isdir(directory):
         return []
     vdir, _ = _current(directory)
+    try:
+        with open(os.path.join(vdir, CHECKSUMS), "rb") as f:
+            theirs = set(json.loads(f.read())["files"]) - set(names)
+    except (TypeError, OSError, ValueError, KeyError):    # no current version, or a damaged one
+        theirs = set()
+    if theirs:
+        raise ValueError(f"'{directory}' holds another kind of save ({', '.join(sorted(theirs))}): writing "
+                         "there would remove it; choose another directory")
     plain = sorted(n for n in names if os.path.lexists(os.path.join(directory, n))
                    and not _link_ok(directory, n, vdir))
     if not plain:

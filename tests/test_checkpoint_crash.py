@@ -200,3 +200,12 @@ def test_a_reader_whose_version_a_save_removed_retries(tmp_path):
             save_checkpoint(out, **kw)
         return open(os.path.join(vdir, "trainer_state.json")).read()
     assert store.read(out, reader) == '{\n  "step": 2\n}\n' and calls[0] != calls[1]
+
+
+def test_a_save_of_another_kind_never_replaces_a_checkpoint(tmp_path):
+    out = str(tmp_path / "ck")
+    old = old_save(out)
+    with pytest.raises(ValueError, match="holds another kind of save .*model.safetensors"):
+        store.publish(out, {"adapter_model.safetensors": b"x", "adapter_config.json": "{}"},
+                      known=("adapter_model.safetensors", "adapter_config.json"))
+    assert on_disk(out) == old

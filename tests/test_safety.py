@@ -203,6 +203,8 @@ CASES = {
     "quantize --out link to CK": lambda w, t: (["quantize", w["base"], "--out", symlink_to(w["base"], t)], [w["base"]], "in place"),
     "finetune --out BASE": lambda w, t: (["finetune", w["base"], w["corpus"], "--steps", "1", "--out", w["base"]], [w["base"]], "is the base checkpoint"),
     "tokenizer train --out FILE": lambda w, t: (["tokenizer", "train", w["corpus"], "--vocab-size", "260", "--out", w["corpus"]], [os.path.dirname(w["corpus"])], "is the training text"),
+    "finetune --out a checkpoint": lambda w, t: (["finetune", w["base"], w["corpus"], "--steps", "1", "--out", w["merged"]], [w["merged"]], "holds another kind of save"),
+    "merge --out an adapter": lambda w, t: (["merge", w["base"], w["ad"], "--out", copy(w, t, "ad")], [str(t / "copy")], "holds another kind of save"),
     "resume below the saved step": lambda w, t: (resume(w, w["base"], "--steps", "2"), [w["base"]], "already at step 4"),
     "train over foreign files": lambda w, t: (["train", w["corpus"], "--out", foreign_dir(t), *TINY], [str(t / "mine")], "is not a file minillm saved there"),
     # adapters
