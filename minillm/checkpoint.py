@@ -1,23 +1,33 @@
-"""Checkpoint directories: safetensors weights + JSON config, atomic writes, validation on load.
+"""Checkpoint directories: safetensors weights + JSON config, one transaction per save, validation on load.
 
-A checkpoint is a directory holding
+The directory the user names (--out) holds, under the fixed names Hugging Face looks for,
     model.safetensors        the parameters, flat dotted names (minillm.tree.flatten)
     config.json              the model config + "minillm_version" + "format": FORMAT
     tokenizer.json           written by the tokenizer's own save(path) (optional)
     optimizer.safetensors    AdamW moments as "m.<name>" / "v.<name>", step in the metadata
     trainer_state.json       whatever the trainer needs to resume (step, RNG state, ...)
-The last two are what `--resume` needs. Nothing is ever unpickled: weights go through
-safetensors.numpy, everything else is JSON.
+The last two are what `--resume` needs. Nothing is ever unpickled: weights go through safetensors, the
+rest is JSON.
 
-Every file is first written (and fsync'ed) to a temporary name in the same directory, then
-os.replace'd (minillm.fileio), so a crash leaves each file either old or new, never half written.
-All files are validated and written to temporaries before the first replace; parameters with NaN/inf
-are refused before anything is written, so a diverged run never overwrites a good checkpoint.
+Saving (minillm.store.publish): every name is a fixed link into current/, and `current` a link to
+.versions/vNNNNNN, the files of one save with their sha256 in checksums.json. A save writes a whole new
+version and then switches `current` with one os.replace, so a reader sees the old checkpoint or the new
+one, whole, never model of step N+1 beside optimizer state of step N; the next save removes what a killed
+save left behind. The writer holds an exclusive lock (fcntl.flock on .lock): a second writer is refused
+naming the holder's pid. store.py's docstring says why this layout. Everything is validated and
+serialised before anything is written; NaN/inf parameters are refused, so a diverged run never replaces
+a good checkpoint. The tensors' bytes (model.safetensors, optimizer.safetensors) are the same as before
+this layout existed.
+
+Loading (load_checkpoint) reads one version and refuses, in one line naming the file: a file that does
+not match its checksum (edited, or copied in from another save), a config whose sizes are not sane or do
+not match the weights present (checked on the safetensors header, before anything is built from it), a
+missing / extra / mis-shaped / mis-typed tensor, NaN/inf values, and optimizer or trainer state of another
+step. Plain directories (an older minillm's, or assembled by hand) load too, without checksums.
 """
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +35,9 @@ import numpy as np
 import safetensors.numpy
 
 from minillm.arrays import to_host
-from minillm import __version__
-from minillm.fileio import fsync_directory, remove_if_exists, write_temp
+from minillm import __version__, store, validate
 from minillm.tree import flatten, unflatten
+from minillm.validate import check_expected  # noqa: F401  (part of this module's API)
 
 FORMAT = 1
 MODEL_FILE = "model.safetensors"
@@ -35,7 +45,8 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_FILE = "trainer_state.json"
-_SHOW = 5  # how many offending names an error message lists
+FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, OPTIMIZER_FILE, TRAINER_FILE)
+BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
 
 
 @dataclass
@@ -43,7 +54,7 @@ class Checkpoint:
     """What load_checkpoint returns. params: nested dict of numpy arrays (writable copies);
     config: the config as saved (without the "format" / "minillm_version" keys, see `version`);
     tokenizer_path: path of tokenizer.json or None; optimizer_state: {"step", "m", "v"} as in
-    minillm.optim, or None; trainer_state: dict or None."""
+    minillm.optim, or None; trainer_state: dict or None; fingerprint: sha256 of model.safetensors."""
     path: str
     params: dict
     config: dict
@@ -51,6 +62,7 @@ class Checkpoint:
     tokenizer_path: str | None = None
     optimizer_state: dict | None = None
     trainer_state: dict | None = None
+    fingerprint: str | None = None
 
 
 def expected_from(params):
@@ -67,26 +79,19 @@ def rng_state(rng):
     return plain(rng.bit_generator.state)
 
 
-def rng_from_state(state):
+def rng_from_state(state, where="checkpoint"):
     """Rebuild the numpy Generator saved by rng_state (same stream from where it stopped)."""
     try:
+        if state["bit_generator"] not in BIT_GENERATORS:
+            raise ValueError(f"unknown bit generator {state['bit_generator']!r}")
         bit_generator = getattr(np.random, state["bit_generator"])()
         bit_generator.state = state
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"bad RNG state in checkpoint: {e}") from None
+    except Exception as e:   # KeyError, TypeError, ValueError, OverflowError ... from any garbage
+        raise ValueError(f"bad RNG state in {where}: {type(e).__name__}: {e}") from None
     return np.random.Generator(bit_generator)
 
 
 # ---------------------------------------------------------------------------------------- save
-
-
-
-def _check_finite(flat, what):
-    bad = [n for n, a in flat.items() if a.dtype.kind in "fc" and not np.isfinite(a).all()]
-    if bad:
-        raise ValueError(f"refusing to save a checkpoint with non-finite {what}: "
-                         f"{', '.join(bad[:_SHOW])}" + (" ..." if len(bad) > _SHOW else ""))
-
 
 def _json_bytes(obj, what):
     try:
@@ -110,24 +115,55 @@ def _tokenizer_content(tokenizer):
     if isinstance(tokenizer, (str, os.PathLike)):
         if not os.path.isfile(tokenizer):
             raise ValueError(f"tokenizer file {str(tokenizer)!r} does not exist")
-        return lambda path: shutil.copyfile(tokenizer, path)
+        with open(tokenizer, "rb") as f:     # read now: it may live in the version being replaced
+            return f.read()
     if callable(tokenizer):
         return tokenizer
     raise ValueError("tokenizer must have .save(path), be a JSON dict, a tokenizer.json path or "
                      f"a callable(path); got {type(tokenizer).__name__}")
 
 
+def _current_tokenizer(out):
+    """The bytes of the tokenizer.json the checkpoint in `out` has now (checked), or None."""
+    def read(vdir, files):
+        path = os.path.join(vdir, TOKENIZER_FILE)
+        if not os.path.isfile(path):
+            return None
+        with open(store.verify(out, vdir, files, TOKENIZER_FILE), "rb") as f:
+            return f.read()
+    return store.read(out, read) if os.path.isdir(out) else None
+
+
+def is_minillm_checkpoint(directory):
+    """A plain directory an older minillm wrote (store.publish adopts its files instead of refusing)."""
+    try:
+        with open(os.path.join(directory, CONFIG_FILE), "rb") as f:
+            config = json.loads(f.read())
+        return isinstance(config, dict) and isinstance(config.get("format"), int) and "minillm_version" in config
+    except (OSError, ValueError):
+        return False
+
+
+def check_writable(out_dir):
+    """Fail early, writing nothing, when a save to out_dir would have to replace files minillm did not
+    write there (see store.check_target)."""
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"checkpoint path '{out_dir}' exists and is not a directory")
+    store.check_target(os.fspath(out_dir), FILES, is_minillm_checkpoint)
+
+
 def save_checkpoint(out_dir, params, config, tokenizer=None, optimizer_state=None,
                     trainer_state=None):
-    """Write a checkpoint directory (created if needed) atomically, file by file.
+    """Write a checkpoint directory (created if needed) as one transaction (see the module docstring).
 
     params: nested dict of arrays. config: JSON-able dict with "arch". tokenizer: an object with
     .save(path), a JSON-able dict, the path of a tokenizer.json to copy, or a callable(path);
-    None keeps an existing tokenizer.json. optimizer_state: {"step", "m", "v"} (minillm.optim);
-    trainer_state: JSON-able dict. When either of the last two is None, a stale file of that kind
-    from an earlier save is removed, so a resume never mixes runs.
-    Raises ValueError (and writes nothing) for non-finite params or moments, a config without
-    "arch", or values that are not JSON-able.
+    None keeps the checkpoint's current tokenizer.json. optimizer_state: {"step", "m", "v"}
+    (minillm.optim); trainer_state: JSON-able dict. When either of the last two is None, the new version
+    has none, so a resume never mixes runs.
+    Raises ValueError (and changes nothing) for non-finite params or moments, a config without "arch",
+    values that are not JSON-able, a directory another process is writing, and a failed write (a full
+    disk: the old checkpoint stays current).
     """
     if not isinstance(config, dict) or not isinstance(config.get("arch"), str):
         raise ValueError("config must be a dict with an 'arch' string")
@@ -141,8 +177,12 @@ def save_checkpoint(out_dir, params, config, tokenizer=None, optimizer_state=Non
         MODEL_FILE: _st_bytes(flat, {"format": "np"}, "parameters"),
         CONFIG_FILE: _json_bytes({**config, "minillm_version": __version__, "format": FORMAT}, "config"),
     }
-    if tokenizer is not None:
-        files[TOKENIZER_FILE] = _tokenizer_content(tokenizer)
+    out = os.fspath(out_dir)
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ValueError(f"checkpoint path '{out}' exists and is not a directory")
+    tok = _tokenizer_content(tokenizer) if tokenizer is not None else _current_tokenizer(out)
+    if tok is not None:
+        files[TOKENIZER_FILE] = tok
     if optimizer_state is not None:
         if not isinstance(optimizer_state, dict) or not {"step", "m", "v"} <= set(optimizer_state):
             raise ValueError("optimizer_state must be a dict with 'step', 'm' and 'v' "
@@ -158,125 +198,78 @@ def save_checkpoint(out_dir, params, config, tokenizer=None, optimizer_state=Non
         files[OPTIMIZER_FILE] = _st_bytes(moments, opt_meta, "optimizer moments")
     if trainer_state is not None:
         files[TRAINER_FILE] = _json_bytes(trainer_state, "trainer_state")
-
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"checkpoint path '{out}' exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    temps = {}
     try:
-        for name, writer in files.items():
-            temps[name] = write_temp(out / name, writer)
-        for name in (OPTIMIZER_FILE, TRAINER_FILE):
-            if name not in files:
-                remove_if_exists(out / name)
-        # config.json last: a directory with a new config always has the new weights too.
-        for name in sorted(temps, key=lambda n: n == CONFIG_FILE):
-            os.replace(temps.pop(name), out / name)
-    finally:
-        for tmp in temps.values():
-            remove_if_exists(tmp)
-    fsync_directory(out)   # make the renames durable
-    return str(out)
+        store.publish(out, files, known=FILES, adoptable=is_minillm_checkpoint)
+    except OSError as e:
+        raise ValueError(f"could not save the checkpoint to '{out}': {e.strerror or e}"
+                         f"{f' ({e.filename})' if e.filename else ''}; nothing was replaced") from None
+    return out
+
+
+def _check_finite(flat, what):
+    bad = [n for n, a in flat.items() if a.dtype.kind in "fc" and not np.isfinite(a).all()]
+    if bad:
+        raise ValueError(f"refusing to save a checkpoint with non-finite {what}: {validate._names(bad)}")
 
 
 # ---------------------------------------------------------------------------------------- load
 
-def _read_json(path):
+def _read_json(path, shown):
     try:
         with open(path, "rb") as f:
             obj = json.loads(f.read().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"'{path}' is not valid JSON ({e}): the checkpoint is corrupt") from None
+        raise ValueError(f"'{shown}' is not valid JSON ({e}): the checkpoint is corrupt") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"'{path}' should hold a JSON object, found {type(obj).__name__}")
+        raise ValueError(f"'{shown}' should hold a JSON object, found {type(obj).__name__}")
     return obj
 
 
-def _read_safetensors(path):
+def _read_safetensors(path, shown):
     """-> (flat dict of writable numpy arrays, metadata dict)."""
     try:
         with safetensors.safe_open(str(path), framework="np") as f:
             meta = f.metadata() or {}
             flat = {name: np.array(f.get_tensor(name)) for name in f.keys()}
     except Exception as e:  # SafetensorError, OSError, numpy errors on bad dtypes ...
-        raise ValueError(f"'{path}' is corrupt or truncated: {e}") from None
+        raise ValueError(f"'{shown}' is corrupt or truncated: {e}") from None
     return flat, meta
 
 
-def _names(names):
-    names = sorted(names)
-    return ", ".join(names[:_SHOW]) + (f" (+{len(names) - _SHOW} more)" if len(names) > _SHOW
-                                       else "")
-
-
-def check_expected(flat, expected, path):
-    """Raise one ValueError naming the missing, unexpected and mis-shaped tensors of `flat` vs `expected`."""
-    problems = []
-    missing = [n for n in expected if n not in flat]
-    unexpected = [n for n in flat if n not in expected]
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {_names(unexpected)}")
-    wrong = []
-    for n, (shape, dtype) in expected.items():
-        if n in flat:
-            a = flat[n]
-            if tuple(a.shape) != tuple(shape):
-                wrong.append(f"{n} has shape {tuple(a.shape)}, expected {tuple(shape)}")
-            elif dtype is not None and str(a.dtype) != str(np.dtype(dtype)):
-                wrong.append(f"{n} has dtype {a.dtype}, expected {np.dtype(dtype)}")
-    if wrong:
-        problems.append("; ".join(wrong[:_SHOW]) + (f" (+{len(wrong) - _SHOW} more)"
-                                                   if len(wrong) > _SHOW else ""))
-    if problems:
-        raise ValueError(f"checkpoint '{path}' does not match the model: " + "; ".join(problems))
-
-
-def _load_optimizer(path, flat):
-    moments, meta = _read_safetensors(path)
-    moments = {k: moments[k] for k in sorted(moments)}
+def _load_optimizer(path, shown, params):
+    header = validate.read_header(path)
+    want = {f"{k}.{n}": spec for n, spec in validate.spec_of(params).items() for k in ("m", "v")}
+    extra = [k for k in header if k not in want]
+    if extra:
+        raise ValueError(f"'{shown}' does not match the model: unexpected {validate._names(extra)}")
+    validate.check_expected(header, {k: want[k] for k in header}, shown)
+    moments, meta = _read_safetensors(path, shown)
+    validate.check_values(moments, shown, "moment")
     state = {"m": {}, "v": {}}
-    for key, a in moments.items():
+    for key in sorted(moments):
         kind, _, name = key.partition(".")
-        if kind not in state or not name:
-            raise ValueError(f"'{path}' has an unexpected tensor {key!r} (expected m.* / v.*)")
-        if name not in flat or a.shape != flat[name].shape:
-            raise ValueError(f"'{path}' does not match the model: {key} has shape {a.shape}, "
-                             f"parameter {name!r} has "
-                             f"{flat[name].shape if name in flat else 'no such parameter'}")
-        state[kind][name] = a
+        state[kind][name] = moments[key]
     if set(state["m"]) != set(state["v"]):
-        raise ValueError(f"'{path}' is corrupt: m and v cover different parameters")
+        raise ValueError(f"'{shown}' is corrupt: m and v cover different parameters")
     try:
         state["step"] = int(meta["step"])
+        if state["step"] < 0:
+            raise ValueError
     except (KeyError, ValueError):
-        raise ValueError(f"'{path}' has no valid 'step' in its metadata") from None
+        raise ValueError(f"'{shown}' has no valid 'step' in its metadata") from None
     return state
 
 
-def load_checkpoint(path, expected=None, arch=None):
-    """Read and validate a checkpoint directory -> Checkpoint.
-
-    expected: {name: (shape, dtype or None)} (see expected_from) to check the weights against;
-    arch: the architecture the caller wants. Every problem (missing directory or files, corrupt
-    or truncated files, another architecture, missing / unexpected / mis-shaped tensors) raises
-    one ValueError saying what is wrong.
-    """
-    root = Path(path)
-    if not root.exists():
-        raise ValueError(f"checkpoint directory '{root}' does not exist")
-    if not root.is_dir():
-        raise ValueError(f"checkpoint '{root}' is not a directory")
+def _load(root, vdir, files, expected, arch):
+    shown = lambda name: os.path.join(root, name)   # noqa: E731  the path the user knows
+    path = lambda name: store.verify(root, vdir, files, name)   # noqa: E731  checked against its sha256
     for name in (CONFIG_FILE, MODEL_FILE):
-        if not (root / name).is_file():
+        if not os.path.isfile(os.path.join(vdir, name)):
             raise ValueError(f"checkpoint '{root}' has no {name}")
-    config = _read_json(root / CONFIG_FILE)
+    config = _read_json(path(CONFIG_FILE), shown(CONFIG_FILE))
     fmt = config.get("format")
-    if not isinstance(config.get("arch"), str) or not isinstance(fmt, int):
-        raise ValueError(f"'{root / CONFIG_FILE}' is not a minillm config (needs 'arch' and "
-                         "'format')")
+    if not isinstance(config.get("arch"), str) or not isinstance(fmt, int) or isinstance(fmt, bool):
+        raise ValueError(f"'{shown(CONFIG_FILE)}' is not a minillm config (needs 'arch' and 'format')")
     if fmt > FORMAT:
         raise ValueError(f"checkpoint '{root}' has format {fmt}, written by a newer minillm "
                          f"(this one reads format {FORMAT}); upgrade minillm")
@@ -284,19 +277,66 @@ def load_checkpoint(path, expected=None, arch=None):
         raise ValueError(f"checkpoint is a '{config['arch']}' model, expected '{arch}'")
     version = config.pop("minillm_version", None)
     del config["format"]
-    flat, _ = _read_safetensors(root / MODEL_FILE)
-    if expected is not None:
-        check_expected(flat, expected, root)
+    validate.validate_config(config, shown(CONFIG_FILE))
+    model_path = path(MODEL_FILE)
+    header = validate.read_header(model_path)
+    validate.check_header(config, header, shown(MODEL_FILE))
+    if expected is None:
+        expected = validate.expected_shapes(config)
+    validate.check_expected(header, expected, root)
+    flat, _ = _read_safetensors(model_path, shown(MODEL_FILE))
+    validate.check_values(flat, shown(MODEL_FILE))
     try:
         params = unflatten(flat)
     except ValueError as e:
-        raise ValueError(f"'{root / MODEL_FILE}' has inconsistent names: {e}") from None
-    tokenizer = root / TOKENIZER_FILE
+        raise ValueError(f"'{shown(MODEL_FILE)}' has inconsistent names: {e}") from None
     optimizer_state = trainer_state = None
-    if (root / OPTIMIZER_FILE).is_file():
-        optimizer_state = _load_optimizer(root / OPTIMIZER_FILE, flat)
-    if (root / TRAINER_FILE).is_file():
-        trainer_state = _read_json(root / TRAINER_FILE)
+    if os.path.isfile(os.path.join(vdir, OPTIMIZER_FILE)):
+        optimizer_state = _load_optimizer(path(OPTIMIZER_FILE), shown(OPTIMIZER_FILE), flat)
+    if os.path.isfile(os.path.join(vdir, TRAINER_FILE)):
+        trainer_state = _read_json(path(TRAINER_FILE), shown(TRAINER_FILE))
+        step = trainer_state.get("step", 0)
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"'{shown(TRAINER_FILE)}': step must be a non-negative integer, got {step!r}")
+        if optimizer_state is not None and optimizer_state["step"] != step:
+            raise ValueError(f"'{shown(TRAINER_FILE)}' is at step {step} but '{shown(OPTIMIZER_FILE)}' at step "
+                             f"{optimizer_state['step']}: the files come from different saves")
+    tokenizer = None
+    if os.path.isfile(os.path.join(vdir, TOKENIZER_FILE)):
+        tokenizer = path(TOKENIZER_FILE)
+    fingerprint = files[MODEL_FILE]["sha256"] if files and MODEL_FILE in files else store.sha256_file(model_path)
     return Checkpoint(path=str(root), params=params, config=config, version=version,
-                      tokenizer_path=str(tokenizer) if tokenizer.is_file() else None,
-                      optimizer_state=optimizer_state, trainer_state=trainer_state)
+                      tokenizer_path=tokenizer, optimizer_state=optimizer_state,
+                      trainer_state=trainer_state, fingerprint=fingerprint)
+
+
+def load_checkpoint(path, expected=None, arch=None):
+    """Read and validate a checkpoint directory -> Checkpoint (see the module docstring).
+
+    expected: {name: (shape, dtype or None)} (see expected_from) to check the weights against instead of
+    the shapes the config implies; arch: the architecture the caller wants. Every problem (a missing
+    directory or file, corrupt, truncated or tampered files, an insane config, another architecture,
+    missing / unexpected / mis-shaped tensors, NaN, state of another save) raises one ValueError.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise ValueError(f"checkpoint directory '{root}' does not exist")
+    if not root.is_dir():
+        raise ValueError(f"checkpoint '{root}' is not a directory")
+    return store.read(str(root), lambda vdir, files: _load(root, vdir, files, expected, arch))
+
+
+def load_tokenizer(ckpt):
+    """The checkpoint's tokenizer, checked: present, with <|endoftext|>, and of the config's vocab_size."""
+    from minillm.tokenizer import Tokenizer
+
+    if ckpt.tokenizer_path is None:
+        raise ValueError(f"checkpoint '{ckpt.path}' has no {TOKENIZER_FILE}")
+    tok = Tokenizer.load(ckpt.tokenizer_path)
+    shown = os.path.join(ckpt.path, TOKENIZER_FILE)
+    if tok.eot_id is None:
+        raise ValueError(f"'{shown}' has no <|endoftext|> token, which minillm needs to separate documents")
+    if tok.vocab_size != ckpt.config["vocab_size"]:
+        raise ValueError(f"'{shown}' has {tok.vocab_size} tokens but the model's vocab_size is "
+                         f"{ckpt.config['vocab_size']}: they do not belong together")
+    return tok

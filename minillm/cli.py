@@ -1,5 +1,6 @@
 """The `minillm` command line: thin Click commands that parse flags and call library functions."""
 
+import math
 import os
 import sys
 
@@ -11,6 +12,20 @@ from minillm.models import ARCHITECTURES
 
 class UserError(Exception):
     """A problem with the user's input: reported as one line on stderr, exit status 1."""
+
+
+class Finite(click.FloatRange):
+    """click.FloatRange that also refuses NaN and +-inf (FloatRange lets NaN through every bound)."""
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+SEED = click.IntRange(0, 2**63 - 1)
 
 
 @click.group()
@@ -32,15 +47,18 @@ def _text_arg(text):
 
 @tokenizer_group.command("train")
 @click.argument("file", type=click.Path())
-@click.option("--vocab-size", type=int, required=True, help="Vocabulary size, special tokens included.")
+@click.option("--vocab-size", type=click.IntRange(1, 1 << 20), required=True,
+              help="Vocabulary size, special tokens included.")
 @click.option("--out", required=True, type=click.Path(), help="Where to write the tokenizer JSON.")
 @click.option("--min-frequency", type=int, default=2, show_default=True,
               help="Stop merging when the best pair occurs fewer times.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def tokenizer_train(file, vocab_size, out, min_frequency, quiet):
     """Learn BPE merges from the UTF-8 text FILE and write the tokenizer to --out."""
+    from minillm import store
     from minillm.tokenizer import Tokenizer, read_text_file
 
+    store.refuse_overwrite(out, {"the training text": file})
     text = read_text_file(file)
     tok = Tokenizer.train(text, vocab_size, progress=not quiet, min_frequency=min_frequency)
     tok.save(out)
@@ -105,15 +123,15 @@ def loop_options(steps, lr, warmup, eval_every, out="out"):
                      help="Optimizer steps in all (with --resume: the run's total; larger extends it)."),
         click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
                      help="Sequences per step."),
-        click.option("--lr", type=click.FloatRange(0, min_open=True), default=lr, show_default=True,
+        click.option("--lr", type=Finite(0, min_open=True), default=lr, show_default=True,
                      help="Peak learning rate (warmup, then cosine decay to 10%)."),
         click.option("--warmup", type=click.IntRange(0), default=warmup, show_default=True,
                      help="Steps of linear learning-rate warmup."),
-        click.option("--weight-decay", type=click.FloatRange(0), default=0.1, show_default=True,
+        click.option("--weight-decay", type=Finite(0), default=0.1, show_default=True,
                      help="Decoupled (AdamW) weight decay of the dense-layer matrices."),
-        click.option("--grad-clip", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+        click.option("--grad-clip", type=Finite(0, min_open=True), default=1.0, show_default=True,
                      help="Clip the global gradient norm to this."),
-        click.option("--seed", type=click.IntRange(0), default=1337, show_default=True,
+        click.option("--seed", type=SEED, default=1337, show_default=True,
                      help="Seed of the initialisation and the batches (same seed, same run)."),
         click.option("--eval-every", type=click.IntRange(1), default=eval_every, show_default=True,
                      help="Evaluate (and save a checkpoint) every this many steps."),
@@ -161,7 +179,7 @@ def log(message):
               help="moe: experts per layer.")
 @click.option("--experts-per-token", "top_k", type=click.IntRange(1), default=None, show_default="2",
               help="moe: experts each token is routed to (top-k).")
-@click.option("--aux-loss-coef", type=click.FloatRange(0), default=None, show_default="0.01",
+@click.option("--aux-loss-coef", type=Finite(0), default=None, show_default="0.01",
               help="moe: load-balancing loss weight.")
 @click.option("--d-state", type=click.IntRange(1), default=None, show_default="16", help="mamba: SSM state size.")
 @click.option("--d-conv", type=click.IntRange(1), default=None, show_default="4", help="mamba: conv kernel width.")
@@ -186,7 +204,7 @@ def train(file, tokenizer_path, resume, device, steps, batch_size, lr, warmup, w
 @click.argument("base", type=click.Path())
 @click.argument("file", type=click.Path())
 @click.option("--lora-rank", type=click.IntRange(1), default=8, show_default=True, help="Rank r of the adapters.")
-@click.option("--lora-alpha", type=click.FloatRange(0, min_open=True), default=None, show_default="rank",
+@click.option("--lora-alpha", type=Finite(0, min_open=True), default=None, show_default="rank",
               help="Scale numerator: the update is (alpha / rank) x A B.")
 @click.option("--lora-targets", multiple=True, show_default="the model's LORA_TARGETS (attention projections)",
               help="Dense layers to adapt: name patterns (fnmatch, 're:<regex>' or 'all').")
@@ -222,13 +240,13 @@ def merge(base, adapter, out):
 @click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True,
               help="New tokens per sample at most. A model with learned positions (gpt, moe) slides its "
                    "window past its context: the last context/2 tokens are read again and it goes on.")
-@click.option("--temperature", type=click.FloatRange(0), default=0.8, show_default=True,
+@click.option("--temperature", type=Finite(0), default=0.8, show_default=True,
               help="Divide the logits by this; 0 is greedy.")
 @click.option("--greedy", is_flag=True, help="Always the most likely token (the same as --temperature 0).")
 @click.option("--top-k", type=click.IntRange(1), default=None, help="Keep the k most likely tokens (ties kept).")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
+@click.option("--top-p", type=Finite(0, 1, min_open=True), default=None,
               help="Keep the most likely tokens up to this probability mass.")
-@click.option("--seed", type=int, default=0, show_default=True, help="The same seed gives the same samples.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="The same seed gives the same samples.")
 @click.option("--stream/--no-stream", default=None,
               help="Print the tokens as they come [default: on for -n 1 on a terminal].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
@@ -367,6 +385,9 @@ def main(argv=None):
         sys.exit(e.exit_code)
     except (UserError, ValueError, OSError, UnicodeDecodeError) as e:
         click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except MemoryError as e:
+        click.echo(f"error: out of memory{f' ({e})' if str(e) else ''}; use smaller sizes", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

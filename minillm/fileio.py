@@ -8,8 +8,9 @@ flushed and fsync'ed, os.replace'd onto the target, and then the directory is fs
 is durable too. On any failure before the replace (the writer raising, a full disk, Ctrl-C) the
 temporary is removed and the error propagates; the target is untouched.
 
-The two stages are public for callers that replace several files only after all of them are written
-(checkpoint.save_checkpoint): write_temp(path, content) -> tmp, then os.replace and fsync_directory.
+The two stages are public for callers that place several files only after all of them are written
+(store.publish, which writes a checkpoint's files into a new version directory and then switches one link):
+write_temp(path, content) -> tmp, then os.replace and fsync_directory.
 
 This module imports nothing of minillm.
 """

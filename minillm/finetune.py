@@ -4,10 +4,14 @@ An adapter directory holds
     adapter_model.safetensors   only the lora_A / lora_B tensors, dotted names
                                 ("transformer.h.0.attn.c_attn.lora_A", ...)
     adapter_config.json         {"format": "minillm-lora", "minillm_version", "base": the base
-                                checkpoint as given, "base_config": its config, "lora": {"rank",
+                                checkpoint as given, "base_sha256": the sha256 of the base's
+                                model.safetensors, "base_config": its config, "lora": {"rank",
                                 "alpha", "targets", "dropout"}, "layers": [adapted layer names]}
-Both are written atomically (minillm.fileio.atomic_write). Loading checks the adapter against the base
-model (architecture, sizes, layer names, shapes) and says what does not fit.
+Both are one save of minillm.store (versioned, locked, checksummed: see checkpoint.py). Loading checks the
+adapter against the base model (the fingerprint of the very weights it was trained on, architecture,
+sizes, layer names, shapes, finite values) and says what does not fit. A merged checkpoint records the
+sha256 of every adapter folded into it ("merged_adapters" in its config), so the same adapter is never
+applied twice. Adapters written before the fingerprint existed (no "base_sha256") are checked by size only.
 """
 
 import dataclasses
@@ -17,8 +21,7 @@ import os
 import numpy as np
 
 from minillm.arrays import to_host
-from minillm import __version__, checkpoint, models
-from minillm.fileio import atomic_write
+from minillm import __version__, checkpoint, models, store, validate
 from minillm.nn import lora
 from minillm.tree import flatten
 
@@ -29,9 +32,9 @@ FORMAT = "minillm-lora"
 
 
 
-def save_adapter(out_dir, params, config, base=None):
-    """Write the adapters of `params` (and an adapter config naming `base`) to out_dir."""
-    from safetensors.numpy import save_file
+def save_adapter(out_dir, params, config, base=None, base_sha256=None):
+    """Write the adapters of `params` (and an adapter config naming `base` and its fingerprint) to out_dir."""
+    from safetensors.numpy import save
 
     _, adapters = lora.split_adapters(params)
     flat = {n: np.ascontiguousarray(to_host(a)) for n, a in flatten(adapters).items()}
@@ -39,42 +42,65 @@ def save_adapter(out_dir, params, config, base=None):
         raise ValueError("save_adapter: the parameters hold no LoRA adapters")
     if not all(np.isfinite(a).all() for a in flat.values()):
         raise ValueError("refusing to save adapters with NaN/inf values")
-    meta = {"format": FORMAT, "minillm_version": __version__, "base": base,
+    meta = {"format": FORMAT, "minillm_version": __version__, "base": base, "base_sha256": base_sha256,
             "base_config": {k: v for k, v in config.items() if k != "lora"},
             "lora": {k: v for k, v in config["lora"].items() if k != "dropout_rng"},
             "layers": sorted({n.rsplit(".", 1)[0] for n in flat})}
-    text = json.dumps(meta, indent=2) + "\n"
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS), lambda p: save_file(flat, p))
-    atomic_write(os.path.join(out_dir, ADAPTER_CONFIG), text)   # ASCII: json.dumps escapes the rest
+    text = json.dumps(meta, indent=2) + "\n"   # ASCII: json.dumps escapes the rest
+    files = {ADAPTER_WEIGHTS: save(flat), ADAPTER_CONFIG: text}
+    try:
+        store.publish(out_dir, files, known=tuple(files), adoptable=_is_adapter_dir)
+    except OSError as e:
+        raise ValueError(f"could not save the adapter to '{out_dir}': {e.strerror or e}; nothing was "
+                         "replaced") from None
     return out_dir
 
 
+def _is_adapter_dir(directory):
+    try:
+        with open(os.path.join(directory, ADAPTER_CONFIG), "rb") as f:
+            return json.loads(f.read()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def load_adapter(adapter_dir):
-    """-> (flat adapters {dotted name: array}, adapter config dict) as written by save_adapter."""
+    """-> (flat adapters {dotted name: array}, adapter config dict) as written by save_adapter; the config
+    gets "sha256": the fingerprint of adapter_model.safetensors."""
     from safetensors.numpy import load_file
 
-    wpath = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
-    cpath = os.path.join(adapter_dir, ADAPTER_CONFIG)
-    for p in (wpath, cpath):
-        if not os.path.isfile(p):
-            raise ValueError(f"{adapter_dir!r} is not a LoRA adapter directory: {p} is missing")
-    try:
-        with open(cpath) as f:
-            meta = json.load(f)
-        adapters = load_file(wpath)
-    except Exception as e:  # OSError, bad JSON / UTF-8, safetensors' own errors
-        raise ValueError(f"cannot read the adapter in {adapter_dir!r}: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "lora" not in meta:
-        raise ValueError(f"{cpath} is not a minillm LoRA adapter config")
-    return adapters, meta
+    if not os.path.isdir(adapter_dir):
+        raise ValueError(f"{adapter_dir!r} is not a LoRA adapter directory: it does not exist")
+
+    def read(vdir, files):
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            if not os.path.isfile(os.path.join(vdir, name)):
+                raise ValueError(f"{adapter_dir!r} is not a LoRA adapter directory: "
+                                 f"{os.path.join(adapter_dir, name)} is missing")
+        wpath = store.verify(adapter_dir, vdir, files, ADAPTER_WEIGHTS)
+        try:
+            with open(store.verify(adapter_dir, vdir, files, ADAPTER_CONFIG), "rb") as f:
+                meta = json.loads(f.read().decode("utf-8"))
+            adapters = load_file(wpath)
+        except Exception as e:  # OSError, bad JSON / UTF-8, safetensors' own errors
+            raise ValueError(f"cannot read the adapter in {adapter_dir!r}: {e}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("lora"), dict):
+            raise ValueError(f"{os.path.join(adapter_dir, ADAPTER_CONFIG)} is not a minillm LoRA adapter config")
+        validate.check_values(adapters, os.path.join(adapter_dir, ADAPTER_WEIGHTS))
+        sha = files[ADAPTER_WEIGHTS]["sha256"] if files else store.sha256_file(wpath)
+        return adapters, {**meta, "sha256": sha}
+    return store.read(adapter_dir, read)
 
 
-def attach(params, config, adapters, meta):
+def attach(params, config, adapters, meta, base_sha256=None):
     """Base params/config + a loaded adapter -> (params with adapters, config with "lora").
 
-    ValueError when the adapter was trained on another architecture or model size, or its layers
-    do not exist in / fit the base model."""
+    ValueError when the adapter is already merged into this base, was trained on other base weights
+    (base_sha256: the fingerprint of the base's model.safetensors), another architecture or model size,
+    or its layers do not exist in / fit the base model."""
+    if meta.get("sha256") and meta["sha256"] in (config.get("merged_adapters") or ()):
+        raise ValueError("this adapter is already merged into the base checkpoint: applying it again would "
+                         "add its update twice")
     bc = meta.get("base_config") or {}
     if bc.get("arch") != config.get("arch"):
         raise ValueError(f"the adapter was trained on architecture {bc.get('arch')!r}, the base "
@@ -84,32 +110,37 @@ def attach(params, config, adapters, meta):
     if diff:
         raise ValueError("the adapter was trained on a different base model (adapter vs base): "
                          + ", ".join(diff))
+    if base_sha256 and meta.get("base_sha256") and meta["base_sha256"] != base_sha256:
+        raise ValueError(f"the adapter was trained on other base weights (model.safetensors sha256 "
+                         f"{meta['base_sha256'][:12]}..., this base has {base_sha256[:12]}...): "
+                         f"use the base it was trained on ({meta.get('base')!r})")
     lc = meta["lora"]
     config = {**config, "lora": lora.lora_config(lc.get("rank"), lc.get("alpha"), lc.get("targets"),
                                                  lc.get("dropout", 0.0))}
     return lora.join(params, adapters, config), config
 
 
-def _load_base(base_dir):
+def _with_adapter(base_dir, adapter_dir):
     ckpt = checkpoint.load_checkpoint(base_dir)
-    model = models.get_model(ckpt.config["arch"])
-    expected = checkpoint.expected_from(model.init(ckpt.config, np.random.default_rng(0)))
-    return checkpoint.load_checkpoint(base_dir, expected=expected), model
+    adapters, meta = load_adapter(adapter_dir)
+    params, config = attach(ckpt.params, ckpt.config, adapters, meta, base_sha256=ckpt.fingerprint)
+    return dataclasses.replace(ckpt, params=params, config=config, optimizer_state=None,
+                               trainer_state=None), meta
 
 
 def load_with_adapter(base_dir, adapter_dir):
     """-> checkpoint.Checkpoint of the base whose params / config carry the adapter (for sampling)."""
-    ckpt, _ = _load_base(base_dir)
-    params, config = attach(ckpt.params, ckpt.config, *load_adapter(adapter_dir))
-    return dataclasses.replace(ckpt, params=params, config=config, optimizer_state=None,
-                               trainer_state=None)
+    return _with_adapter(base_dir, adapter_dir)[0]
 
 
 def merge_checkpoint(base_dir, adapter_dir, out_dir):
-    """Fold an adapter into its base and write a plain checkpoint (base tokenizer copied)."""
-    ckpt = load_with_adapter(base_dir, adapter_dir)
+    """Fold an adapter into its base and write a plain checkpoint (base tokenizer copied; the adapter's
+    fingerprint added to "merged_adapters"). --out may be neither the base nor the adapter."""
+    store.refuse_overwrite(out_dir, {"the base checkpoint": base_dir, "the adapter": adapter_dir})
+    ckpt, meta = _with_adapter(base_dir, adapter_dir)
     merged = lora.merge(ckpt.params, ckpt.config)
     config = {k: v for k, v in ckpt.config.items() if k != "lora"}
+    config["merged_adapters"] = list(config.get("merged_adapters") or []) + [meta["sha256"]]
     return checkpoint.save_checkpoint(out_dir, merged, config, tokenizer=ckpt.tokenizer_path)
 
 
@@ -119,15 +150,16 @@ def finetune(base_dir, text_path, opts, rank, alpha=None, targets=None, log=prin
     -> {"params", "config", "val_loss", "trainable", "total", "fraction", "adapter_bytes",
     "base_bytes"}."""
     from minillm import data, train
-    from minillm.tokenizer import Tokenizer, read_text_file
+    from minillm.tokenizer import read_text_file
 
     if opts.resume:
         raise ValueError("finetune does not resume; start again with a new --out")
+    store.refuse_overwrite(opts.out, {"the base checkpoint": base_dir})
+    store.check_target(opts.out, (ADAPTER_WEIGHTS, ADAPTER_CONFIG), _is_adapter_dir)   # before any work
     text = read_text_file(text_path)
-    ckpt, model = _load_base(base_dir)
-    if ckpt.tokenizer_path is None:
-        raise ValueError(f"base checkpoint {base_dir!r} has no tokenizer.json")
-    tokenizer = Tokenizer.load(ckpt.tokenizer_path)
+    ckpt = checkpoint.load_checkpoint(base_dir)
+    model = models.get_model(ckpt.config["arch"])
+    tokenizer = checkpoint.load_tokenizer(ckpt)
     config = {**ckpt.config, "lora": lora.lora_config(rank, alpha, targets)}
     params = lora.add_adapters(ckpt.params, config, np.random.default_rng(opts.seed),
                                default_targets=models.get_model(config["arch"]).LORA_TARGETS)
@@ -139,11 +171,12 @@ def finetune(base_dir, text_path, opts, rank, alpha=None, targets=None, log=prin
     log(f"step 0: val loss {train.evaluate(model, params, config, val_batches):.4f} (the base model)")
 
     def save(params_, _opt_state, _trainer_state):
-        save_adapter(opts.out, params_, config, base=str(base_dir))
+        save_adapter(opts.out, params_, config, base=str(base_dir), base_sha256=ckpt.fingerprint)
 
-    val_loss = train.fit(model, params, config, train_ids, val_ids, opts,
-                         log=log, trainable=trainable, save=save,
-                         metrics_path=os.path.join(opts.out, "metrics.jsonl"))
+    with store.lock(opts.out):
+        val_loss = train.fit(model, params, config, train_ids, val_ids, opts,
+                             log=log, trainable=trainable, save=save,
+                             metrics_path=os.path.join(opts.out, "metrics.jsonl"))
     sizes = {k: os.path.getsize(p) for k, p in
              (("adapter_bytes", os.path.join(opts.out, ADAPTER_WEIGHTS)),
               ("base_bytes", os.path.join(base_dir, checkpoint.MODEL_FILE)))}

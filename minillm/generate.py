@@ -146,17 +146,18 @@ def sample_lines(checkpoint_dir, num, prompt="", max_tokens=64, temperature=0.8,
     Every sample starts from <|endoftext|> (a document boundary) followed by the prompt's tokens,
     and stops at the next <|endoftext|> or after `max_tokens` new tokens.
     """
-    from minillm import checkpoint, models
+    from minillm import checkpoint, models, validate
     from minillm.device import array_module_for, to_device
-    from minillm.tokenizer import Tokenizer
-
     if adapter is None:
         ckpt = checkpoint.load_checkpoint(checkpoint_dir)
     else:
         from minillm.finetune import load_with_adapter
 
         ckpt = load_with_adapter(checkpoint_dir, adapter)
-    tokenizer = Tokenizer.load(ckpt.tokenizer_path)
+    tokenizer = checkpoint.load_tokenizer(ckpt)
+    c = ckpt.config
+    validate.check_memory(8 * num * (2 * c["vocab_size"] + 2 * c["n_layer"] * c["d_model"] * (c["context"] + 1)),
+                          f"sampling -n {num}")
     model = models.get_model(ckpt.config["arch"])
     params = to_device(ckpt.params, array_module_for(device))
     start = [tokenizer.eot_id] + tokenizer.encode(prompt)

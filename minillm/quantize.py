@@ -8,35 +8,21 @@ Each dense layer of the blocks becomes three tensors (the rest of the model is k
 
 config.json gets "packed": true. `layers.dense_forward` runs such layers with the packed kernel, which is
 bit-identical to the ternary training forward, so sampling gives the same tokens as the unpacked model.
+The source is loaded with full validation (a missing or damaged tensor is refused), and --out may not be the
+source itself (compared as files, so a symlink or another spelling of the same directory is caught).
 """
 
 import os
 
-import numpy as np
-
-from minillm import checkpoint
-from minillm.nn import ternary
-from minillm.tree import flatten, unflatten
-
-
-def pack_params(params, config):
-    """Trained ternary params -> params whose dense weights are packed (see the module docstring)."""
-    packed, scales = ternary.quantize_params(params, config)
-    shapes = ternary.packed_shapes(params, config)
-    flat = dict(flatten(params))
-    for name, w in packed.items():
-        layer = name[: -len(".weight")]
-        flat[name] = w
-        flat[layer + ".weight_scale"] = np.asarray(scales[name]).reshape(1)
-        flat[layer + ".weight_shape"] = np.asarray(shapes[name], dtype=np.int64)
-    return unflatten(flat)
+from minillm import checkpoint, store
+from minillm.nn.ternary import pack_params  # noqa: F401  (the transform; part of this module's API)
 
 
 def quantize_checkpoint(src, out):
     """Read the checkpoint `src` (trained with --ternary) and write its packed twin to `out`.
     -> (bytes of src/model.safetensors, bytes of out/model.safetensors)."""
-    if os.path.abspath(src) == os.path.abspath(out):
-        raise ValueError("--out must differ from the checkpoint: quantizing in place would lose the latent weights")
+    store.refuse_overwrite(out, {"the checkpoint to quantize (quantizing in place would lose the latent "
+                                 "weights)": src})
     ckpt = checkpoint.load_checkpoint(src)
     if ckpt.config.get("packed"):
         raise ValueError(f"{src!r} is already a packed checkpoint")
@@ -45,5 +31,5 @@ def quantize_checkpoint(src, out):
                          "destroy it; train with --ternary first")
     config = dict(ckpt.config, packed=True)
     checkpoint.save_checkpoint(out, pack_params(ckpt.params, ckpt.config), config, tokenizer=ckpt.tokenizer_path)
-    size = lambda d: os.path.getsize(os.path.join(d, "model.safetensors"))  # noqa: E731
+    size = lambda d: os.path.getsize(os.path.join(d, checkpoint.MODEL_FILE))  # noqa: E731
     return size(src), size(out)

@@ -13,7 +13,7 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from minillm import checkpoint, data, device, metrics, models, optim
+from minillm import checkpoint, data, device, metrics, models, optim, store, validate
 from minillm.nn import ops
 from minillm.tokenizer import Tokenizer, read_text_file
 from minillm.tree import flatten
@@ -104,9 +104,10 @@ def fit(model, params, config, train_ids, val_ids, opts, log=print,
     val_loss = None
     log_file = None if metrics_path is None else metrics.MetricsLog(metrics_path, start_step)
     recent = []          # training losses since the last evaluation
+    saved = start_step if start_step else None   # the step of the checkpoint on disk for this run
 
     def checkpoint_now(step):
-        nonlocal val_loss
+        nonlocal val_loss, saved
         val_loss = evaluate(model, params, config, val_batches)
         train_loss = float(np.mean(recent)) if recent else None
         recent.clear()
@@ -117,6 +118,7 @@ def fit(model, params, config, train_ids, val_ids, opts, log=print,
         if save is not None:
             save(params, opt_state, {"step": step, "rng_state": checkpoint.rng_state(rng),
                                      "val_loss": val_loss})
+            saved = step
 
     bar = tqdm(range(start_step, opts.steps), initial=start_step, total=opts.steps, desc="train",
                unit="step", disable=not opts.progress, dynamic_ncols=True)
@@ -127,8 +129,10 @@ def fit(model, params, config, train_ids, val_ids, opts, log=print,
         loss, loss_cache = ops.cross_entropy_forward(logits, y)
         aux = model.aux_loss(cache) if hasattr(model, "aux_loss") else 0.0
         if not math.isfinite(loss + aux):
+            kept = (f"the last good checkpoint, step {saved}, is kept in {opts.out!r}" if saved is not None
+                    else "no checkpoint of this run had been saved yet")
             raise ValueError(f"the loss became {loss + aux} at step {step}; stopped without saving "
-                             f"(the last good checkpoint in {opts.out!r} is kept); try a lower --lr")
+                             f"({kept}); try a lower --lr")
         grads = model.backward(ops.cross_entropy_backward(1.0, loss_cache), cache)
         if trainable is not None:   # frozen params' gradients are neither clipped nor used (as torch)
             grads = {n: g for n, g in flatten(grads).items() if is_trainable(n)}
@@ -177,21 +181,48 @@ def train(text_path, opts, config_overrides, tokenizer_path=None, log=print):
     arch = config_overrides.pop("arch", None) or "gpt"
     text = read_text_file(text_path)  # validates early: missing, empty, binary, non-UTF-8
     xp = device.array_module_for(opts.device)  # and fails early without a GPU for --device cuda
+    checkpoint.check_writable(opts.out)   # before any work: --out holds no file minillm did not write
+    with store.lock(opts.out):   # one writer per --out for the whole run
+        return _train(text, text_path, arch, xp, opts, config_overrides, tokenizer_path, log)
+
+
+def _resume_state(opts, arch, config_overrides):
+    """The checkpoint in opts.out, checked for resuming to opts.steps."""
+    ckpt = checkpoint.load_checkpoint(opts.out, arch=arch)
+    _check_resume_config(ckpt.config, config_overrides)
+    tokenizer = checkpoint.load_tokenizer(ckpt)
+    if ckpt.optimizer_state is None or ckpt.trainer_state is None:
+        raise ValueError(f"{opts.out!r} has no optimizer and trainer state to resume from")
+    step = ckpt.trainer_state.get("step", 0)
+    if opts.steps < step:
+        raise ValueError(f"--resume --steps {opts.steps}: the checkpoint in {opts.out!r} is already at step "
+                         f"{step}; give --steps {step} or more")
+    if ckpt.trainer_state.get("rng_state") is not None:   # garbage is refused before any work
+        checkpoint.rng_from_state(ckpt.trainer_state["rng_state"],
+                                  f"'{os.path.join(opts.out, checkpoint.TRAINER_FILE)}' (rng_state)")
+    validate.check_memory(validate.training_bytes(ckpt.config, opts.batch_size),
+                          f"training (--batch-size {opts.batch_size})")
+    return ckpt, tokenizer
+
+
+def _train(text, text_path, arch, xp, opts, config_overrides, tokenizer_path, log):
     trainer_state, opt_state, params = {}, None, None
     if opts.resume:
-        ckpt = checkpoint.load_checkpoint(opts.out, arch=arch)
-        _check_resume_config(ckpt.config, config_overrides)
+        ckpt, tokenizer = _resume_state(opts, arch, config_overrides)
         config = ckpt.config
-        expected = checkpoint.expected_from(models.get_model(arch).init(config, np.random.default_rng(0)))
-        checkpoint.check_expected(flatten(ckpt.params), expected, opts.out)
-        tokenizer = Tokenizer.load(ckpt.tokenizer_path)
-        params, opt_state, trainer_state = ckpt.params, ckpt.optimizer_state, ckpt.trainer_state or {}
-        if opt_state is None:
-            raise ValueError(f"{opts.out!r} has no optimizer state to resume from")
+        params, opt_state, trainer_state = ckpt.params, ckpt.optimizer_state, ckpt.trainer_state
     else:
         config = models.build_config(arch, **config_overrides)
+        validate.validate_config(config, "the model options")
+        validate.check_memory(validate.training_bytes(config, opts.batch_size),
+                              f"training (--batch-size {opts.batch_size}, --context {config['context']}, "
+                              f"--d-model {config['d_model']}, --layers {config['n_layer']}, "
+                              f"--vocab-size {config['vocab_size']})")
         if tokenizer_path:
             tokenizer = Tokenizer.load(tokenizer_path)
+            if tokenizer.eot_id is None:
+                raise ValueError(f"--tokenizer {tokenizer_path}: it has no <|endoftext|> token, which "
+                                 "separates the documents")
             asked = config_overrides.get("vocab_size")
             if asked is not None and asked != tokenizer.vocab_size:
                 raise ValueError(f"--vocab-size {asked} contradicts --tokenizer {tokenizer_path} "

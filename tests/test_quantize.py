@@ -28,7 +28,7 @@ def trained(corpus, out, arch="gpt", ternary=True):
     return str(out)
 
 
-@pytest.mark.parametrize("arch", ["gpt", "rwkv"])
+@pytest.mark.parametrize("arch", list(models.ARCHITECTURES))
 def test_packed_checkpoint_samples_the_same_tokens(corpus, tmp_path, arch):
     src = trained(corpus, tmp_path / "t", arch)
     before, after = quantize.quantize_checkpoint(src, str(tmp_path / "q"))

@@ -69,8 +69,10 @@ def test_nan_loss_stops_without_overwriting_the_checkpoint(corpus, tmp_path, mon
     run(corpus, tmp_path / "d", steps=2)
     before = model_bytes(tmp_path / "d")
     monkeypatch.setattr(train.ops, "cross_entropy_forward", lambda logits, y: (float("nan"), None))
-    with pytest.raises(ValueError, match="nan"):
-        run(corpus, tmp_path / "d", steps=4)
+    with pytest.raises(ValueError, match="nan .*no checkpoint of this run had been saved yet"):
+        run(corpus, tmp_path / "d", steps=4)          # a fresh run: nothing of it is on disk
+    with pytest.raises(ValueError, match="the last good checkpoint, step 2, is kept"):
+        run(corpus, tmp_path / "d", steps=4, resume=True)
     assert model_bytes(tmp_path / "d") == before
 
 

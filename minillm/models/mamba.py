@@ -146,11 +146,19 @@ def causal_conv1d_backward(dy, cache):
 # --- the mixer (one Mamba block without its norm and residual) --------------------------------------------
 
 
+def _out_in(p):
+    """(out, in) features of a dense layer: a packed ternary layer (quantize.py) keeps them in
+    "weight_shape", its uint8 "weight" is (ceil(out / 4), in)."""
+    if "weight_shape" in p:
+        return tuple(int(v) for v in p["weight_shape"])
+    return tuple(p["weight"].shape)
+
+
 def mixer_forward(x, p, config):
     """x: (B, T, d_model), p: mixer params -> (out: (B, T, d_model), cache)."""
     xp = ops.array_module(x)
     linear = dense.mode(config, "out_in")
-    Di, R = p["dt_proj"]["weight"].shape
+    Di, R = _out_in(p["dt_proj"])
     N = p["A_log"].shape[1]
     xz, c_in = dense_forward(x, p["in_proj"], linear)
     xs, z = xz[..., :Di], xz[..., Di:]
@@ -254,7 +262,7 @@ def _mixer_step(x, p, config, st):
     """x: (B, d_model), st: this layer's state -> (out: (B, d_model), new state). Same math as mixer_forward."""
     xp = ops.array_module(x)
     linear = dense.mode(config, "out_in")
-    Di, R = p["dt_proj"]["weight"].shape
+    Di, R = _out_in(p["dt_proj"])
     N = p["A_log"].shape[1]
     xz, _ = dense_forward(x, p["in_proj"], linear)
     xs, z = xz[:, :Di], xz[:, Di:]

@@ -42,6 +42,7 @@ import numpy as np
 from minillm import kernels
 from minillm.kernels import ternary as kt
 from minillm.nn.ops import array_module
+from minillm.tree import flatten, unflatten
 
 EPS = 1e-5          # both scales' floor (HF: clamp(min=1e-5))
 QMIN, QMAX = -128, 127  # int8 activations
@@ -189,3 +190,17 @@ def _dense_nodes(params, config, dense_layers, layout_of):
             node = node[int(part)] if isinstance(node, (list, tuple)) else node[part]
         nodes[name] = (node, layout_of(name, config))
     return nodes
+
+
+def pack_params(params, config):
+    """Trained ternary params -> params whose dense weights are packed: each dense layer of the blocks gets
+    "weight" (uint8, see quantize_params), "weight_scale" (1,) and "weight_shape" int64 (O, I)."""
+    packed, scales = quantize_params(params, config)
+    shapes = packed_shapes(params, config)
+    flat = dict(flatten(params))
+    for name, w in packed.items():
+        layer = name[: -len(".weight")]
+        flat[name] = w
+        flat[layer + ".weight_scale"] = np.asarray(scales[name]).reshape(1)
+        flat[layer + ".weight_shape"] = np.asarray(shapes[name], dtype=np.int64)
+    return unflatten(flat)

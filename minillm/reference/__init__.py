@@ -23,6 +23,7 @@ it. The same command writes byte-identical files (fixed per-component seeds, det
 one-key safetensors metadata, sorted JSON).
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -30,7 +31,9 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import zlib
 
 import numpy as np
@@ -42,7 +45,7 @@ from minillm.fileio import atomic_write
 from minillm.reference.report import (DirectoryReport, ImplementationError, Report, Row,  # noqa: F401
                                       compare_case, to_numpy)
 
-FORMAT, VERSION = "minillm-reference", 1
+from minillm.reference.manifest import FORMAT, VERSION, case_path, manifest_entry, read_manifest  # noqa: F401
 SECTIONS = ("inputs", "params", "upstream", "outputs", "grads")
 CONVENTION = ("fn(inputs, params, upstream, config) -> (outputs, grads); grads[name] = d(sum_o "
               "sum(outputs[o] * upstream[o])) / d(inputs or params)[name]")
@@ -178,36 +181,6 @@ class Case:
     grads: dict
 
 
-def read_manifest(directory):
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        raise ValueError(f"{directory}: no such directory")
-    path = os.path.join(directory, "manifest.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{directory}: no manifest.json, not a golden-case directory "
-                         "(write one with `minillm reference make DIR`)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a minillm golden-case manifest (no \"format\": \"{FORMAT}\")")
-    if manifest.get("version") != VERSION or not isinstance(manifest.get("components"), dict):
-        raise ValueError(f"{path}: manifest version {manifest.get('version')!r} is not supported "
-                         f"(this minillm reads version {VERSION})")
-    return manifest
-
-
-def manifest_entry(manifest, directory, component):
-    """The manifest's entry for `component`; ValueError naming what the directory has."""
-    comps = manifest["components"]
-    if component not in comps:
-        raise ValueError(f"{directory}: has no golden case for {component!r} (it has: "
-                         f"{', '.join(comps) or 'none'})")
-    return comps[component]
-
-
 def load(directory, component, variant="float64", manifest=None):
     """Read and validate one golden case (checksum, tensor names, shapes, dtypes) -> Case."""
     from safetensors.numpy import load as st_load
@@ -218,7 +191,7 @@ def load(directory, component, variant="float64", manifest=None):
         raise ValueError(f"{directory}: {component} has no {variant} variant (it has: "
                          f"{', '.join(entry.get('variants', {}))})")
     info = entry["variants"][variant]
-    path = os.path.join(directory, info["file"])
+    path = case_path(directory, info["file"])
     if not os.path.isfile(path):
         raise ValueError(f"{path}: missing (listed in manifest.json)")
     with open(path, "rb") as f:
@@ -260,16 +233,43 @@ def check(component, fn, directory, variants=None, grads=True, catch=False):
     rows = []
     for case in cases:
         copy = lambda d: {k: v.copy() for k, v in d.items()}   # noqa: E731  fn may write into them
-        try:
-            result = fn(copy(case.inputs), copy(case.params), copy(case.upstream),
-                        json.loads(json.dumps(case.config)))
-        except Exception as e:
-            if not catch:
-                raise
-            raise ImplementationError(f"{component} [{case.variant}]: the implementation raised "
-                                      f"{type(e).__name__}: {e}") from e
+        args = (copy(case.inputs), copy(case.params), copy(case.upstream), json.loads(json.dumps(case.config)))
+        with _ctrl_c_watch() as ctrl_c:
+            try:
+                result = fn(*args)
+            except BaseException as e:
+                # SystemExit (even exit 0) or a KeyboardInterrupt the implementation raised itself is its
+                # failure; a real Ctrl-C (SIGINT) and GeneratorExit propagate
+                real = isinstance(e, GeneratorExit) or (isinstance(e, KeyboardInterrupt) and ctrl_c)
+                if not catch or real or not isinstance(e, (Exception, SystemExit, KeyboardInterrupt)):
+                    raise
+                raise ImplementationError(f"{component} [{case.variant}]: the implementation raised "
+                                          f"{type(e).__name__}: {e}") from e
         rows += compare_case(case, result, grads)
     return Report(rows)
+
+
+@contextlib.contextmanager
+def _ctrl_c_watch():
+    """Yields a list that gets an entry when a real SIGINT arrives while the block runs (main thread only;
+    elsewhere every KeyboardInterrupt counts as real)."""
+    seen = []
+    if threading.current_thread() is not threading.main_thread():
+        yield [True]
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):
+        seen.append(signum)
+        if callable(previous):
+            previous(signum, frame)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def check_directory(directory, impl, components=None, variant="all", forward_only=False, on_report=None):
