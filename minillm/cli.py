@@ -7,6 +7,7 @@ import sys
 import click
 
 from minillm import __version__
+from minillm.errors import Interrupted
 from minillm.models import ARCHITECTURES
 
 
@@ -184,20 +185,37 @@ def log(message):
 @click.option("--d-state", type=click.IntRange(1), default=None, show_default="16", help="mamba: SSM state size.")
 @click.option("--d-conv", type=click.IntRange(1), default=None, show_default="4", help="mamba: conv kernel width.")
 @click.option("--expand", type=click.IntRange(1), default=None, show_default="2", help="mamba: inner width factor.")
-@click.option("--resume", is_flag=True, help="Continue the run saved in --out.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run saved in --out: its architecture, sizes and schedule come from the checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in --out (instead of refusing).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cuda: CuPy arrays and numba.cuda kernels on an NVIDIA GPU (pip install \"minillm[cuda]\").")
 @loop_options(steps=1500, lr=3e-3, warmup=100, eval_every=250)
-def train(file, tokenizer_path, resume, device, steps, batch_size, lr, warmup, weight_decay, grad_clip, seed,
-          eval_every, out, quiet, **config):
-    """Train a language model on FILE (one document per line), writing a checkpoint to --out."""
+def train(file, tokenizer_path, resume, overwrite, device, steps, batch_size, lr, warmup, weight_decay, grad_clip,
+          seed, eval_every, out, quiet, **config):
+    """Train a language model on FILE (one document per line), writing a checkpoint to --out.
+    Ctrl-C saves the checkpoint of the last whole step and stops (exit status 130)."""
     from minillm.train import train as run
 
     _check_arch_options(config)
+    if resume and overwrite:
+        raise UserError("--resume continues the checkpoint in --out, --overwrite replaces it: choose one")
+    explicit = _given_options()
+    if "arch" not in explicit:
+        config["arch"] = None                      # --resume takes it from the checkpoint; else gpt
     opts = make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, eval_every, out, quiet,
                         resume)
-    opts.device = device
+    opts.device, opts.overwrite, opts.explicit = device, overwrite, explicit
     run(file, opts, config, tokenizer_path=tokenizer_path, log=log)
+
+
+def _given_options():
+    """The names of the options given on the command line (or by environment), not left at their default."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    return frozenset(name for name in ctx.params
+                     if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT))
 
 
 @cli.command()
@@ -389,6 +407,9 @@ def main(argv=None):
     except MemoryError as e:
         click.echo(f"error: out of memory{f' ({e})' if str(e) else ''}; use smaller sizes", err=True)
         sys.exit(1)
+    except Interrupted as e:          # Ctrl-C in training, after the checkpoint of the last step was saved
+        click.echo(str(e), err=True)
+        sys.exit(130)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)

@@ -4,16 +4,20 @@
 shared with LoRA fine-tuning (which passes the set of trainable names).
 """
 
+import contextlib
 import dataclasses
 import lzma
 import math
 import os
+import signal
+import threading
 import time
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from minillm import checkpoint, data, device, metrics, models, optim, store, validate
+from minillm.errors import Interrupted
 from minillm.nn import ops
 from minillm.tokenizer import Tokenizer, read_text_file
 from minillm.tree import flatten
@@ -36,6 +40,43 @@ class TrainOptions:
     resume: bool = False
     progress: bool = True
     device: str = "cpu"
+    overwrite: bool = False          # replace a checkpoint in `out` instead of refusing to
+    explicit: frozenset = None       # the options the user gave; --resume takes the others from the run
+    #                                  (None, for library callers: every option as given, nothing checked)
+
+
+# What --resume takes from the checkpoint's trainer_state.json ("schedule") unless given explicitly.
+SCHEDULE = ("steps", "batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip")
+
+
+class _Flag:
+    def __init__(self):
+        self.raised = False
+
+    def __bool__(self):
+        return self.raised
+
+
+@contextlib.contextmanager
+def _deferred_sigint():
+    """Within the block Ctrl-C (SIGINT) only raises a flag that fit checks between steps, so a step (and the
+    in-place AdamW update) is never cut in half; a second Ctrl-C stops at once. Outside the main thread,
+    where no signal handler can be set, Ctrl-C is left alone."""
+    flag = _Flag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.raised:
+            raise KeyboardInterrupt
+        flag.raised = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def format_stat(value):
@@ -120,10 +161,8 @@ def fit(model, params, config, train_ids, val_ids, opts, log=print,
                                      "val_loss": val_loss})
             saved = step
 
-    bar = tqdm(range(start_step, opts.steps), initial=start_step, total=opts.steps, desc="train",
-               unit="step", disable=not opts.progress, dynamic_ncols=True)
-    started = time.perf_counter()
-    for step in bar:
+    def _step(step):
+        nonlocal val_loss
         x, y = (xp.asarray(a) for a in data.get_batch(train_ids, opts.batch_size, config["context"], rng))
         logits, cache = model.forward(params, x, config)
         loss, loss_cache = ops.cross_entropy_forward(logits, y)
@@ -155,6 +194,19 @@ def fit(model, params, config, train_ids, val_ids, opts, log=print,
         if (step + 1) % opts.eval_every == 0 and step + 1 < opts.steps:
             bar.clear()
             checkpoint_now(step + 1)
+
+    bar = tqdm(range(start_step, opts.steps), initial=start_step, total=opts.steps, desc="train",
+               unit="step", disable=not opts.progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    with _deferred_sigint() as interrupted:
+        for step in bar:
+            _step(step)
+            if interrupted:      # Ctrl-C arrived during the step: keep the state after it, then stop
+                bar.close()
+                if save is not None:
+                    save(params, opt_state, {"step": step + 1, "rng_state": checkpoint.rng_state(rng),
+                                             "val_loss": val_loss})
+                raise Interrupted(step + 1, opts.out)
     bar.close()
     checkpoint_now(opts.steps)
     return val_loss
@@ -178,12 +230,35 @@ def _check_resume_config(saved, requested):
 
 def train(text_path, opts, config_overrides, tokenizer_path=None, log=print):
     """Train a model on the text file at `text_path`; writes a checkpoint to opts.out. -> summary dict."""
-    arch = config_overrides.pop("arch", None) or "gpt"
+    arch = config_overrides.pop("arch", None)
     text = read_text_file(text_path)  # validates early: missing, empty, binary, non-UTF-8
     xp = device.array_module_for(opts.device)  # and fails early without a GPU for --device cuda
     checkpoint.check_writable(opts.out)   # before any work: --out holds no file minillm did not write
+    if not opts.resume:
+        arch = arch or "gpt"
+        if os.path.exists(os.path.join(opts.out, checkpoint.CONFIG_FILE)) and not opts.overwrite:
+            raise ValueError(f"{opts.out!r} holds a checkpoint already: --resume continues it, --overwrite "
+                             "replaces it")
     with store.lock(opts.out):   # one writer per --out for the whole run
         return _train(text, text_path, arch, xp, opts, config_overrides, tokenizer_path, log)
+
+
+def _resume_schedule(opts, saved):
+    """opts with the schedule of the run being resumed (trainer_state "schedule"): an option the user did not
+    give is taken from it, one given with another value is an error, except a larger --steps, which extends
+    the run (the cosine decay is then recomputed to end at the new total: from this step on the learning
+    rate follows the longer schedule, so it rises to where that schedule is)."""
+    if opts.explicit is None:
+        return
+    for key in SCHEDULE:
+        if key not in saved:
+            continue
+        if key not in opts.explicit:
+            setattr(opts, key, type(getattr(opts, key))(saved[key]))
+        elif getattr(opts, key) != saved[key] and not (key == "steps" and opts.steps > saved[key]):
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"--resume: the run was trained with {flag} {saved[key]}, not {getattr(opts, key)}; "
+                             f"drop {flag} (the schedule comes from the checkpoint) or start a new --out")
 
 
 def _resume_state(opts, arch, config_overrides):
@@ -197,6 +272,7 @@ def _resume_state(opts, arch, config_overrides):
     if opts.steps < step:
         raise ValueError(f"--resume --steps {opts.steps}: the checkpoint in {opts.out!r} is already at step "
                          f"{step}; give --steps {step} or more")
+    _resume_schedule(opts, ckpt.trainer_state.get("schedule") or {})
     if ckpt.trainer_state.get("rng_state") is not None:   # garbage is refused before any work
         checkpoint.rng_from_state(ckpt.trainer_state["rng_state"],
                                   f"'{os.path.join(opts.out, checkpoint.TRAINER_FILE)}' (rng_state)")
@@ -243,9 +319,11 @@ def _train(text, text_path, arch, xp, opts, config_overrides, tokenizer_path, lo
     log(f"{config['arch']}: {n_params / 1e6:.2f}M parameters, {len(train_ids)} training and "
         f"{len(val_ids)} validation tokens")
 
+    schedule = {key: getattr(opts, key) for key in SCHEDULE}
+
     def save(params_, opt_state_, state):
         checkpoint.save_checkpoint(opts.out, params_, config, tokenizer=tokenizer,
-                                   optimizer_state=opt_state_, trainer_state=state)
+                                   optimizer_state=opt_state_, trainer_state={**state, "schedule": schedule})
 
     start = int(trainer_state.get("step", 0))
     fit(model, params, config, train_ids, val_ids, opts, log=log, opt_state=opt_state,

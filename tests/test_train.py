@@ -22,9 +22,9 @@ def corpus(tmp_path_factory):
     return str(path)
 
 
-def run(corpus, out, steps=6, resume=False, **overrides):
+def run(corpus, out, steps=6, resume=False, overwrite=False, **overrides):
     opts = train.TrainOptions(steps=steps, batch_size=4, lr=1e-3, warmup=2, eval_every=3, eval_batches=2,
-                              out=str(out), resume=resume, progress=False)
+                              out=str(out), resume=resume, overwrite=overwrite, progress=False)
     return train.train(corpus, opts, {**SMALL, **overrides}, log=lambda m: None)
 
 
@@ -70,7 +70,7 @@ def test_nan_loss_stops_without_overwriting_the_checkpoint(corpus, tmp_path, mon
     before = model_bytes(tmp_path / "d")
     monkeypatch.setattr(train.ops, "cross_entropy_forward", lambda logits, y: (float("nan"), None))
     with pytest.raises(ValueError, match="nan .*no checkpoint of this run had been saved yet"):
-        run(corpus, tmp_path / "d", steps=4)          # a fresh run: nothing of it is on disk
+        run(corpus, tmp_path / "d", steps=4, overwrite=True)   # a fresh run: nothing of it is on disk
     with pytest.raises(ValueError, match="the last good checkpoint, step 2, is kept"):
         run(corpus, tmp_path / "d", steps=4, resume=True)
     assert model_bytes(tmp_path / "d") == before
