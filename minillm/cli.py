@@ -48,7 +48,7 @@ def _text_arg(text):
 
 @tokenizer_group.command("train")
 @click.argument("file", type=click.Path())
-@click.option("--vocab-size", type=click.IntRange(1, 1 << 20), required=True,
+@click.option("--vocab-size", type=click.IntRange(1), required=True,
               help="Vocabulary size, special tokens included.")
 @click.option("--out", required=True, type=click.Path(), help="Where to write the tokenizer JSON.")
 @click.option("--min-frequency", type=int, default=2, show_default=True,

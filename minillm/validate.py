@@ -26,7 +26,7 @@ from minillm import models
 from minillm.tree import flatten
 
 LIMITS = {
-    "vocab_size": (1, 1 << 20), "context": (1, 1 << 20), "n_layer": (1, 1024), "n_head": (1, 4096),
+    "vocab_size": (1, 1 << 24), "context": (1, 1 << 20), "n_layer": (1, 1024), "n_head": (1, 4096),
     "d_model": (1, 1 << 16), "d_state": (1, 1024), "d_conv": (1, 64), "expand": (1, 16),
     "n_experts": (0, 1024), "top_k": (1, 1024), "d_ff": (1, 1 << 18), "intermediate_size": (1, 1 << 18),
     "dt_rank": (1, 1 << 16),

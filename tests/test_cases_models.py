@@ -37,13 +37,14 @@ def _reference_imports(module):
 
 
 def test_leaf_module_and_reexports():
-    # importing cases_models alone loads only the package (with its report module) and common.py
+    # importing cases_models alone loads only the package (with its manifest and report modules) and common.py
     code = ("import sys, minillm.reference.cases_models as m; "
             "print(*sorted(k for k in sys.modules if k.startswith('minillm.reference')))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], check=True, cwd=root, capture_output=True, text=True)
     assert out.stdout.split() == ["minillm.reference", "minillm.reference.cases_models",
-                                  "minillm.reference.common", "minillm.reference.report"]
+                                  "minillm.reference.common", "minillm.reference.manifest",
+                                  "minillm.reference.report"]
     # no cycle, lazy imports included: cases -> cases_models -> common, and common imports no other
     # reference module
     assert _reference_imports(rcm) == {"minillm.reference.common"}

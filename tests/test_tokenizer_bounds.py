@@ -150,7 +150,7 @@ def kernel_cases():
         a, b, _ = tr(np.array([5, 6], np.int32), np.array([0], i64), np.array([2], np.int32),
                      np.array([3], i64), n_merges, 256)  # one word, one pair
         assert (a.tolist(), b.tolist()) == ([5] * min(n_merges, 1), [6] * min(n_merges, 1))
-    from test_kernels_bpe import random_words, words_to_arrays
+    from test_kernels_bpe_train import random_words, words_to_arrays
 
     for seed in range(20):  # tables that start tiny (first_id = alphabet) and grow many times
         rng = np.random.default_rng(seed)
