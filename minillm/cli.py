@@ -84,16 +84,18 @@ ARCH_CHOICES = click.Choice(list(ARCHITECTURES))
 
 def _check_arch_options(config):
     """An architecture-specific option (a key some model declares in OPTIONS, beyond the shared ones) given
-    for another architecture is one error line naming the flags."""
+    for an architecture that does not declare it is one error line naming the flags and the architectures
+    that take them."""
     from minillm import models
 
     flag = {p.name: p.opts[0] for p in click.get_current_context().command.params}
+    options = {arch: set(models.get_model(arch).OPTIONS) for arch in ARCHITECTURES}
     for arch in ARCHITECTURES:
-        own = [k for k in models.get_model(arch).OPTIONS if k not in models.BASE_DEFAULTS]
-        if arch != config["arch"] and any(config.get(k) is not None for k in own):
-            theirs = set(models.get_model(config["arch"]).OPTIONS)
-            if not all(k in theirs for k in own if config.get(k) is not None):
-                raise UserError(f"{'/'.join(flag[k] for k in own)} only apply to --arch {arch}")
+        own = [k for k in models.get_model(arch).OPTIONS if k not in models.BASE_DEFAULTS and k in flag]
+        given = [k for k in own if config.get(k) is not None and k not in options[config["arch"]]]
+        if arch != config["arch"] and given:
+            owners = [a for a in ARCHITECTURES if all(k in options[a] for k in given)]
+            raise UserError(f"{'/'.join(flag[k] for k in own)} only apply to --arch {' or '.join(owners)}")
 
 
 def loop_options(steps, lr, warmup, eval_every, out="out"):
@@ -145,9 +147,17 @@ def log(message):
               help="Reuse this tokenizer.json instead of training one on FILE.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None, help="[float32]")
 @click.option("--ternary", is_flag=True, default=None, help="BitNet b1.58 ternary weights in every block linear.")
-@click.option("--experts", "n_experts", type=click.IntRange(1), default=None, help="moe: experts per layer [8].")
-@click.option("--top-k", "top_k", type=click.IntRange(1), default=None, help="moe: experts per token [2].")
-@click.option("--aux-loss-coef", type=click.FloatRange(0), default=None, help="moe: load-balancing loss weight.")
+@click.option("--kv-heads", "n_kv_head", type=click.IntRange(1), default=None,
+              help="llama, mixtral: key/value heads, dividing --heads (1: multi-query) [--heads].")
+@click.option("--rope-theta", type=click.FloatRange(0, min_open=True), default=None,
+              help="llama, mixtral: rotary base [10000; mixtral 1e6].")
+@click.option("--sliding-window", type=click.IntRange(1), default=None,
+              help="llama, mixtral: attend to the last N positions only (Mistral) [none].")
+@click.option("--tie-embeddings", is_flag=True, default=None, help="llama, mixtral: the head is embed_tokens.")
+@click.option("--experts", "n_experts", type=click.IntRange(1), default=None, help="moe, mixtral: experts per layer [8].")
+@click.option("--top-k", "top_k", type=click.IntRange(1), default=None, help="moe, mixtral: experts per token [2].")
+@click.option("--aux-loss-coef", type=click.FloatRange(0), default=None,
+              help="moe, mixtral: load-balancing loss weight [0.01; mixtral 0.02].")
 @click.option("--d-state", type=click.IntRange(1), default=None, help="mamba: SSM state size [16].")
 @click.option("--d-conv", type=click.IntRange(1), default=None, help="mamba: conv kernel width [4].")
 @click.option("--expand", type=click.IntRange(1), default=None, help="mamba: inner width factor [2].")
