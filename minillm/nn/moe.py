@@ -1,4 +1,5 @@
-"""Sparse Mixture-of-Experts feed-forward layer (Mixtral); models/gpt.py plugs it into GPT-2 blocks ("moe").
+"""Sparse Mixture-of-Experts feed-forward layer (Mixtral); models/gpt.py plugs it into GPT-2 blocks ("moe"),
+models/llama.py into Llama blocks ("mixtral").
 
 Layer (HF MixtralSparseMoeBlock), for tokens x: (N, C):
 
@@ -27,8 +28,9 @@ Auxiliary losses, per layer (their gradients are added by moe_backward itself):
 
 HF differences: HF takes the router softmax (and the aux loss's probability means) in float32 even
 for float64 inputs, so HF's routing weights are float32-accurate; HF computes aux once over all
-layers' logits concatenated (E * sum_i mean_l f_il * mean_l P_il) where we sum the per-layer aux
-(as the Switch Transformer does); the two agree for one layer. Our default coefficient is 0.01
+layers' logits concatenated (E * sum_i mean_l f_il * mean_l P_il) where the "moe" model sums the
+per-layer aux (as the Switch Transformer does); the two agree for one layer. The "mixtral" model uses
+HF's pooled form (`pooled_balance_loss`, its gradient passed to moe_backward as extra_dprobs). Our default coefficient is 0.01
 (Switch Transformer's alpha) rather than HF's 0.001: a stronger push for small models trained briefly.
 
 Parameters (named like the released Mixtral checkpoints' `block_sparse_moe`): gate.weight (E, C),
