@@ -114,7 +114,7 @@ def _check_arch_options(config):
              if config.get(k) is not None]
     if given:
         archs = [a for a in ARCHITECTURES if any(k in declared[a] for k in given)]
-        raise UserError(f"{'/'.join(flag[k] for k in given)} only apply to --arch {', '.join(archs)}")
+        raise UserError(f"{'/'.join(flag[k] for k in given)} only apply to --arch {' or '.join(archs)}")
 
 
 def loop_options(steps, lr, warmup, eval_every, out="out"):
@@ -176,12 +176,19 @@ def log(message):
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None, show_default="float32",
               help="Parameter dtype.")
 @click.option("--ternary", is_flag=True, default=None, help="BitNet b1.58 ternary weights in every block linear.")
+@click.option("--kv-heads", "n_kv_head", type=click.IntRange(1), default=None, show_default="--heads",
+              help="llama, mixtral: key/value heads, dividing --heads (1: multi-query).")
+@click.option("--rope-theta", type=Finite(0, min_open=True), default=None, show_default="10000; mixtral 1e6",
+              help="llama, mixtral: rotary base.")
+@click.option("--sliding-window", type=click.IntRange(1), default=None, show_default="none",
+              help="llama, mixtral: attend to the last N positions only (Mistral).")
+@click.option("--tie-embeddings", is_flag=True, default=None, help="llama, mixtral: the head is embed_tokens.")
 @click.option("--experts", "n_experts", type=click.IntRange(1), default=None, show_default="8",
-              help="moe: experts per layer.")
+              help="moe, mixtral: experts per layer.")
 @click.option("--experts-per-token", "top_k", type=click.IntRange(1), default=None, show_default="2",
-              help="moe: experts each token is routed to (top-k).")
-@click.option("--aux-loss-coef", type=Finite(0), default=None, show_default="0.01",
-              help="moe: load-balancing loss weight.")
+              help="moe, mixtral: experts each token is routed to (top-k).")
+@click.option("--aux-loss-coef", type=Finite(0), default=None, show_default="0.01; mixtral 0.02",
+              help="moe, mixtral: load-balancing loss weight.")
 @click.option("--d-state", type=click.IntRange(1), default=None, show_default="16", help="mamba: SSM state size.")
 @click.option("--d-conv", type=click.IntRange(1), default=None, show_default="4", help="mamba: conv kernel width.")
 @click.option("--expand", type=click.IntRange(1), default=None, show_default="2", help="mamba: inner width factor.")

@@ -4,7 +4,7 @@ Each `hf_*` function builds the transformers (or peft) module that a minillm com
 timed against and loads minillm's weights into it. minillm's checkpoint names are HF's (GPT-2, Mamba,
 RWKV-4, the layers), so most converters are a config plus `load_params`; the MoE experts are the
 exception (HF 5 stores them fused). Also here: the switches that neutralise HF's float32 up-casts,
-so that float64 comparisons are float64-accurate.
+so that float64 comparisons are float64-accurate (no_float_upcast, mamba_float64, llama_float64).
 
 Used by the tests (tests/ is on sys.path through conftest.py) and by the benchmarks (through
 benchmarks/harness.py). Converters take minillm params as a nested tree or a flat {dotted name: array}
@@ -155,6 +155,132 @@ def mixtral_moe_grads(block):
     for e in range(gu.shape[0]):
         grads.update({f"experts.{e}.w1.weight": gu[e, :F], f"experts.{e}.w2.weight": gd[e],
                       f"experts.{e}.w3.weight": gu[e, F:]})
+    return grads
+
+
+# --- Llama, Mistral (Llama + sliding window), Mixtral -------------------------------------------------------
+
+
+def _softmax_keeps_float64(original):
+    def softmax(x, *a, dtype=None, **k):
+        if dtype == torch.float32 and x.dtype == torch.float64:
+            dtype = None
+        return original(x, *a, dtype=dtype, **k)
+    return softmax
+
+
+def _rotary_float64(original):
+    def forward(self, x, position_ids):
+        if x.dtype != torch.float64:
+            return original(self, x, position_ids)
+        theta, hd = self.config.rope_parameters["rope_theta"], self.inv_freq.shape[0] * 2
+        inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+        freqs = position_ids[..., None].to(torch.float64) * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+    return forward
+
+
+@contextlib.contextmanager
+def llama_float64():
+    """HF's Llama, Mistral and Mixtral compute in float32 in four places even for float64 weights: the
+    RMSNorm (`hidden_states.to(torch.float32)`), the rotary tables (inv_freq, angles, cos and sin), the
+    eager attention softmax (`softmax(..., dtype=torch.float32)`) and Mixtral's router (`.float()`). Within
+    the block all four stay in float64 (float32 inputs run the genuine code)."""
+    from transformers.models.llama import modeling_llama
+    from transformers.models.mistral import modeling_mistral
+    from transformers.models.mixtral import modeling_mixtral
+
+    saved = []
+    for mod, prefix in ((modeling_llama, "Llama"), (modeling_mistral, "Mistral"), (modeling_mixtral, "Mixtral")):
+        norm, rot = getattr(mod, prefix + "RMSNorm"), getattr(mod, prefix + "RotaryEmbedding")
+        saved += [(norm, "forward", norm.forward), (rot, "forward", rot.forward)]
+        norm.forward = _rmsnorm_same_dtype
+        rot.forward = _rotary_float64(rot.forward)
+    saved.append((torch.nn.functional, "softmax", torch.nn.functional.softmax))
+    torch.nn.functional.softmax = _softmax_keeps_float64(torch.nn.functional.softmax)
+    try:
+        with no_float_upcast():
+            yield
+    finally:
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
+
+
+def llama_config(config, attn="eager"):
+    """LlamaConfig for a minillm llama config; MistralConfig when it has a sliding window; MixtralConfig
+    when it has experts (router_aux_loss_coef = aux_loss_coef, output_router_logits on)."""
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig
+
+    from minillm.models import llama
+
+    C, H = config["d_model"], config["n_head"]
+    kw = dict(vocab_size=config["vocab_size"], hidden_size=C, intermediate_size=llama.d_ff_of(config),
+              num_hidden_layers=config["n_layer"], num_attention_heads=H,
+              num_key_value_heads=config.get("n_kv_head") or H, head_dim=config.get("head_dim") or C // H,
+              max_position_embeddings=config.get("context", 64), rms_norm_eps=config.get("rms_norm_eps", 1e-5),
+              rope_parameters={"rope_type": "default", "rope_theta": config.get("rope_theta", 10000.0)},
+              tie_word_embeddings=bool(config.get("tie_embeddings")), attention_dropout=0.0,
+              bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    if config.get("n_experts"):
+        hc = MixtralConfig(num_local_experts=config["n_experts"], num_experts_per_tok=config["top_k"],
+                           router_aux_loss_coef=config.get("aux_loss_coef", 0.0), output_router_logits=True,
+                           router_jitter_noise=0.0, sliding_window=config.get("sliding_window"), **kw)
+        hc._experts_implementation = "eager"    # grouped_mm has no float64 kernel
+    elif config.get("sliding_window"):
+        hc = MistralConfig(sliding_window=config["sliding_window"], **kw)
+    else:
+        hc = LlamaConfig(attention_bias=False, mlp_bias=False, **kw)
+    if attn is not None:
+        hc._attn_implementation = attn
+    return hc
+
+
+def mixtral_state(params):
+    """minillm Mixtral params (released names block_sparse_moe.experts.<e>.w1/w2/w3) -> HF 5's state dict
+    (mlp.gate, fused mlp.experts.gate_up_proj = [w1; w3], down_proj = w2), numpy arrays."""
+    flat, out = flatten(params), {}
+    for name, a in flat.items():
+        if ".block_sparse_moe.experts." not in name:
+            out[name.replace(".block_sparse_moe.", ".mlp.")] = a
+    layers = sorted({n.split(".block_sparse_moe.")[0] for n in flat if ".block_sparse_moe." in n})
+    for layer in layers:
+        pre = f"{layer}.block_sparse_moe.experts."
+        E = len({n[len(pre):].split(".")[0] for n in flat if n.startswith(pre)})
+        w = lambda e, k: flat[f"{pre}{e}.{k}.weight"]  # noqa: E731
+        out[f"{layer}.mlp.experts.gate_up_proj"] = np.stack([np.concatenate([w(e, "w1"), w(e, "w3")]) for e in range(E)])
+        out[f"{layer}.mlp.experts.down_proj"] = np.stack([w(e, "w2") for e in range(E)])
+    return out
+
+
+def hf_llama(params, config, dtype=torch.float64, attn="eager"):
+    """LlamaForCausalLM (MistralForCausalLM with a sliding window, MixtralForCausalLM with experts) with
+    minillm's weights; its lm_head is tied to model.embed_tokens when config["tie_embeddings"]."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(llama_config(config, attn)).to(dtype)
+    state = mixtral_state(params) if config.get("n_experts") else flatten(params)
+    return load_params(model, state, missing=["lm_head.weight"] if config.get("tie_embeddings") else ())
+
+
+def llama_grads(model, config):
+    """The parameter gradients of a backpropagated `hf_llama` model in minillm's flat names (torch tensors;
+    Mixtral's fused expert gradients split back into w1, w3, w2)."""
+    grads = {}
+    for name, p in model.named_parameters():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            layer, F = name[: -len(".mlp.experts.gate_up_proj")], p.shape[1] // 2
+            for e in range(p.shape[0]):
+                grads[f"{layer}.block_sparse_moe.experts.{e}.w1.weight"] = p.grad[e, :F]
+                grads[f"{layer}.block_sparse_moe.experts.{e}.w3.weight"] = p.grad[e, F:]
+        elif name.endswith("mlp.experts.down_proj"):
+            layer = name[: -len(".mlp.experts.down_proj")]
+            for e in range(p.shape[0]):
+                grads[f"{layer}.block_sparse_moe.experts.{e}.w2.weight"] = p.grad[e]
+        elif config.get("n_experts"):
+            grads[name.replace(".mlp.", ".block_sparse_moe.")] = p.grad
+        else:
+            grads[name] = p.grad
     return grads
 
 

@@ -16,7 +16,8 @@ WITH_GRADS = ["layernorm", "gelu", "cross_entropy", "attention", "gpt_block", "g
 
 
 def test_registry():
-    float32 = {"gpt", "moe", "selective_scan", "wkv", "bitlinear"}          # README: the float32 files
+    float32 = {"gpt", "moe", "selective_scan", "wkv", "bitlinear",          # README: the float32 files
+               "rmsnorm", "rope", "gqa_attention", "llama", "mixtral"}
     assert set(HERE) == {"tokenizer_train", "tokenizer_encode", "layernorm", "gelu", "cross_entropy",
                          "attention", "gpt_block", "gpt", "adamw", "lora_linear"}
     for name, spec in rc.COMPONENTS.items():

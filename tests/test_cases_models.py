@@ -49,7 +49,8 @@ def test_leaf_module_and_reexports():
     # reference module
     assert _reference_imports(rcm) == {"minillm.reference.common"}
     assert _reference_imports(common) == set()
-    assert _reference_imports(rc) == {"minillm.reference.cases_models", "minillm.reference.common"}
+    assert _reference_imports(rc) == {"minillm.reference.cases_models", "minillm.reference.cases_llama",
+                                      "minillm.reference.common"}
     # the registry's model entries are this module's, their functions re-exported by cases.py, so
     # `--impl minillm.reference.cases` has every component
     assert set(rcm.MODEL_COMPONENTS) == set(MODELS)

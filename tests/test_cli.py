@@ -115,9 +115,9 @@ def test_finetune_sample_with_adapter_and_merge(capsys, trained, small_corpus, t
 
 def test_options_of_other_architectures_and_contradictions_are_refused(capsys, small_corpus, tmp_path):
     one_error_line(capsys, "train", small_corpus, "--arch", "mamba", "--heads", "2", "--out", str(tmp_path),
-                   match="--heads only apply to --arch gpt, moe")
+                   match="--heads only apply to --arch gpt or moe or llama or mixtral")
     one_error_line(capsys, "train", small_corpus, "--arch", "gpt", "--experts-per-token", "2", "--out",
-                   str(tmp_path), match="--experts-per-token only apply to --arch moe")
+                   str(tmp_path), match="--experts-per-token only apply to --arch moe or mixtral")
     one_error_line(capsys, "train", small_corpus, "--top-k", "2", "--out", str(tmp_path), match="no such option")
     one_error_line(capsys, "train", small_corpus, "--seed", "-1", "--out", str(tmp_path), match="--seed")
     tok = str(tmp_path / "tok.json")

@@ -39,8 +39,8 @@ def test_build_config_rejects_bad_sizes(overrides, match):
 
 
 def test_unknown_architecture_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown architecture 'llama'"):
-        models.get_model("llama")
+    with pytest.raises(ValueError, match="unknown architecture 'transformer-xl'"):
+        models.get_model("transformer-xl")
 
 
 def test_token_ids_and_dtype_are_checked():

@@ -219,7 +219,7 @@ def layernorm(inputs, params, upstream, config):
 
 def test_cli_check(golden, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "reference", "check", golden, "--impl", "minillm.reference.cases", "--quiet")
-    assert code == 0 and out.startswith("ok: 17 component(s)")
+    assert code == 0 and out.startswith("ok: 24 component(s)")
     code, out, _ = run_cli(capsys, "reference", "check", golden, "--impl", "minillm.reference.cases:gelu")
     assert code == 0 and "gelu [float64]" in out and "outputs/y" in out
     impl = tmp_path / "mine.py"

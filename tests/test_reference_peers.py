@@ -205,6 +205,82 @@ def tiktoken_encode(inputs, params, upstream, config):
     return {"ids": np.array(enc.encode_ordinary(bytes(inputs["text"]).decode("utf-8")), np.int64)}, {}
 
 
+def hf_rmsnorm(inputs, params, upstream, config):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    C = params["weight"].shape[0]
+    return module_adapter(lambda p, c, dtype: peers.load_params(LlamaRMSNorm(C, eps=c["eps"]).to(dtype), p))(
+        inputs, params, upstream, config)
+
+
+def _hf_llama_model(config, dtype, **sizes):
+    """A one-layer HF model of the component's sizes: its rotary embedding and its first layer."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = {"vocab_size": 8, "n_layer": 1, "context": 16, **config, **sizes}
+    return AutoModelForCausalLM.from_config(peers.llama_config(cfg)).to(dtype)
+
+
+def hf_rope(inputs, params, upstream, config):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    x = T(inputs["x"], True)
+    H, hd = x.shape[1], x.shape[-1]
+    model = _hf_llama_model(config, x.dtype, d_model=H * hd, n_head=H)
+    cos, sin = model.model.rotary_emb(x, T(inputs["position_ids"])[None])
+    y, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    backward({"y": y}, upstream)
+    return {"y": y}, {"x": x.grad}
+
+
+def hf_swiglu(inputs, params, upstream, config):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    F, C = params["gate_proj.weight"].shape
+    hc = LlamaConfig(hidden_size=C, intermediate_size=F, num_attention_heads=1)
+    return module_adapter(lambda p, c, dtype: peers.load_params(LlamaMLP(hc).to(dtype), p))(
+        inputs, params, upstream, config)
+
+
+def _llama_layer_adapter(get_layer):
+    """Adapter for one HF Llama-family layer taking (x, position_embeddings, attention_mask)."""
+    def fn(inputs, params, upstream, config):
+        x = T(inputs["x"], True)
+        model = _hf_llama_model(config, x.dtype, d_model=x.shape[-1])
+        layer = peers.load_params(get_layer(model), params)
+        Tn, w = x.shape[1], config.get("sliding_window")
+        i, j = np.indices((Tn, Tn))
+        keep = (j <= i) & ((j > i - w) if w else True)
+        mask = torch.zeros(Tn, Tn, dtype=x.dtype).masked_fill(T(~keep), torch.finfo(x.dtype).min)
+        y = layer(x, position_embeddings=model.model.rotary_emb(x, torch.arange(Tn)[None]),
+                  attention_mask=mask[None, None])
+        y = y[0] if isinstance(y, tuple) else y
+        backward({"y": y}, upstream)
+        named = dict(layer.named_parameters())
+        return {"y": y}, {"x": x.grad, **{k: named[k].grad for k in params}}
+    return fn
+
+
+hf_gqa_attention = _llama_layer_adapter(lambda m: m.model.layers[0].self_attn)
+hf_llama_block = _llama_layer_adapter(lambda m: m.model.layers[0])
+
+
+def hf_llama(inputs, params, upstream, config):
+    model = peers.hf_llama(params, config, dtype_of(params))
+    logits = model(input_ids=T(inputs["idx"])).logits
+    backward({"logits": logits}, upstream)
+    return {"logits": logits}, peers.llama_grads(model, config)
+
+
+def hf_mixtral(inputs, params, upstream, config):
+    model = peers.hf_llama(params, config, dtype_of(params))
+    out = model(input_ids=T(inputs["idx"]))              # output_router_logits: aux_loss over all layers
+    outputs = {"logits": out.logits, "aux_loss": out.aux_loss.to(out.logits.dtype)}
+    backward(outputs, upstream)
+    return outputs, peers.llama_grads(model, config)
+
+
 PEERS = [  # (component, adapter, context manager, variants); float32 variants run the genuine HF code
     ("layernorm", hf_layernorm, contextlib.nullcontext, None),
     ("gelu", hf_gelu, contextlib.nullcontext, None),
@@ -226,6 +302,13 @@ PEERS = [  # (component, adapter, context manager, variants); float32 variants r
     ("ternary_pack", hf_ternary_pack, contextlib.nullcontext, None),
     ("tokenizer_encode", tiktoken_encode, contextlib.nullcontext, None),
 ]
+for _name, _adapter in (("rmsnorm", hf_rmsnorm), ("rope", hf_rope), ("swiglu", hf_swiglu),
+                        ("gqa_attention", hf_gqa_attention), ("llama_block", hf_llama_block),
+                        ("llama", hf_llama), ("mixtral", hf_mixtral)):
+    # HF's float32 casts (RMSNorm, rotary tables, eager softmax, router) disabled for float64 only
+    PEERS.append((_name, _adapter, peers.llama_float64, ["float64"]))
+    if _name not in ("swiglu", "llama_block"):      # the components with a float32 file: the genuine code
+        PEERS.append((_name, _adapter, contextlib.nullcontext, ["float32"]))
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning")

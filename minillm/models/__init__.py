@@ -9,7 +9,8 @@ naming architectures:
     OPTIONS             config keys a user may set for it beyond the shared ones (cli checks flags with it)
     LORA_TARGETS        default LoRA targets (dotted-name patterns)
     NO_DECAY            name fragments of tensors that get no weight decay (train builds the mask with it)
-    BOUNDED_POSITIONS   learned positions: a sequence holds at most `context` tokens (generate checks it)
+    BOUNDED_POSITIONS   learned positions: a sequence holds at most `context` tokens (generate checks it);
+                        False for recurrent models and RoPE (llama, mixtral: `context` is the trained length)
 
 The packages below: models/ (this registry and the models), nn/ (layers), kernels/ (hot loops, one
 dispatch), reference/ (golden cases).
@@ -24,6 +25,8 @@ ARCHITECTURES = {
     "moe": "minillm.models.moe",
     "mamba": "minillm.models.mamba",
     "rwkv": "minillm.models.rwkv",
+    "llama": "minillm.models.llama",
+    "mixtral": "minillm.models.mixtral",
 }
 
 # Keys every architecture shares; each module's DEFAULTS adds its own.
@@ -39,7 +42,7 @@ BASE_DEFAULTS = {
 
 
 def get_model(arch):
-    """The module implementing architecture `arch` ('gpt', 'moe', 'mamba', 'rwkv')."""
+    """The module implementing architecture `arch` (a key of ARCHITECTURES)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     return importlib.import_module(ARCHITECTURES[arch])

@@ -1,7 +1,9 @@
 """The "moe" model: GPT-2 blocks whose MLP is the sparse Mixture-of-Experts layer of minillm.nn.moe.
 
 Everything but the config is GPT's (models/gpt.py plugs the layer in when config["n_experts"] > 0);
-this module adds the MoE keys to the config and checks them.
+this module adds the MoE keys to the config and checks them. Kept next to "mixtral" (models/mixtral.py:
+the same layer in Llama blocks, HF MixtralForCausalLM's names) as the smallest MoE model to read: GPT-2
+blocks, per-layer Switch aux loss; its checkpoints load as before.
 """
 
 from minillm.models import gpt

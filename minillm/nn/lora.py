@@ -17,6 +17,7 @@ other than embeddings / LM heads). A pattern matches a layer name when
     target_modules): "c_attn" matches "transformer.h.0.attn.c_attn"; "h.0.*" matches layer 0 only;
   * "all" matches every dense layer.
 Examples (HF names): GPT attention "attn.c_attn", "attn.c_proj" (each model's default is its LORA_TARGETS);
+Llama / Mixtral attention "self_attn.q_proj" (k_proj, v_proj, o_proj), MLP "mlp.gate_proj" (up_proj, down_proj);
 GPT MLP "mlp.c_fc", "mlp.c_proj"; MoE experts "experts.*.w1" (w2, w3; the router "gate" is never
 adapted); Mamba "mixer.in_proj", "mixer.out_proj" (x_proj, dt_proj); RWKV time mixing
 "attention.key", "attention.value", "attention.receptance" ("attention.output"), channel mixing

@@ -1,4 +1,5 @@
-"""Sparse Mixture-of-Experts feed-forward layer (Mixtral); models/gpt.py plugs it into GPT-2 blocks ("moe").
+"""Sparse Mixture-of-Experts feed-forward layer (Mixtral); models/gpt.py plugs it into GPT-2 blocks ("moe"),
+models/llama.py into Llama blocks ("mixtral").
 
 Layer (HF MixtralSparseMoeBlock), for tokens x: (N, C):
 
@@ -27,8 +28,9 @@ Auxiliary losses, per layer (their gradients are added by moe_backward itself):
 
 HF differences: HF takes the router softmax (and the aux loss's probability means) in float32 even
 for float64 inputs, so HF's routing weights are float32-accurate; HF computes aux once over all
-layers' logits concatenated (E * sum_i mean_l f_il * mean_l P_il) where we sum the per-layer aux
-(as the Switch Transformer does); the two agree for one layer. Our default coefficient is 0.01
+layers' logits concatenated (E * sum_i mean_l f_il * mean_l P_il) where the "moe" model sums the
+per-layer aux (as the Switch Transformer does); the two agree for one layer. The "mixtral" model uses
+HF's pooled form (`pooled_balance_loss`, its gradient passed to moe_backward as extra_dprobs). Our default coefficient is 0.01
 (Switch Transformer's alpha) rather than HF's 0.001: a stronger push for small models trained briefly.
 
 Parameters (named like the released Mixtral checkpoints' `block_sparse_moe`): gate.weight (E, C),
@@ -144,9 +146,11 @@ def moe_forward(x, p, config):
     return y.reshape(x.shape), cache
 
 
-def moe_backward(dy, cache):
+def moe_backward(dy, cache, extra_dprobs=None):
     """dy: like y -> (dx: like x, grads keyed like p). Includes the gradient of the layer's
-    aux_loss_coef * aux + router_z_loss_coef * z."""
+    aux_loss_coef * aux + router_z_loss_coef * z, and `extra_dprobs` (broadcastable to (N, E)), a
+    gradient on the router probabilities from outside the layer (a loss pooled over layers:
+    pooled_balance_loss)."""
     xp = ops.array_module(dy)
     K = kernels.select("moe", dy)
     shape, offs, E = cache["shape"], cache["offs"], cache["n_experts"]
@@ -175,6 +179,8 @@ def moe_backward(dy, cache):
     if cache["aux_coef"]:
         # d(E sum_i f_i mean_n probs[n, i]) / d probs[n, i] = E f_i / N
         dprobs += (cache["aux_coef"] * E / N) * cache["f"]
+    if extra_dprobs is not None:
+        dprobs += extra_dprobs
     dlogits = ops.softmax_backward(dprobs, cache["softmax_cache"])
     if cache["z_coef"]:
         # d mean_n lse_n^2 / d logits[n, i] = 2 lse_n probs[n, i] / N
@@ -194,3 +200,18 @@ def stats_of(cache):
     without coefficient (k at perfect balance), "router_z_loss": z}; summable over dense."""
     return {"expert_tokens": cache["counts"].copy(), "balance_loss": cache["aux"],
             "router_z_loss": cache["z"]}
+
+
+def pooled_balance_loss(caches):
+    """HF's load_balancing_loss_func over several layers (their router logits concatenated), from the
+    layers' caches: aux = E sum_i F_i P_i with F_i = sum_l count_li / (L N) and P_i = sum_l sum_n
+    probs_l[n, i] / (L N) (the layers' f and P averaged, then multiplied). -> (aux: float,
+    dprobs: (E,) d aux / d probs_l[n, i] = E F_i / (L N), the same for every layer and row; F is
+    piecewise constant). For one layer this is the layer's own aux."""
+    xp = ops.array_module(caches[0]["probs"])
+    E, N, L = caches[0]["n_experts"], caches[0]["probs"].shape[0], len(caches)
+    counts = sum(c["counts"] for c in caches)
+    F = xp.asarray(counts / (L * N), dtype=caches[0]["probs"].dtype)
+    P = sum(c["probs"].sum(axis=0) for c in caches) / (L * N)
+    return E * float((F * P).sum()), (E / (L * N)) * F
+

@@ -16,7 +16,7 @@ one of inputs, params, upstream, outputs, grads. Calling convention, for every c
 {name: array} dicts; grads[name] = d(sum_o sum(outputs[o] * upstream[o])) / d(inputs or params)[name].
 minillm's own implementations in this form are the component functions of reference/cases.py
 (with the registry COMPONENTS; the MoE, Mamba, RWKV and BitNet cases are in reference/cases_models.py,
-re-exported by cases.py). The comparison and its Report are in reference/report.py.
+the Llama family's in reference/cases_llama.py, both re-exported by cases.py). The comparison and its Report are in reference/report.py.
 Per tensor, rel = max |got - want| / max |want| must be <= the variant's rtol; integer tensors must
 match exactly. float32 variants: the case rounded to float32, expected values computed in float64 on
 it. The same command writes byte-identical files (fixed per-component seeds, deterministic kernels,

@@ -11,8 +11,9 @@ array}; grads: {input or param name: d(sum_o <outputs[o], upstream[o]>) / d that
 functions named like the components (this one included) can be given to `minillm reference check`.
 The samplers `_case_<name>(rng)` draw float64 data; integer tensors (ids, targets, text) stay integer.
 Here: tokenizer, core ops, GPT-2, AdamW and LoRA cases, and the registry COMPONENTS of every component;
-the MoE, Mamba, RWKV and BitNet cases (and their registry entries) are in cases_models.py, the helpers
-both use in common.py. Imports go one way: cases -> cases_models -> common.
+the MoE, Mamba, RWKV and BitNet cases (and their registry entries) are in cases_models.py, the Llama
+family's in cases_llama.py, the helpers they share in common.py. Imports go one way: cases ->
+cases_models / cases_llama -> common.
 """
 
 import numpy as np
@@ -28,6 +29,10 @@ from minillm.reference.common import entry, normal
 from minillm.reference.cases_models import MODEL_COMPONENTS
 from minillm.reference.cases_models import bitlinear, mamba_block, moe, rwkv_block  # noqa: F401
 from minillm.reference.cases_models import selective_scan, ternary_pack, wkv  # noqa: F401
+# the Llama family (RMSNorm, RoPE, SwiGLU, GQA, the decoder layer, llama, mixtral): cases_llama.py
+from minillm.reference.cases_llama import LLAMA_COMPONENTS
+from minillm.reference.cases_llama import gqa_attention, llama, llama_block, mixtral  # noqa: F401
+from minillm.reference.cases_llama import rmsnorm, rope, swiglu  # noqa: F401
 from minillm.tokenizer import Tokenizer
 from minillm.tree import flatten, unflatten
 
@@ -297,6 +302,8 @@ _add("lora_linear", lora_linear, _case_lora_linear, {"rank": 4, "alpha": 8.0},
 # manifest order (also the order `minillm reference check` runs and reports the components in)
 ORDER = ("tokenizer_train", "tokenizer_encode", "layernorm", "gelu", "cross_entropy", "attention",
          "gpt_block", "gpt", "adamw", "moe", "selective_scan", "mamba_block", "wkv", "rwkv_block",
-         "lora_linear", "bitlinear", "ternary_pack")
-assert sorted(ORDER) == sorted([*_HERE, *MODEL_COMPONENTS]), "ORDER must list every component once"
-COMPONENTS = {name: _HERE[name] if name in _HERE else MODEL_COMPONENTS[name] for name in ORDER}
+         "lora_linear", "bitlinear", "ternary_pack",
+         "rmsnorm", "rope", "swiglu", "gqa_attention", "llama_block", "llama", "mixtral")
+_ALL = {**_HERE, **MODEL_COMPONENTS, **LLAMA_COMPONENTS}
+assert sorted(ORDER) == sorted(_ALL), "ORDER must list every component once"
+COMPONENTS = {name: _ALL[name] for name in ORDER}

@@ -1,7 +1,8 @@
-"""What the two golden-case modules share: the tolerances, the normal draw of the samplers and the
-shape of a registry entry. cases_models.py (MoE, Mamba, RWKV, BitNet) and cases.py (the rest, and the
-registry COMPONENTS of all of them) import this; it imports no other reference module, so neither case
-module needs the other's helpers (cases.py imports cases_models.py, never the other way round).
+"""What the golden-case modules share: the tolerances, the normal draw of the samplers and the shape of
+a registry entry. cases_models.py (MoE, Mamba, RWKV, BitNet), cases_llama.py (the Llama family) and
+cases.py (the rest, and the registry COMPONENTS of all of them) import this; it imports no other
+reference module, so no case module needs another's helpers (cases.py imports cases_models.py and
+cases_llama.py, never the other way round).
 """
 
 import numpy as np
