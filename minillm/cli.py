@@ -110,7 +110,7 @@ def _check_arch_options(config):
     flag = {p.name: p.opts[0] for p in click.get_current_context().command.params}
     declared = {arch: set(models.get_model(arch).OPTIONS) for arch in ARCHITECTURES}
     own = declared[config["arch"]]
-    given = [k for k in sorted(set().union(*declared.values()) - own, key=list(flag).index)
+    given = [k for k in sorted((set().union(*declared.values()) - own) & set(flag), key=list(flag).index)
              if config.get(k) is not None]
     if given:
         archs = [a for a in ARCHITECTURES if any(k in declared[a] for k in given)]

@@ -65,4 +65,4 @@ def test_arch_specific_flags_are_checked(capsys, small_corpus, tmp_path):  # noq
     one_error_line(capsys, "train", small_corpus, "--arch", "llama", "--kv-heads", "3", "--out", out, *TINY,
                    match="must divide")
     one_error_line(capsys, "train", small_corpus, "--arch", "mixtral", "--experts", "2", "--experts-per-token", "3",
-                   "--out", out, *TINY, match="--experts-per-token")
+                   "--out", out, *TINY, match="top_k 3 is more than n_experts 2")
