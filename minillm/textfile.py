@@ -1,0 +1,151 @@
+"""A UTF-8 text file read in bounded memory: checked and hashed in one streaming pass, cut into pieces
+that can be encoded one at a time, and sampled.
+
+    info = check(path)                       # TextInfo(path, size, sha256); ValueError for a bad file
+    for piece in pieces(path, "lines"):      # str pieces, each ending at a line end ("lines") or at a
+        ...                                  # cut no GPT-2 pre-token crosses ("file")
+    items, truncated = sample(path, max_bytes, "lines")   # the first max_bytes, as documents
+
+Documents (`--documents`): "lines" makes every non-empty line a document (the line breaks are not part
+of it: str.splitlines); "file" makes the whole file one document, newlines kept as text.
+
+Where the file is cut ("file"): after an ASCII letter or digit that a space or "\\n" follows. No
+pre-token of GPT-2's pattern spans such a boundary (letter, number and punctuation runs never end in
+whitespace, and the whitespace rules only look ahead), so encoding the pieces one by one gives the ids
+of the whole text. A file with no such place in a whole chunk is read on until there is one.
+
+This module imports nothing of minillm.
+"""
+
+import codecs
+import dataclasses
+import hashlib
+import os
+import re
+
+CHUNK = 1 << 22                         # 4 MiB read at a time
+DOCUMENTS = ("lines", "file")
+LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"   # what str.splitlines splits on
+_SAFE_CUT = re.compile(rb"[A-Za-z0-9](?=[ \n])")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextInfo:
+    path: str
+    size: int        # bytes
+    sha256: str      # hex digest of the bytes
+
+
+def check_documents(documents):
+    if documents not in DOCUMENTS:
+        raise ValueError(f"documents must be one of {', '.join(DOCUMENTS)}, not {documents!r}")
+
+
+def _blocks(path, chunk):
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return
+            yield block
+
+
+def check(path, chunk=CHUNK):
+    """Stream the file once: -> TextInfo. ValueError (the messages of tokenizer.read_text_file) for a
+    missing path, a directory, an empty file, a binary file (NUL bytes) or one that is not UTF-8."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, not a text file")
+    h, size, binary, bad = hashlib.sha256(), 0, False, None
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    for block in _blocks(path, chunk):
+        h.update(block)
+        binary = binary or b"\x00" in block
+        if bad is None:
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:  # e.object is the pending bytes + this block
+                bad = (e.object[e.start], size - pending + e.start)
+        size += len(block)
+    if size == 0:
+        raise ValueError(f"{path}: the file is empty")
+    if binary:
+        raise ValueError(f"{path}: looks like a binary file (it contains NUL bytes), not text")
+    if bad is None:
+        pending = len(decoder.getstate()[0])
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            bad = (decoder.getstate()[0][0], size - pending)
+    if bad is not None:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{bad[0]:02x} at offset {bad[1]})")
+    return TextInfo(path, size, h.hexdigest())
+
+
+def _cut(buf, documents):
+    """Where to end a piece of `buf` (0: nowhere yet)."""
+    if documents == "lines":
+        return buf.rfind(b"\n") + 1
+    start = max(0, len(buf) - (1 << 16))
+    while True:
+        found = None
+        for found in _SAFE_CUT.finditer(buf, start):
+            pass
+        if found is not None:
+            return found.start() + 1
+        if start == 0:
+            return 0
+        start = 0
+
+
+def pieces(path, documents="lines", chunk=CHUNK):
+    """Yield the file as str pieces of about `chunk` bytes (see the module notes for where it is cut);
+    their concatenation is the whole text. The file must have passed check()."""
+    check_documents(documents)
+    rest = b""
+    for block in _blocks(path, chunk):
+        buf = rest + block if rest else block
+        cut = _cut(buf, documents)
+        if cut:
+            yield buf[:cut].decode("utf-8")
+            rest = buf[cut:]
+        else:
+            rest = buf
+    if rest:
+        yield rest.decode("utf-8")
+
+
+def lines(text):
+    """The documents of "lines" text: its non-empty lines (not whitespace only), line breaks removed."""
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def sample(path, max_bytes, documents="lines"):
+    """The first `max_bytes` of the file, cut at a line end ("lines") or a safe cut ("file"), as
+    training items: (list of documents, or [text] for "file"; whether the file is longer)."""
+    check_documents(documents)
+    with open(path, "rb") as f:
+        buf = f.read(max_bytes + 1)
+    truncated = len(buf) > max_bytes
+    if truncated:
+        cut = _cut(buf[:max_bytes], documents)
+        if not cut:  # no line end / safe cut at all: any character boundary will do for a sample
+            cut = max_bytes
+            while cut and (buf[cut] & 0xC0) == 0x80:
+                cut -= 1
+        buf = buf[:cut]
+    text = buf.decode("utf-8")
+    return (lines(text) if documents == "lines" else [text]), truncated
+
+
+def distinct_characters(path, documents="lines", chunk=CHUNK):
+    """The set of characters of the file (line breaks left out for "lines", where they end documents)."""
+    chars = set()
+    for piece in pieces(path, documents, chunk):
+        chars.update(piece)
+    if documents == "lines":
+        chars.difference_update(LINE_BREAKS)
+    return chars
