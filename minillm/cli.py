@@ -54,9 +54,9 @@ def tokenizer_train(file, vocab_size, out, min_frequency, quiet):
 @click.argument("text", required=False)
 def tokenizer_encode(path, allow_special, text):
     """Print the token ids of TEXT (or of standard input with '-' or no TEXT), space-separated."""
-    from minillm.tokenizer import Tokenizer
+    from minillm.char_tokenizer import load_tokenizer
 
-    tok = Tokenizer.load(path)
+    tok = load_tokenizer(path)
     ids = tok.encode(_text_arg(text), allowed_special="all" if allow_special else ())
     click.echo(" ".join(map(str, ids)))
 
@@ -66,9 +66,9 @@ def tokenizer_encode(path, allow_special, text):
 @click.argument("ids", nargs=-1)
 def tokenizer_decode(path, ids):
     """Print the text of the token IDS (or of the ids read from standard input with '-' or none)."""
-    from minillm.tokenizer import Tokenizer
+    from minillm.char_tokenizer import load_tokenizer
 
-    tok = Tokenizer.load(path)
+    tok = load_tokenizer(path)
     words = _text_arg(None).split() if ids in ((), ("-",)) else ids
     try:
         values = [int(w) for w in words]
@@ -120,6 +120,11 @@ def loop_options(steps, lr, warmup, eval_every, out="out"):
     return decorate
 
 
+documents_option = click.option(
+    "--documents", type=click.Choice(["lines", "file"]), default="lines", show_default=True,
+    help="lines: every non-empty line is a document; file: the whole file is one document (newlines kept).")
+
+
 def make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, eval_every, out, quiet,
                  resume=False):
     from minillm.train import TrainOptions
@@ -142,7 +147,9 @@ def log(message):
 @click.option("--d-model", type=click.IntRange(1), default=None, help="Model width [128].")
 @click.option("--vocab-size", type=click.IntRange(1), default=None, help="BPE vocabulary incl. specials [2048].")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(), default=None,
-              help="Reuse this tokenizer.json instead of training one on FILE.")
+              help="Reuse this tokenizer.json instead of training a BPE on FILE; 'char': one token per "
+                   "character of FILE.")
+@documents_option
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None, help="[float32]")
 @click.option("--ternary", is_flag=True, default=None, help="BitNet b1.58 ternary weights in every block linear.")
 @click.option("--experts", "n_experts", type=click.IntRange(1), default=None, help="moe: experts per layer [8].")
@@ -155,15 +162,17 @@ def log(message):
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cuda: CuPy arrays and numba.cuda kernels on an NVIDIA GPU (pip install \"minillm[cuda]\").")
 @loop_options(steps=1500, lr=3e-3, warmup=100, eval_every=250)
-def train(file, tokenizer_path, resume, device, steps, batch_size, lr, warmup, weight_decay, grad_clip, seed,
+def train(file, tokenizer_path, documents, resume, device, steps, batch_size, lr, warmup, weight_decay, grad_clip, seed,
           eval_every, out, quiet, **config):
-    """Train a language model on FILE (one document per line), writing a checkpoint to --out."""
+    """Train a language model on FILE (one document per line, or --documents file), writing a checkpoint
+    to --out."""
     from minillm.train import train as run
 
     _check_arch_options(config)
     opts = make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, eval_every, out, quiet,
                         resume)
     opts.device = device
+    opts.documents = documents
     run(file, opts, config, tokenizer_path=tokenizer_path, log=log)
 
 
@@ -174,13 +183,15 @@ def train(file, tokenizer_path, resume, device, steps, batch_size, lr, warmup, w
 @click.option("--lora-alpha", type=click.FloatRange(0, min_open=True), default=None, help="Scale numerator: the update is (alpha / rank) x A B [rank].")
 @click.option("--lora-targets", multiple=True,
               help="Dense layers to adapt: name patterns (fnmatch, 're:<regex>' or 'all'); default: attention.")
+@documents_option
 @loop_options(steps=300, lr=1e-3, warmup=20, eval_every=100, out="out-lora")
-def finetune(base, file, lora_rank, lora_alpha, lora_targets, steps, batch_size, lr, warmup, weight_decay,
+def finetune(base, file, lora_rank, lora_alpha, lora_targets, documents, steps, batch_size, lr, warmup, weight_decay,
              grad_clip, seed, eval_every, out, quiet):
     """Fine-tune LoRA adapters on FILE on top of the checkpoint BASE; writes an adapter to --out."""
     from minillm import finetune as ft
 
     opts = make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, eval_every, out, quiet)
+    opts.documents = documents
     ft.finetune(base, file, opts, rank=lora_rank, alpha=lora_alpha,
                 targets=",".join(lora_targets) or None, log=log)
 

@@ -118,23 +118,23 @@ def finetune(base_dir, text_path, opts, rank, alpha=None, targets=None, log=prin
     base weights stay bit-identical. opts: train.TrainOptions (opts.out is the adapter directory).
     -> {"params", "config", "val_loss", "trainable", "total", "fraction", "adapter_bytes",
     "base_bytes"}."""
-    from minillm import data, train
-    from minillm.tokenizer import Tokenizer, read_text_file
+    from minillm import data, textfile, train
+    from minillm.char_tokenizer import load_tokenizer
 
     if opts.resume:
         raise ValueError("finetune does not resume; start again with a new --out")
-    text = read_text_file(text_path)
+    info = textfile.check(text_path)  # validates (missing, empty, binary, non-UTF-8) and hashes
     ckpt, model = _load_base(base_dir)
     if ckpt.tokenizer_path is None:
         raise ValueError(f"base checkpoint {base_dir!r} has no tokenizer.json")
-    tokenizer = Tokenizer.load(ckpt.tokenizer_path)
+    tokenizer = load_tokenizer(ckpt.tokenizer_path)
     config = {**ckpt.config, "lora": lora.lora_config(rank, alpha, targets)}
     params = lora.add_adapters(ckpt.params, config, np.random.default_rng(opts.seed),
                                default_targets=models.get_model(config["arch"]).LORA_TARGETS)
     trainable = lora.adapter_names(params)
     summary = lora.trainable_summary(params)
     log(lora.format_summary(params))
-    train_ids, val_ids = train.prepare_tokens(text, tokenizer, opts, config["context"])
+    train_ids, val_ids = train.prepare_tokens(text_path, tokenizer, opts, config["context"], info, log)
     val_batches = data.eval_batches(val_ids, opts.batch_size, config["context"], opts.eval_batches)
     log(f"step 0: val loss {train.evaluate(model, params, config, val_batches):.4f} (the base model)")
 

@@ -87,7 +87,7 @@ def sample_lines(checkpoint_dir, num, prompt="", max_tokens=64, temperature=0.8,
     """
     from minillm import checkpoint, models
     from minillm.device import array_module_for, to_device
-    from minillm.tokenizer import Tokenizer
+    from minillm.char_tokenizer import load_tokenizer
 
     if adapter is None:
         ckpt = checkpoint.load_checkpoint(checkpoint_dir)
@@ -95,7 +95,7 @@ def sample_lines(checkpoint_dir, num, prompt="", max_tokens=64, temperature=0.8,
         from minillm.finetune import load_with_adapter
 
         ckpt = load_with_adapter(checkpoint_dir, adapter)
-    tokenizer = Tokenizer.load(ckpt.tokenizer_path)
+    tokenizer = load_tokenizer(ckpt.tokenizer_path)
     model = models.get_model(ckpt.config["arch"])
     params = to_device(ckpt.params, array_module_for(device))
     start = [tokenizer.eot_id] + tokenizer.encode(prompt)
