@@ -328,11 +328,11 @@ def load_checkpoint(path, expected=None, arch=None):
 
 def load_tokenizer(ckpt):
     """The checkpoint's tokenizer, checked: present, with <|endoftext|>, and of the config's vocab_size."""
-    from minillm.tokenizer import Tokenizer
+    from minillm.char_tokenizer import load_tokenizer   # a BPE or a character vocabulary, by its "type"
 
     if ckpt.tokenizer_path is None:
         raise ValueError(f"checkpoint '{ckpt.path}' has no {TOKENIZER_FILE}")
-    tok = Tokenizer.load(ckpt.tokenizer_path)
+    tok = load_tokenizer(ckpt.tokenizer_path)
     shown = os.path.join(ckpt.path, TOKENIZER_FILE)
     if tok.eot_id is None:
         raise ValueError(f"'{shown}' has no <|endoftext|> token, which minillm needs to separate documents")

@@ -74,9 +74,9 @@ def tokenizer_train(file, vocab_size, out, min_frequency, quiet):
 @click.argument("text", required=False)
 def tokenizer_encode(path, allow_special, text):
     """Print the token ids of TEXT (or of standard input with '-' or no TEXT), space-separated."""
-    from minillm.tokenizer import Tokenizer
+    from minillm.char_tokenizer import load_tokenizer
 
-    tok = Tokenizer.load(path)
+    tok = load_tokenizer(path)
     ids = tok.encode(_text_arg(text), allowed_special="all" if allow_special else ())
     click.echo(" ".join(map(str, ids)))
 
@@ -86,9 +86,9 @@ def tokenizer_encode(path, allow_special, text):
 @click.argument("ids", nargs=-1)
 def tokenizer_decode(path, ids):
     """Print the text of the token IDS (or of the ids read from standard input with '-' or none)."""
-    from minillm.tokenizer import Tokenizer
+    from minillm.char_tokenizer import load_tokenizer
 
-    tok = Tokenizer.load(path)
+    tok = load_tokenizer(path)
     words = _text_arg(None).split() if ids in ((), ("-",)) else ids
     try:
         values = [int(w) for w in words]
@@ -148,6 +148,11 @@ def loop_options(steps, lr, warmup, eval_every, out="out"):
     return decorate
 
 
+documents_option = click.option(
+    "--documents", type=click.Choice(["lines", "file"]), default="lines", show_default=True,
+    help="lines: every non-empty line is a document; file: the whole file is one document (newlines kept).")
+
+
 def make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, eval_every, out, quiet,
                  resume=False):
     from minillm.train import TrainOptions
@@ -172,7 +177,9 @@ def log(message):
 @click.option("--vocab-size", type=click.IntRange(1), default=None, show_default="2048",
               help="BPE vocabulary incl. specials (with --tokenizer: taken from it).")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(), default=None,
-              help="Reuse this tokenizer.json instead of training one on FILE.")
+              help="Reuse this tokenizer.json instead of training a BPE on FILE; 'char': one token per "
+                   "character of FILE.")
+@documents_option
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None, show_default="float32",
               help="Parameter dtype.")
 @click.option("--ternary", is_flag=True, default=None, help="BitNet b1.58 ternary weights in every block linear.")
@@ -198,10 +205,10 @@ def log(message):
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cuda: CuPy arrays and numba.cuda kernels on an NVIDIA GPU (pip install \"minillm[cuda]\").")
 @loop_options(steps=1500, lr=3e-3, warmup=100, eval_every=250)
-def train(file, tokenizer_path, resume, overwrite, device, steps, batch_size, lr, warmup, weight_decay, grad_clip,
-          seed, eval_every, out, quiet, **config):
-    """Train a language model on FILE (one document per line), writing a checkpoint to --out.
-    Ctrl-C saves the checkpoint of the last whole step and stops (exit status 130)."""
+def train(file, tokenizer_path, documents, resume, overwrite, device, steps, batch_size, lr, warmup, weight_decay,
+          grad_clip, seed, eval_every, out, quiet, **config):
+    """Train a language model on FILE (one document per line, or --documents file), writing a checkpoint
+    to --out. Ctrl-C saves the checkpoint of the last whole step and stops (exit status 130)."""
     from minillm.train import train as run
 
     _check_arch_options(config)
@@ -213,6 +220,7 @@ def train(file, tokenizer_path, resume, overwrite, device, steps, batch_size, lr
     opts = make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, eval_every, out, quiet,
                         resume)
     opts.device, opts.overwrite, opts.explicit = device, overwrite, explicit
+    opts.documents = documents
     run(file, opts, config, tokenizer_path=tokenizer_path, log=log)
 
 
@@ -233,13 +241,15 @@ def _given_options():
               help="Scale numerator: the update is (alpha / rank) x A B.")
 @click.option("--lora-targets", multiple=True, show_default="the model's LORA_TARGETS (attention projections)",
               help="Dense layers to adapt: name patterns (fnmatch, 're:<regex>' or 'all').")
+@documents_option
 @loop_options(steps=300, lr=1e-3, warmup=20, eval_every=100, out="out-lora")
-def finetune(base, file, lora_rank, lora_alpha, lora_targets, steps, batch_size, lr, warmup, weight_decay,
+def finetune(base, file, lora_rank, lora_alpha, lora_targets, documents, steps, batch_size, lr, warmup, weight_decay,
              grad_clip, seed, eval_every, out, quiet):
     """Fine-tune LoRA adapters on FILE on top of the checkpoint BASE; writes an adapter to --out."""
     from minillm import finetune as ft
 
     opts = make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, eval_every, out, quiet)
+    opts.documents = documents
     ft.finetune(base, file, opts, rank=lora_rank, alpha=lora_alpha,
                 targets=",".join(lora_targets) or None, log=log)
 

@@ -149,14 +149,13 @@ def finetune(base_dir, text_path, opts, rank, alpha=None, targets=None, log=prin
     base weights stay bit-identical. opts: train.TrainOptions (opts.out is the adapter directory).
     -> {"params", "config", "val_loss", "trainable", "total", "fraction", "adapter_bytes",
     "base_bytes"}."""
-    from minillm import data, train
-    from minillm.tokenizer import read_text_file
+    from minillm import data, textfile, train
 
     if opts.resume:
         raise ValueError("finetune does not resume; start again with a new --out")
     store.refuse_overwrite(opts.out, {"the base checkpoint": base_dir})
     store.check_target(opts.out, (ADAPTER_WEIGHTS, ADAPTER_CONFIG), _is_adapter_dir)   # before any work
-    text = read_text_file(text_path)
+    info = textfile.check(text_path)  # validates (missing, empty, binary, non-UTF-8) and hashes
     ckpt = checkpoint.load_checkpoint(base_dir)
     model = models.get_model(ckpt.config["arch"])
     tokenizer = checkpoint.load_tokenizer(ckpt)
@@ -166,7 +165,7 @@ def finetune(base_dir, text_path, opts, rank, alpha=None, targets=None, log=prin
     trainable = lora.adapter_names(params)
     summary = lora.trainable_summary(params)
     log(lora.format_summary(params))
-    train_ids, val_ids = train.prepare_tokens(text, tokenizer, opts, config["context"])
+    train_ids, val_ids = train.prepare_tokens(text_path, tokenizer, opts, config["context"], info, log)
     val_batches = data.eval_batches(val_ids, opts.batch_size, config["context"], opts.eval_batches)
     log(f"step 0: val loss {train.evaluate(model, params, config, val_batches):.4f} (the base model)")
 

@@ -140,11 +140,6 @@ def sample_lines(checkpoint_dir, num, prompt="", max_tokens=64, temperature=0.8,
     line (config "documents" = "lines", the default), at the first token that holds a newline. Control
     characters are shown escaped (escape_controls), so each sample is one line. stream(text): called with
     the text of a single sample (num == 1) as it is generated.
-    """ """Load a checkpoint (and optionally a LoRA adapter for it) and return `num` samples as text lines,
-    each starting with `prompt`.
-
-    Every sample starts from <|endoftext|> (a document boundary) followed by the prompt's tokens,
-    and stops at the next <|endoftext|> or after `max_tokens` new tokens.
     """
     from minillm import checkpoint, models, validate
     from minillm.device import array_module_for, to_device

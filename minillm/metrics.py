@@ -5,8 +5,8 @@
 
 Each line is written with a single write() of the whole line to a file opened in append mode, so a
 crash leaves at most the last line incomplete; a reader (`read`) skips such a torn last line, and
-`MetricsLog(path, resume_step)` first cuts the file back to the lines of steps before `resume_step`
-(those the resumed run will not write again) and drops a torn tail.
+`MetricsLog(path, resume_step)` first cuts the file back to the lines of steps up to `resume_step` (the
+checkpoint's: the resumed run writes the later ones again) and drops a torn tail.
 """
 
 import json
@@ -47,12 +47,12 @@ def read(path):
 
 
 class MetricsLog:
-    """Appends records to `path`; with resume_step, keeps only the records of steps before it."""
+    """Appends records to `path`; with resume_step, keeps only the records of steps up to it."""
 
     def __init__(self, path, resume_step=0):
         self.path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        kept = [r for r in read(path) if r.get("step", 0) < resume_step] if resume_step else []
+        kept = [r for r in read(path) if r.get("step", 0) <= resume_step] if resume_step else []
         atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def append(self, **record):

@@ -16,10 +16,11 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from minillm import checkpoint, data, device, metrics, models, optim, store, validate
+from minillm import checkpoint, data, device, metrics, models, optim, store, textfile, validate
+from minillm.char_tokenizer import CharTokenizer, load_tokenizer
 from minillm.errors import Interrupted
 from minillm.nn import ops
-from minillm.tokenizer import Tokenizer, read_text_file
+from minillm.tokenizer import Tokenizer
 from minillm.tree import flatten
 
 
@@ -40,6 +41,8 @@ class TrainOptions:
     resume: bool = False
     progress: bool = True
     device: str = "cpu"
+    documents: str = "lines"                                 # or "file" (see minillm.textfile)
+    tokenizer_sample_bytes: int = data.TOKENIZER_SAMPLE_BYTES  # BPE training reads this much of FILE
     overwrite: bool = False          # replace a checkpoint in `out` instead of refusing to
     explicit: frozenset = None       # the options the user gave; --resume takes the others from the run
     #                                  (None, for library callers: every option as given, nothing checked)
@@ -110,12 +113,16 @@ def bits_per_byte(nats_per_token, n_tokens, n_bytes):
     return nats_per_token * n_tokens / (n_bytes * math.log(2))
 
 
-def val_text_bytes(ids, tokenizer):
-    """The text `ids` encode, with each <|endoftext|> counted as the one newline it stands for."""
-    ids = np.asarray(ids)
-    cuts = np.flatnonzero(ids == tokenizer.eot_id)
-    pieces = np.split(ids, cuts)
-    return b"\n".join(tokenizer.decode_bytes([int(t) for t in p if t != tokenizer.eot_id]) for p in pieces)
+def val_text_bytes(ids, tokenizer, block=1 << 20):
+    """The text `ids` encode, with each <|endoftext|> counted as the one newline it stands for. Decodes
+    `block` tokens at a time, so only the validation text itself is held."""
+    out, eot = [], tokenizer.eot_id
+    for start in range(0, len(ids), block):
+        part = np.asarray(ids[start:start + block])
+        cuts = np.flatnonzero(part == eot).tolist()
+        out.append(b"\n".join(tokenizer.decode_bytes(part[a:b])
+                              for a, b in zip([0] + [c + 1 for c in cuts], cuts + [len(part)])))
+    return b"".join(out)
 
 
 def xz_bits_per_byte(text_bytes):
@@ -212,9 +219,10 @@ def fit(model, params, config, train_ids, val_ids, opts, log=print,
     return val_loss
 
 
-def prepare_tokens(text, tokenizer, opts, context):
-    """Encode `text` (cached in opts.out/cache) -> (train_ids, val_ids), each long enough for one sequence."""
-    ids = data.load_tokens(text, tokenizer, cache_dir=os.path.join(opts.out, "cache"), progress=opts.progress)
+def prepare_tokens(text_path, tokenizer, opts, context, info=None, log=None):
+    """Encode the file (once: the shared token cache, memory-mapped) -> (train_ids, val_ids), two views
+    of it, each long enough for one sequence."""
+    ids = data.load_tokens(text_path, tokenizer, opts.documents, info=info, progress=opts.progress, log=log)
     train_ids, val_ids = data.split(ids, opts.val_fraction)
     data.check_enough(train_ids, context, "training")
     data.check_enough(val_ids, context, "validation")
@@ -228,10 +236,27 @@ def _check_resume_config(saved, requested):
                              "drop the flag or start a new --out")
 
 
+def make_tokenizer(text_path, opts, vocab_size, tokenizer_path=None, log=print):
+    """The tokenizer of a new run: "char" (minillm.char_tokenizer: the characters of the whole file), a
+    tokenizer.json path, or None: a BPE trained on the first opts.tokenizer_sample_bytes of the file."""
+    if tokenizer_path == "char":
+        tokenizer = CharTokenizer.train(textfile.distinct_characters(text_path, opts.documents))
+        log(f"char tokenizer: {tokenizer.vocab_size} tokens (the characters of {text_path} + <|endoftext|>)")
+        return tokenizer
+    if tokenizer_path:
+        return load_tokenizer(tokenizer_path)
+    items, truncated = textfile.sample(text_path, opts.tokenizer_sample_bytes, opts.documents)
+    part = f" (its first {opts.tokenizer_sample_bytes / 2**20:g} MiB)" if truncated else ""
+    log(f"training a {vocab_size}-token BPE tokenizer on {text_path}{part}")
+    return Tokenizer.train(items, vocab_size, progress=opts.progress)
+
+
 def train(text_path, opts, config_overrides, tokenizer_path=None, log=print):
-    """Train a model on the text file at `text_path`; writes a checkpoint to opts.out. -> summary dict."""
+    """Train a model on the text file at `text_path`; writes a checkpoint to opts.out. -> summary dict.
+    tokenizer_path: a tokenizer.json, "char", or None (train a BPE; see make_tokenizer)."""
     arch = config_overrides.pop("arch", None)
-    text = read_text_file(text_path)  # validates early: missing, empty, binary, non-UTF-8
+    textfile.check_documents(opts.documents)
+    info = textfile.check(text_path)  # validates early (missing, empty, binary, non-UTF-8) and hashes
     xp = device.array_module_for(opts.device)  # and fails early without a GPU for --device cuda
     checkpoint.check_writable(opts.out)   # before any work: --out holds no file minillm did not write
     if not opts.resume:
@@ -240,7 +265,7 @@ def train(text_path, opts, config_overrides, tokenizer_path=None, log=print):
             raise ValueError(f"{opts.out!r} holds a checkpoint already: --resume continues it, --overwrite "
                              "replaces it")
     with store.lock(opts.out):   # one writer per --out for the whole run
-        return _train(text, text_path, arch, xp, opts, config_overrides, tokenizer_path, log)
+        return _train(info, text_path, arch, xp, opts, config_overrides, tokenizer_path, log)
 
 
 def _resume_schedule(opts, saved):
@@ -281,7 +306,7 @@ def _resume_state(opts, arch, config_overrides):
     return ckpt, tokenizer
 
 
-def _train(text, text_path, arch, xp, opts, config_overrides, tokenizer_path, log):
+def _train(info, text_path, arch, xp, opts, config_overrides, tokenizer_path, log):
     trainer_state, opt_state, params = {}, None, None
     if opts.resume:
         ckpt, tokenizer = _resume_state(opts, arch, config_overrides)
@@ -294,8 +319,8 @@ def _train(text, text_path, arch, xp, opts, config_overrides, tokenizer_path, lo
                               f"training (--batch-size {opts.batch_size}, --context {config['context']}, "
                               f"--d-model {config['d_model']}, --layers {config['n_layer']}, "
                               f"--vocab-size {config['vocab_size']})")
-        if tokenizer_path:
-            tokenizer = Tokenizer.load(tokenizer_path)
+        tokenizer = make_tokenizer(text_path, opts, config["vocab_size"], tokenizer_path, log)
+        if tokenizer_path and tokenizer_path != "char":
             if tokenizer.eot_id is None:
                 raise ValueError(f"--tokenizer {tokenizer_path}: it has no <|endoftext|> token, which "
                                  "separates the documents")
@@ -303,13 +328,9 @@ def _train(text, text_path, arch, xp, opts, config_overrides, tokenizer_path, lo
             if asked is not None and asked != tokenizer.vocab_size:
                 raise ValueError(f"--vocab-size {asked} contradicts --tokenizer {tokenizer_path} "
                                  f"({tokenizer.vocab_size} tokens); drop --vocab-size")
-        else:
-            log(f"training a {config['vocab_size']}-token BPE tokenizer on {text_path}")
-            tokenizer = Tokenizer.train(data.documents(text), config["vocab_size"],
-                                        progress=opts.progress)
         config["vocab_size"] = tokenizer.vocab_size
     model = models.get_model(config["arch"])
-    train_ids, val_ids = prepare_tokens(text, tokenizer, opts, config["context"])
+    train_ids, val_ids = prepare_tokens(text_path, tokenizer, opts, config["context"], info, log)
     if params is None:
         params = model.init(config, np.random.default_rng(opts.seed))
     params = device.to_device(params, xp)
@@ -330,7 +351,7 @@ def _train(text, text_path, arch, xp, opts, config_overrides, tokenizer_path, lo
         metrics_path=os.path.join(opts.out, "metrics.jsonl"),
         start_step=start, rng_state=trainer_state.get("rng_state"), save=save)
     # The final report covers the whole validation split, not just the sampled eval batches.
-    full = data.eval_batches(val_ids, opts.batch_size, config["context"], max_batches=10**9)
+    full = data.iter_eval_batches(val_ids, opts.batch_size, config["context"], max_batches=10**9)
     val_loss = evaluate(model, params, config, full)
     val_text = val_text_bytes(val_ids, tokenizer)
     bpb = bits_per_byte(val_loss, len(val_ids), len(val_text))

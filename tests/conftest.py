@@ -1,4 +1,5 @@
-"""Test-session set-up: without a real GPU, numba.cuda kernels run in Numba's CUDA simulator."""
+"""Test-session set-up: without a real GPU, numba.cuda kernels run in Numba's CUDA simulator; the token
+cache (MINILLM_CACHE) is a temporary directory, never the user's real cache."""
 
 import os
 import sys
@@ -21,3 +22,12 @@ def fast_simulator_threads():
     sys.setswitchinterval(1e-4)
     yield
     sys.setswitchinterval(old)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def token_cache_in_tmp(tmp_path_factory):
+    """Every test (and every module-scoped fixture, which session fixtures precede) caches tokens under a
+    temporary MINILLM_CACHE; a test that needs its own empty cache sets MINILLM_CACHE again."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINILLM_CACHE", str(tmp_path_factory.mktemp("minillm-cache")))
+        yield

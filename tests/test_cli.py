@@ -86,6 +86,10 @@ def test_resume_of_another_architecture_is_refused(capsys, small_corpus, trained
                    match="gpt")
 
 
+def test_documents_flag_is_checked(capsys, small_corpus, tmp_path):
+    one_error_line(capsys, "train", small_corpus, "--documents", "pages", "--out", str(tmp_path), match="lines")
+
+
 def test_arch_specific_flags_are_checked(capsys, small_corpus, tmp_path):
     one_error_line(capsys, "train", small_corpus, "--experts", "4", "--out", str(tmp_path), match="--arch moe")
 
@@ -100,7 +104,8 @@ def test_finetune_sample_with_adapter_and_merge(capsys, trained, small_corpus, t
     base_bytes = open(os.path.join(trained, "model.safetensors"), "rb").read()
     adapter = str(tmp_path / "lora")
     code, _, err = run_cli(capsys, "finetune", trained, small_corpus, "--lora-rank", "2", "--lora-alpha", "4",
-                           "--steps", "3", "--batch-size", "4", "--out", adapter, "--quiet")
+                           "--steps", "3", "--batch-size", "4", "--out", adapter, "--quiet",
+                           "--documents", "file")
     assert code == 0, err
     assert "trainable" in err.lower()
     assert open(os.path.join(trained, "model.safetensors"), "rb").read() == base_bytes

@@ -28,6 +28,7 @@ def test_finetune_end_to_end(tmp_path):
                               eval_batches=1, out=out, progress=False)
     res = finetune.finetune(base_dir, str(corpus), opts, rank=2, alpha=4, log=lambda s: None)
     assert (tmp_path / "base" / checkpoint.MODEL_FILE).read_bytes() == base_bytes
+    assert not (tmp_path / "adapter" / "cache").exists()   # tokens go to the shared cache
     base = checkpoint.load_checkpoint(base_dir).params
     trained_base, adapters = lora.split_adapters(res["params"])
     for n, a in flatten(base).items():

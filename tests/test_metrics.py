@@ -17,7 +17,7 @@ def test_append_read_and_resume(tmp_path):
         f.write(b'{"step": 5, "lo')                 # a crash in the middle of a line
     assert len(metrics.read(path)) == 6
     metrics.MetricsLog(path, resume_step=3)           # resumed from the checkpoint of step 3
-    assert [r["step"] for r in metrics.read(path)] == [0, 1, 2]
+    assert [r["step"] for r in metrics.read(path)] == [0, 1, 2, 3]
     metrics.MetricsLog(path)                          # a fresh run starts a new log
     assert metrics.read(path) == []
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from minillm import checkpoint, train
+from minillm import checkpoint, data, train
 from minillm.tree import flatten
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -22,9 +22,10 @@ def corpus(tmp_path_factory):
     return str(path)
 
 
-def run(corpus, out, steps=6, resume=False, overwrite=False, **overrides):
+def run(corpus, out, steps=6, resume=False, overwrite=False, documents="lines", **overrides):
     opts = train.TrainOptions(steps=steps, batch_size=4, lr=1e-3, warmup=2, eval_every=3, eval_batches=2,
-                              out=str(out), resume=resume, overwrite=overwrite, progress=False)
+                              out=str(out), resume=resume, overwrite=overwrite, progress=False,
+                              documents=documents)
     return train.train(corpus, opts, {**SMALL, **overrides}, log=lambda m: None)
 
 
@@ -41,6 +42,31 @@ def test_same_seed_gives_bit_identical_checkpoints(corpus, tmp_path):
     for name in ("config.json", "tokenizer.json", "optimizer.safetensors", "trainer_state.json"):
         assert (tmp_path / "a" / name).exists()
     assert json.loads((tmp_path / "a" / "trainer_state.json").read_text())["step"] == 6
+
+
+def test_output_directories_share_one_token_cache(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "cache"))
+    encoded, real = [], data.encode_stream
+    monkeypatch.setattr(data, "encode_stream", lambda *a, **k: encoded.append(a[0]) or real(*a, **k))
+    run(corpus, tmp_path / "one", steps=1)
+    run(corpus, tmp_path / "two", steps=1)
+    assert encoded == [corpus] and len(os.listdir(tmp_path / "cache" / "tokens")) == 1
+    assert not (tmp_path / "one" / "cache").exists() and not (tmp_path / "two" / "cache").exists()
+    run(corpus, tmp_path / "three", steps=1, documents="file")   # one document: encoded again
+    assert len(encoded) == 2 and len(os.listdir(tmp_path / "cache" / "tokens")) == 2
+
+
+def test_val_text_bytes_counts_each_eot_as_a_newline():
+    class Tok:
+        eot_id = 9
+
+        def decode_bytes(self, ids):
+            return bytes(97 + int(i) for i in ids)
+
+    ids = np.array([9, 0, 1, 9, 2, 9, 9, 3], np.int32)
+    want = b"\n".join(Tok().decode_bytes([t for t in p if t != 9]) for p in np.split(ids, np.flatnonzero(ids == 9)))
+    for block in (1, 3, 100):
+        assert train.val_text_bytes(ids, Tok(), block=block) == want == b"\nab\nc\n\nd"
 
 
 def test_training_lowers_the_loss(corpus, tmp_path):
