@@ -65,7 +65,6 @@ def evaluate_file(checkpoint_dir, text_path, adapter=None, batch_size=16, progre
     """-> Evaluation of the checkpoint (with the adapter, if given) on the UTF-8 text file."""
     from minillm import checkpoint, data, models, train
     from minillm.device import array_module_for, to_device
-    from minillm.tokenizer import Tokenizer, read_text_file
 
     if adapter is None:
         ckpt = checkpoint.load_checkpoint(checkpoint_dir)
@@ -73,9 +72,8 @@ def evaluate_file(checkpoint_dir, text_path, adapter=None, batch_size=16, progre
         from minillm.finetune import load_with_adapter
 
         ckpt = load_with_adapter(checkpoint_dir, adapter)
-    tokenizer = Tokenizer.load(ckpt.tokenizer_path)
-    text = read_text_file(text_path)
-    ids = data.load_tokens(text, tokenizer, progress=progress)
+    tokenizer = checkpoint.load_tokenizer(ckpt)
+    ids = data.load_tokens(text_path, tokenizer, ckpt.config.get("documents", "lines"), progress=progress)
     xp = array_module_for(device)
     params = to_device(ckpt.params, xp)
     nats, n = loss_over(models.get_model(ckpt.config["arch"]), params, ckpt.config, ids, batch_size, progress, xp)
