@@ -41,12 +41,14 @@ def check_documents(documents):
         raise ValueError(f"documents must be one of {', '.join(DOCUMENTS)}, not {documents!r}")
 
 
-def _blocks(path, chunk):
+def _blocks(path, chunk, limit=None):
     with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
+        while limit is None or limit > 0:
+            block = f.read(chunk if limit is None else min(chunk, limit))
             if not block:
                 return
+            if limit is not None:
+                limit -= len(block)
             yield block
 
 
@@ -101,19 +103,26 @@ def _cut(buf, documents):
         start = 0
 
 
-def pieces(path, documents="lines", chunk=CHUNK):
+def pieces(path, documents="lines", chunk=CHUNK, limit=None):
     """Yield the file as str pieces of about `chunk` bytes (see the module notes for where it is cut);
-    their concatenation is the whole text. The file must have passed check()."""
+    their concatenation is the whole text, or with `limit` its first `limit` bytes or less, up to the
+    last cut (any character boundary if there is none). The file must have passed check()."""
     check_documents(documents)
-    rest = b""
-    for block in _blocks(path, chunk):
+    rest, cut_once = b"", False
+    if limit is not None and os.path.getsize(path) <= limit:
+        limit = None
+    for block in _blocks(path, chunk, limit):
         buf = rest + block if rest else block
         cut = _cut(buf, documents)
         if cut:
             yield buf[:cut].decode("utf-8")
-            rest = buf[cut:]
+            rest, cut_once = buf[cut:], True
         else:
             rest = buf
+    if rest and limit is not None:  # the limit fell after the last cut: the rest is left out, unless
+        if not cut_once:            # there was no cut at all: then up to the last whole character
+            yield rest.decode("utf-8", errors="ignore")   # (the file is UTF-8: only its end can be cut)
+        return
     if rest:
         yield rest.decode("utf-8")
 
@@ -123,22 +132,18 @@ def lines(text):
     return [line for line in text.splitlines() if line.strip()]
 
 
-def sample(path, max_bytes, documents="lines"):
-    """The first `max_bytes` of the file, cut at a line end ("lines") or a safe cut ("file"), as
-    training items: (list of documents, or [text] for "file"; whether the file is longer)."""
+def sample(path, max_bytes, documents="lines", chunk=CHUNK):
+    """The first `max_bytes` of the file (cut as pieces(limit=max_bytes) does) as training items, read
+    lazily: (an iterator of its documents ("lines") or of pieces of its text ("file"), which pre-tokenize
+    as the whole text does; whether the file is longer than max_bytes)."""
     check_documents(documents)
-    with open(path, "rb") as f:
-        buf = f.read(max_bytes + 1)
-    truncated = len(buf) > max_bytes
-    if truncated:
-        cut = _cut(buf[:max_bytes], documents)
-        if not cut:  # no line end / safe cut at all: any character boundary will do for a sample
-            cut = max_bytes
-            while cut and (buf[cut] & 0xC0) == 0x80:
-                cut -= 1
-        buf = buf[:cut]
-    text = buf.decode("utf-8")
-    return (lines(text) if documents == "lines" else [text]), truncated
+    truncated = os.path.getsize(path) > max_bytes
+
+    def items():
+        for piece in pieces(path, documents, chunk, limit=max_bytes):
+            yield from (lines(piece) if documents == "lines" else [piece])
+
+    return items(), truncated
 
 
 def distinct_characters(path, documents="lines", chunk=CHUNK):

@@ -54,9 +54,18 @@ def test_pieces_join_to_the_text_and_end_at_safe_places(tmp_path):
 def test_sample_cuts_at_a_line_end(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("first line\nsecond line\nthird\n")
-    assert textfile.sample(path, 1000) == (["first line", "second line", "third"], False)
-    assert textfile.sample(path, 15) == (["first line"], True)
-    assert textfile.sample(path, 15, "file") == (["first line"], True)
-    assert textfile.sample(path, 9, "file") == (["first"], True)
+
+    def sample(*args, **kw):
+        items, truncated = textfile.sample(path, *args, **kw)
+        return list(items), truncated
+
+    assert sample(1000) == (["first line", "second line", "third"], False)
+    assert sample(15) == sample(15, chunk=4) == (["first line"], True)
+    assert sample(15, "file") == (["first line"], True)
+    assert sample(9, "file", chunk=2) == (["first"], True)
+    path.write_text("\u00e9\u00e9\u00e9")
+    assert sample(3, "file") == (["\u00e9"], True)    # no safe cut: up to the split character
+    assert sample(2, "file") == sample(2) == (["\u00e9"], True)
+    path.write_text("first line\nsecond line\nthird\n")
     assert textfile.distinct_characters(path) == set("first line second third")
     assert "\n" in textfile.distinct_characters(path, "file")
