@@ -9,10 +9,12 @@ that can be encoded one at a time, and sampled.
 Documents (`--documents`): "lines" makes every non-empty line a document (the line breaks are not part
 of it: str.splitlines); "file" makes the whole file one document, newlines kept as text.
 
-Where the file is cut ("file"): after an ASCII letter or digit that a space or "\\n" follows. No
-pre-token of GPT-2's pattern spans such a boundary (letter, number and punctuation runs never end in
-whitespace, and the whitespace rules only look ahead), so encoding the pieces one by one gives the ids
-of the whole text. A file with no such place in a whole chunk is read on until there is one.
+Where the file is cut ("file"): before a space or "\\n" that follows a character which is not
+whitespace (neither for str.isspace nor for the regex module's \\s). No pre-token of GPT-2's pattern
+spans such a boundary (letter, number and punctuation runs never end in whitespace, a leading space
+starts a pre-token, and the whitespace rules only look ahead), so encoding the pieces one by one gives
+the ids of the whole text. A file with no such place is read on until there is one (a file with no
+spaces or newlines at all is then held whole).
 
 This module imports nothing of minillm.
 """
@@ -21,12 +23,14 @@ import codecs
 import dataclasses
 import hashlib
 import os
-import re
+
+import regex
 
 CHUNK = 1 << 22                         # 4 MiB read at a time
 DOCUMENTS = ("lines", "file")
 LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"   # what str.splitlines splits on
-_SAFE_CUT = re.compile(rb"[A-Za-z0-9](?=[ \n])")
+_SPACE = regex.compile(r"\s")
+_TRIES = 1000                           # candidate cuts tried per chunk before reading on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,20 +91,26 @@ def check(path, chunk=CHUNK):
     return TextInfo(path, size, h.hexdigest())
 
 
-def _cut(buf, documents):
-    """Where to end a piece of `buf` (0: nowhere yet)."""
+def _cut(buf, documents, start=0):
+    """Where a piece of `buf` can end (the cut is at or after `start`); 0: nowhere."""
     if documents == "lines":
-        return buf.rfind(b"\n") + 1
-    start = max(0, len(buf) - (1 << 16))
-    while True:
-        found = None
-        for found in _SAFE_CUT.finditer(buf, start):
-            pass
-        if found is not None:
-            return found.start() + 1
-        if start == 0:
+        return buf.rfind(b"\n", start) + 1
+    end = len(buf)
+    for _ in range(_TRIES):
+        p = max(buf.rfind(b" ", start, end), buf.rfind(b"\n", start, end))
+        if p <= 0:
             return 0
-        start = 0
+        q = p - 1
+        while q > 0 and p - q < 4 and (buf[q] & 0xC0) == 0x80:   # back to the character's first byte
+            q -= 1
+        try:
+            ch = buf[q:p].decode("utf-8")
+        except UnicodeDecodeError:   # the character began in an earlier block: not a candidate
+            ch = " "
+        if not ch.isspace() and not _SPACE.match(ch):
+            return p
+        end = p
+    return 0
 
 
 def pieces(path, documents="lines", chunk=CHUNK, limit=None):
@@ -108,17 +118,19 @@ def pieces(path, documents="lines", chunk=CHUNK, limit=None):
     their concatenation is the whole text, or with `limit` its first `limit` bytes or less, up to the
     last cut (any character boundary if there is none). The file must have passed check()."""
     check_documents(documents)
-    rest, cut_once = b"", False
+    parts, cut_once = [], False     # the blocks read since the last cut
     if limit is not None and os.path.getsize(path) <= limit:
         limit = None
     for block in _blocks(path, chunk, limit):
-        buf = rest + block if rest else block
-        cut = _cut(buf, documents)
-        if cut:
-            yield buf[:cut].decode("utf-8")
-            rest, cut_once = buf[cut:], True
+        head = parts[-1][-4:] if parts else b""   # the character before a cut may start there
+        found = _cut(head + block, documents, start=len(head))
+        if found:
+            cut = found - len(head)
+            yield (b"".join(parts) + block[:cut]).decode("utf-8")
+            parts, cut_once = ([block[cut:]] if cut < len(block) else []), True
         else:
-            rest = buf
+            parts.append(block)
+    rest = b"".join(parts)
     if rest and limit is not None:  # the limit fell after the last cut: the rest is left out, unless
         if not cut_once:            # there was no cut at all: then up to the last whole character
             yield rest.decode("utf-8", errors="ignore")   # (the file is UTF-8: only its end can be cut)

@@ -71,6 +71,7 @@ def test_streaming_encode_equals_the_whole_text_encode_on_headlines(bpe):
 def test_documents_file_is_one_document_that_keeps_its_newlines(bpe, tmp_path):
     with open(HEADLINES, encoding="utf-8") as f:
         text = "".join(f.readlines()[:3000]).replace("police", "police  \n\n  ") + "\tend\r\n  \n"
+    text += "日本語の文。\n中文　测试 \u3000 x\u00a0 y\u2003\n\u0085 z\x1c \x1f\nend\n" * 300
     path = tmp_path / "doc.txt"
     path.write_text(text, encoding="utf-8", newline="")
     got = np.concatenate(list(data.encode_stream(str(path), bpe, "file", progress=False, chunk=3000)))
@@ -167,3 +168,21 @@ def test_unknown_documents_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match="lines, file"):
         list(data.encode_stream(HEADLINES, ByteTokenizer(), "paragraphs"))
     assert textfile.DOCUMENTS == ("lines", "file")
+
+
+def test_streaming_encode_of_random_tricky_texts_equals_the_whole_text_encode(bpe, tmp_path):
+    """Whitespace of every kind (Unicode spaces, \\x1c, \\x85, \\r), contractions, non-ASCII, <|endoftext|>
+    text, cut into 1- to 17-byte reads."""
+    import random
+
+    alphabet = list("ab1 \n\t\r'.,-") + ["\u3000", "\u00a0", "\u2003", "\x1c", "\x85", "é", "日", "'s", " 's",
+                                         "  ", "\n\n", "<|endoftext|>"]
+    rng, path = random.Random(0), tmp_path / "t.txt"
+    for _ in range(60):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 200)))
+        path.write_text(text, encoding="utf-8", newline="")
+        whole = {"file": bpe.encode_array(text).tolist() + [bpe.eot_id],
+                 "lines": data.encode_documents(text, bpe, progress=False).tolist()}
+        for documents, chunk in [("file", 1), ("file", 5), ("file", 17), ("lines", 1), ("lines", 17)]:
+            got = [i for a in data.encode_stream(str(path), bpe, documents, progress=False, chunk=chunk) for i in a]
+            assert got == whole[documents], (text, documents, chunk)
