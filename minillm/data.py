@@ -159,7 +159,11 @@ def load_tokens(path, tokenizer, documents="lines", info=None, progress=True, lo
     if log:
         damaged = " (the cached file was damaged)" if os.path.exists(cache) else ""
         log(f"encoding {path} into the token cache {cache}{damaged}")
-    write_tokens(cache, encode_stream(path, tokenizer, documents, progress))
+    try:
+        write_tokens(cache, encode_stream(path, tokenizer, documents, progress))
+    except OSError as e:
+        raise OSError(f"cannot write the token cache {cache}: {e.strerror or e}; set MINILLM_CACHE to a "
+                      "writable directory") from None
     ids = open_tokens(cache, tokenizer.vocab_size, tokenizer.eot_id)
     if ids is None:
         raise ValueError(f"the token cache {cache} did not read back (is the disk full?)")

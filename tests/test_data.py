@@ -186,3 +186,12 @@ def test_streaming_encode_of_random_tricky_texts_equals_the_whole_text_encode(bp
         for documents, chunk in [("file", 1), ("file", 5), ("file", 17), ("lines", 1), ("lines", 17)]:
             got = [i for a in data.encode_stream(str(path), bpe, documents, progress=False, chunk=chunk) for i in a]
             assert got == whole[documents], (text, documents, chunk)
+
+
+def test_an_unwritable_cache_is_one_clear_error(tmp_path, monkeypatch):
+    path = tmp_path / "t.txt"
+    path.write_text("a line\n")
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "file"))
+    with pytest.raises(OSError, match="cannot write the token cache .*MINILLM_CACHE"):
+        data.load_tokens(str(path), ByteTokenizer(), progress=False)
