@@ -298,6 +298,13 @@ def _resume_state(opts, arch, config_overrides):
         raise ValueError(f"--resume --steps {opts.steps}: the checkpoint in {opts.out!r} is already at step "
                          f"{step}; give --steps {step} or more")
     _resume_schedule(opts, ckpt.trainer_state.get("schedule") or {})
+    saved_documents = ckpt.config.get("documents", "lines")
+    if opts.documents != saved_documents:
+        if opts.explicit is not None and "documents" not in opts.explicit:
+            opts.documents = saved_documents
+        else:
+            raise ValueError(f"--resume: the run was trained with --documents {saved_documents}, not "
+                             f"{opts.documents}")
     if ckpt.trainer_state.get("rng_state") is not None:   # garbage is refused before any work
         checkpoint.rng_from_state(ckpt.trainer_state["rng_state"],
                                   f"'{os.path.join(opts.out, checkpoint.TRAINER_FILE)}' (rng_state)")
@@ -320,6 +327,8 @@ def _train(info, text_path, arch, xp, opts, config_overrides, tokenizer_path, lo
                               f"--d-model {config['d_model']}, --layers {config['n_layer']}, "
                               f"--vocab-size {config['vocab_size']})")
         tokenizer = make_tokenizer(text_path, opts, config["vocab_size"], tokenizer_path, log)
+        if opts.documents != "lines":      # sample and resume read it (a newline then is text, not an end)
+            config["documents"] = opts.documents
         if tokenizer_path and tokenizer_path != "char":
             if tokenizer.eot_id is None:
                 raise ValueError(f"--tokenizer {tokenizer_path}: it has no <|endoftext|> token, which "

@@ -67,3 +67,17 @@ def test_ctrl_c_saves_and_resume_equals_the_uninterrupted_run(capsys, corpus, tm
     code, _, err = run_cli(capsys, "train", corpus, "--resume", "--out", cut, "--quiet")
     assert code == 0, err
     assert files(cut) == files(whole)
+
+
+def test_documents_file_is_recorded_and_resumed(capsys, corpus, tmp_path):
+    import json
+
+    out = str(tmp_path / "f")
+    code, _, err = run_cli(capsys, "train", corpus, "--documents", "file", "--steps", "2", "--out", out, *TINY)
+    assert code == 0, err
+    assert json.loads(open(os.path.join(out, "config.json")).read())["documents"] == "file"
+    code, _, err = run_cli(capsys, "train", corpus, "--resume", "--steps", "3", "--out", out, "--quiet")
+    assert code == 0, err                                      # takes --documents file from the checkpoint
+    code, _, err = run_cli(capsys, "train", corpus, "--resume", "--documents", "lines", "--steps", "4",
+                           "--out", out, "--quiet")
+    assert code == 1 and "--documents file" in err
