@@ -168,7 +168,10 @@ def test_kill_9_during_training_saves(tmp_path):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:   # until this run has saved
             try:
-                if load_checkpoint(out).trainer_state["step"] >= start + 1:
+                # (seen once in CI: a read during the first save returned no trainer state; the checks after
+                # each kill below still require a whole checkpoint)
+                state = load_checkpoint(out).trainer_state
+                if state is not None and state["step"] >= start + 1:
                     break
             except ValueError:
                 pass
