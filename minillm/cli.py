@@ -115,6 +115,9 @@ def loop_options(steps, lr, warmup, eval_every, out="out"):
                      help="Clip the global gradient norm to this."),
         click.option("--seed", type=click.IntRange(0), default=1337, show_default=True,
                      help="Seed of the initialisation and the batches (same seed, same run)."),
+        click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True,
+                     help="Micro-batches of --batch-size per optimizer step, gradients averaged (per process "
+                          "under mpiexec: the global batch is processes x this x --batch-size)."),
         click.option("--eval-every", type=click.IntRange(1), default=eval_every, show_default=True,
                      help="Evaluate (and save a checkpoint) every this many steps."),
         click.option("--out", default=out, show_default=True, help="Output directory."),
@@ -130,12 +133,12 @@ def loop_options(steps, lr, warmup, eval_every, out="out"):
 
 
 def make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, eval_every, out, quiet,
-                 resume=False):
+                 resume=False, grad_accum=1):
     from minillm.train import TrainOptions
 
     return TrainOptions(steps=steps, batch_size=batch_size, lr=lr, warmup=min(warmup, steps),
                         weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, eval_every=eval_every,
-                        out=out, resume=resume, progress=not quiet)
+                        out=out, resume=resume, progress=not quiet, grad_accum=grad_accum)
 
 
 def log(message):
@@ -171,13 +174,16 @@ def log(message):
               help="cuda: CuPy arrays and numba.cuda kernels on an NVIDIA GPU (pip install \"minillm[cuda]\").")
 @loop_options(steps=1500, lr=3e-3, warmup=100, eval_every=250)
 def train(file, tokenizer_path, resume, device, steps, batch_size, lr, warmup, weight_decay, grad_clip, seed,
-          eval_every, out, quiet, **config):
-    """Train a language model on FILE (one document per line), writing a checkpoint to --out."""
+          grad_accum, eval_every, out, quiet, **config):
+    """Train a language model on FILE (one document per line), writing a checkpoint to --out.
+
+    Data parallel: `mpiexec -n N minillm train FILE ...` trains one model on N processes (pip install
+    "minillm[mpi]"; see the README)."""
     from minillm.train import train as run
 
     _check_arch_options(config)
     opts = make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, eval_every, out, quiet,
-                        resume)
+                        resume, grad_accum)
     opts.device = device
     run(file, opts, config, tokenizer_path=tokenizer_path, log=log)
 
@@ -192,11 +198,13 @@ def train(file, tokenizer_path, resume, device, steps, batch_size, lr, warmup, w
               help="Dense layers to adapt: name patterns (fnmatch, 're:<regex>' or 'all').")
 @loop_options(steps=300, lr=1e-3, warmup=20, eval_every=100, out="out-lora")
 def finetune(base, file, lora_rank, lora_alpha, lora_targets, steps, batch_size, lr, warmup, weight_decay,
-             grad_clip, seed, eval_every, out, quiet):
-    """Fine-tune LoRA adapters on FILE on top of the checkpoint BASE; writes an adapter to --out."""
+             grad_clip, seed, grad_accum, eval_every, out, quiet):
+    """Fine-tune LoRA adapters on FILE on top of the checkpoint BASE; writes an adapter to --out
+    (data parallel under `mpiexec -n N`, as train)."""
     from minillm import finetune as ft
 
-    opts = make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, eval_every, out, quiet)
+    opts = make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, eval_every, out, quiet,
+                        grad_accum=grad_accum)
     ft.finetune(base, file, opts, rank=lora_rank, alpha=lora_alpha,
                 targets=",".join(lora_targets) or None, log=log)
 
@@ -356,18 +364,25 @@ def quantize(checkpoint, out):
 
 
 def main(argv=None):
-    """Entry point: run the CLI, turning expected failures into one clear line and a non-zero exit."""
+    """Entry point: run the CLI, turning expected failures into one clear line and a non-zero exit.
+
+    Under MPI (minillm.distributed) an error every rank has is printed once, by rank 0; an error of one rank
+    is printed as `error: rank R: ...` and ends the whole job (MPI_Abort) instead of leaving the others waiting."""
+    from minillm import distributed
+
     try:
         cli.main(args=argv, prog_name="minillm", standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+        distributed.exit_on_error(None, "aborted", 130)
     except click.ClickException as e:
-        e.show()
+        if distributed.is_root():
+            e.show()
         sys.exit(e.exit_code)
     except (UserError, ValueError, OSError, UnicodeDecodeError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+        distributed.exit_on_error(e, f"error: {e}", 1)
+    except KeyboardInterrupt as e:
+        distributed.exit_on_error(e, "interrupted", 130)
+    except Exception as e:   # a bug: under MPI the other ranks must not wait for this one
+        if not distributed.active():
+            raise
+        distributed.exit_on_error(e, f"error: {type(e).__name__}: {e}", 1, expected=False)

@@ -113,30 +113,44 @@ def merge_checkpoint(base_dir, adapter_dir, out_dir):
     return checkpoint.save_checkpoint(out_dir, merged, config, tokenizer=ckpt.tokenizer_path)
 
 
-def finetune(base_dir, text_path, opts, rank, alpha=None, targets=None, log=print):
-    """Train LoRA adapters on the text file at text_path on top of the checkpoint base_dir; the
-    base weights stay bit-identical. opts: train.TrainOptions (opts.out is the adapter directory).
-    -> {"params", "config", "val_loss", "trainable", "total", "fraction", "adapter_bytes",
-    "base_bytes"}."""
-    from minillm import data, train
+def _prepare(base_dir, text_path, opts, rank, alpha, targets):
+    """finetune's set-up (on rank 0 alone under MPI) -> {"config", "params", "train_ids", "val_ids"}."""
+    from minillm import train
     from minillm.tokenizer import Tokenizer, read_text_file
 
-    if opts.resume:
-        raise ValueError("finetune does not resume; start again with a new --out")
     text = read_text_file(text_path)
-    ckpt, model = _load_base(base_dir)
+    ckpt, _ = _load_base(base_dir)
     if ckpt.tokenizer_path is None:
         raise ValueError(f"base checkpoint {base_dir!r} has no tokenizer.json")
     tokenizer = Tokenizer.load(ckpt.tokenizer_path)
     config = {**ckpt.config, "lora": lora.lora_config(rank, alpha, targets)}
     params = lora.add_adapters(ckpt.params, config, np.random.default_rng(opts.seed),
                                default_targets=models.get_model(config["arch"]).LORA_TARGETS)
+    train_ids, val_ids = train.prepare_tokens(text, tokenizer, opts, config["context"])
+    return {"config": config, "params": params, "train_ids": train_ids, "val_ids": val_ids}
+
+
+def finetune(base_dir, text_path, opts, rank, alpha=None, targets=None, log=print):
+    """Train LoRA adapters on the text file at text_path on top of the checkpoint base_dir; the
+    base weights stay bit-identical. opts: train.TrainOptions (opts.out is the adapter directory).
+    -> {"params", "config", "val_loss", "trainable", "total", "fraction", "adapter_bytes",
+    "base_bytes"} (under MPI: rank 0 alone reads the files and writes the adapter; the other ranks
+    return no file sizes)."""
+    from minillm import data, distributed, train
+
+    if opts.resume:
+        raise ValueError("finetune does not resume; start again with a new --out")
+    world = distributed.world()
+    if world.rank:
+        log = lambda message: None   # noqa: E731
+    run = world.on_root(lambda: _prepare(base_dir, text_path, opts, rank, alpha, targets))
+    config, params, train_ids, val_ids = run["config"], run["params"], run["train_ids"], run["val_ids"]
+    model = models.get_model(config["arch"])
     trainable = lora.adapter_names(params)
     summary = lora.trainable_summary(params)
     log(lora.format_summary(params))
-    train_ids, val_ids = train.prepare_tokens(text, tokenizer, opts, config["context"])
     val_batches = data.eval_batches(val_ids, opts.batch_size, config["context"], opts.eval_batches)
-    log(f"step 0: val loss {train.evaluate(model, params, config, val_batches):.4f} (the base model)")
+    log(f"step 0: val loss {train.evaluate(model, params, config, val_batches, world):.4f} (the base model)")
 
     def save(params_, _opt_state, _trainer_state):
         save_adapter(opts.out, params_, config, base=str(base_dir))
@@ -144,6 +158,8 @@ def finetune(base_dir, text_path, opts, rank, alpha=None, targets=None, log=prin
     val_loss = train.fit(model, params, config, train_ids, val_ids, opts,
                          log=log, trainable=trainable, save=save,
                          metrics_path=os.path.join(opts.out, "metrics.jsonl"))
+    if world.rank:
+        return {"params": params, "config": config, "val_loss": val_loss, **summary}
     sizes = {k: os.path.getsize(p) for k, p in
              (("adapter_bytes", os.path.join(opts.out, ADAPTER_WEIGHTS)),
               ("base_bytes", os.path.join(base_dir, checkpoint.MODEL_FILE)))}

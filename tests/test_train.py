@@ -101,3 +101,36 @@ def test_fit_clips_and_updates_only_the_trainable_gradients(monkeypatch, tmp_pat
     assert clipped == [trainable, trainable]
     for name, a in flatten(params).items():
         assert (name in trainable) != np.array_equal(a, before[name]), name
+
+
+def test_grad_accum_steps_on_the_mean_of_the_micro_batch_gradients():
+    """--grad-accum 2: micro-batch k draws from stream k (stream 0 = default_rng(seed), the one-process
+    stream), and the step applies clipping + AdamW to (g_0 + g_1) / 2, the same bits as by hand."""
+    from minillm import data, models, optim
+    from minillm.models import gpt
+
+    config = models.build_config("gpt", vocab_size=40, context=8, n_layer=1, n_head=2, d_model=16, dtype="float64")
+    ids = np.random.default_rng(1).integers(0, 40, 500)
+    opts = train.TrainOptions(steps=4, batch_size=3, warmup=1, grad_clip=0.1, grad_accum=2, progress=False)
+    a, b = gpt.init(config, np.random.default_rng(0)), gpt.init(config, np.random.default_rng(0))
+    mask = optim.decay_mask(flatten(a), no_decay=gpt.NO_DECAY)
+    state_a, state_b = optim.adamw_init(a), optim.adamw_init(b)
+    rngs = train.batch_rngs(opts, train.distributed.World())
+    loss, _, _, norm, lr = train.train_step(gpt, a, config, ids, opts, rngs, state_a, 0, mask)
+    x0, _ = data.get_batch(ids, 3, 8, np.random.default_rng(opts.seed))
+    fresh = data.batch_rngs(opts.seed, [0, 1])
+    grads, losses = [], []
+    for rng in fresh:
+        x, y = data.get_batch(ids, 3, 8, rng)
+        logits, cache = gpt.forward(b, x, config)
+        value, loss_cache = train.ops.cross_entropy_forward(logits, y)
+        grads.append(flatten(gpt.backward(train.ops.cross_entropy_backward(1.0, loss_cache), cache)))
+        losses.append(value)
+        if len(grads) == 1:
+            np.testing.assert_array_equal(x, x0)          # stream 0 is the one-process stream
+    mean = {n: (grads[0][n] + grads[1][n]) / 2 for n in grads[0]}
+    assert optim.clip_grad_norm(mean, opts.grad_clip) == norm > opts.grad_clip
+    optim.adamw_step(b, mean, state_b, lr, weight_decay=opts.weight_decay, mask=mask)
+    assert loss == sum(losses) / 2
+    for name, p in flatten(a).items():
+        np.testing.assert_array_equal(p, flatten(b)[name], err_msg=name)
