@@ -71,3 +71,33 @@ def test_exit_on_error_one_process(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         distributed.exit_on_error(ValueError("bad"), "error: bad", 1)
     assert e.value.code == 1 and capsys.readouterr().err == "error: bad\n"
+
+
+class FakeComm:
+    """Just enough of a communicator for exit_on_error: rank, size, and an Abort that exits."""
+
+    def __init__(self, rank, size):
+        self.rank, self.size = rank, size
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return self.size
+
+    def Abort(self, code):
+        raise SystemExit(("MPI_Abort", code))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_exit_on_error_under_mpi(monkeypatch, capsys, rank):
+    monkeypatch.setattr(distributed, "_WORLD", distributed.World(FakeComm(rank, 2)))
+    with pytest.raises(SystemExit) as e:              # one rank's error: named, and the whole job aborted
+        distributed.exit_on_error(OSError("disk full"), "error: disk full")
+    assert e.value.code == ("MPI_Abort", 1) and capsys.readouterr().err == f"error: rank {rank}: disk full\n"
+    with pytest.raises(SystemExit) as e:              # every rank's error: rank 0 prints, all exit normally
+        distributed.exit_on_error(distributed.AllRanksError("bad flag"), "error: bad flag")
+    assert e.value.code == 1 and capsys.readouterr().err == ("error: bad flag\n" if rank == 0 else "")
+    with pytest.raises(SystemExit) as e:              # Ctrl-C reaches every rank: said once, job ended
+        distributed.exit_on_error(KeyboardInterrupt(), "interrupted", 130)
+    assert e.value.code == ("MPI_Abort", 130) and capsys.readouterr().err == ("interrupted\n" if rank == 0 else "")
