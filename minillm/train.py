@@ -121,8 +121,8 @@ def batch_rngs(opts, world, trainer_state=None):
 
 def rng_record(rngs, world):
     """The trainer_state.json entries of the batch streams (a collective: every rank calls it): rng_state
-    (stream 0, as a single process has always saved it), and with several streams rng_states (all of them,
-    in stream order), world_size and grad_accum; rank 0 gets the record, the others None."""
+    (stream 0, as a single process has always saved it), world_size, grad_accum, and with several streams
+    rng_states (all of them, in stream order); rank 0 gets the record, the others None."""
     every = world.gather([checkpoint.rng_state(r) for r in rngs])
     if every is None:
         return None
