@@ -66,8 +66,22 @@ def load_directory(directory):
     for p in (vocab, merges):
         if not os.path.isfile(p):
             raise ValueError(f"{p}: no such file ({VOCAB_FILE} and {MERGES_FILE} go together)")
-    obj = tokenizer_json.vocab_merges_to_hf(_read_json(vocab), _read_text(merges), vocab)
+    obj = _vocab_merges_to_hf(_read_json(vocab), _read_text(merges), vocab)
     return from_hf(obj, where=f"{vocab} + {MERGES_FILE}")
+
+
+def _vocab_merges_to_hf(vocab, merges, where):
+    """GPT-2's two files as Hugging Face saves them (vocab.json: {token: id}; merges.txt: "a b" lines
+    after an optional "#version" line) -> an HF tokenizer.json dict of GPT-2's settings. Vocabulary
+    entries past the merges (256 + len(merges) and up: GPT-2's <|endoftext|>) are the special tokens."""
+    if not isinstance(vocab, dict):
+        raise ValueError(f"{where}: vocab.json must be a JSON object of token -> id")
+    lines = [ln for ln in merges.split("\n") if ln and not ln.startswith("#version")]
+    n = 256 + len(lines)
+    specials = {s: i for s, i in vocab.items() if isinstance(i, int) and i >= n}
+    pre = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    model = {"type": "BPE", "vocab": vocab, "merges": [ln.rstrip("\r") for ln in lines]}
+    return tokenizer_json.hf_document(model, pre, {"type": "ByteLevel"}, specials)
 
 
 def _check_config(directory):

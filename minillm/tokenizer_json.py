@@ -23,6 +23,7 @@ dropout, byte_fallback, merges out of rank order, ...). HF's plain `encode` alwa
 text into the special ids: that is minillm's `encode(text, allowed_special="all")`.
 """
 
+import heapq
 import json
 from dataclasses import dataclass
 
@@ -83,22 +84,58 @@ def canonical_merges(tokens):
         rank.setdefault(t, i)
     out = []
     for i in range(256, len(tokens)):
-        t = tokens[i]
-        if rank[t] != i:
-            continue
-        parts = [t[k:k + 1] for k in range(len(t))]
-        while len(parts) > 2:   # two parts left: their only pair is t itself, of rank i
-            best, at = i, -1
+        if rank[tokens[i]] == i:
+            parts = _rank_order_bpe(tokens[i], rank, i)
+            if len(parts) == 2:   # their only pair is the token itself, of rank i
+                out.append((rank[parts[0]], rank[parts[1]], i))
+    return out
+
+
+def _rank_order_bpe(t, rank, limit):
+    """The parts of bytes t after merging, while any is left, the adjacent pair whose concatenation is the
+    token of lowest rank below `limit` (leftmost first). Long ones with a heap of (rank, start of the left
+    part) and linked parts, O(L log L): a token may be long (a run of 'a' doubles with each merge)."""
+    n = len(t)
+    if n <= 64:   # short (nearly every token): rescanning is faster than the heap
+        parts = [t[k:k + 1] for k in range(n)]
+        while len(parts) > 1:
+            best, at = limit, -1
             for k in range(len(parts) - 1):
-                r = rank.get(parts[k] + parts[k + 1], i)
+                r = rank.get(parts[k] + parts[k + 1], limit)
                 if r < best:
                     best, at = r, k
             if at < 0:
                 break
             parts[at:at + 2] = [parts[at] + parts[at + 1]]
-        if len(parts) == 2:
-            out.append((rank[parts[0]], rank[parts[1]], i))
-    return out
+        return parts
+    end = list(range(1, n + 1))   # end[s]: end of the live part starting at s
+    prev = list(range(-1, n - 1))
+    heap = []
+
+    def push(s):
+        e = end[s]
+        if e < n:
+            r = rank.get(t[s:end[e]], limit)
+            if r < limit:
+                heapq.heappush(heap, (r, s, e, end[e]))
+
+    for s in range(n - 1):
+        push(s)
+    while heap:
+        _, s, e, f = heapq.heappop(heap)
+        if end[s] != e or end[e] != f:   # stale: a part changed since the pair was pushed
+            continue
+        end[s], end[e] = f, -1
+        if f < n:
+            prev[f] = s
+        push(s)
+        if prev[s] >= 0:
+            push(prev[s])
+    parts, s = [], 0
+    while s < n:
+        parts.append(t[s:end[s]])
+        s = end[s]
+    return parts
 
 
 def _added_tokens(special_tokens):
@@ -107,7 +144,8 @@ def _added_tokens(special_tokens):
             for s, i in sorted(special_tokens.items(), key=lambda kv: kv[1])]
 
 
-def _document(model, pre_tokenizer, decoder, special_tokens):
+def hf_document(model, pre_tokenizer, decoder, special_tokens):
+    """The whole tokenizer.json object around a model dict."""
     return {"version": "1.0", "truncation": None, "padding": None,
             "added_tokens": _added_tokens(special_tokens), "normalizer": None,
             "pre_tokenizer": pre_tokenizer, "post_processor": None, "decoder": decoder, "model": model}
@@ -136,13 +174,13 @@ def bpe_to_hf(tokens, special_tokens):
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
     decoder = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
     model = _bpe_model({s: i for i, s in enumerate(strings)}, merges, "bpe")
-    return _document(model, pre, decoder, special_tokens)
+    return hf_document(model, pre, decoder, special_tokens)
 
 
 def char_to_hf(chars, special_tokens):
     """A char vocabulary (one str per id, {special text: id}) -> HF tokenizer.json dict."""
     model = _bpe_model({c: i for i, c in enumerate(chars)}, [], "char")
-    return _document(model, None, {"type": "Fuse"}, special_tokens)
+    return hf_document(model, None, {"type": "Fuse"}, special_tokens)
 
 
 def dumps(obj):
@@ -370,16 +408,3 @@ class _HF:
                     f"of lowest id first, as tiktoken) needs {shown(want)!r} ({len(got)} merges, {len(want)} "
                     "expected): the ids would differ")
 
-
-def vocab_merges_to_hf(vocab, merges, where):
-    """GPT-2's two files as Hugging Face saves them (vocab.json: {token: id}; merges.txt: "a b" lines
-    after an optional "#version" line) -> an HF tokenizer.json dict of GPT-2's settings. Vocabulary
-    entries past the merges (256 + len(merges) and up: GPT-2's <|endoftext|>) are the special tokens."""
-    if not isinstance(vocab, dict):
-        raise ValueError(f"{where}: vocab.json must be a JSON object of token -> id")
-    lines = [ln for ln in merges.split("\n") if ln and not ln.startswith("#version")]
-    n = 256 + len(lines)
-    specials = {s: i for s, i in vocab.items() if isinstance(i, int) and i >= n}
-    pre = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    model = {"type": "BPE", "vocab": vocab, "merges": [ln.rstrip("\r") for ln in lines]}
-    return _document(model, pre, {"type": "ByteLevel"}, specials)

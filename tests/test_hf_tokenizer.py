@@ -164,6 +164,15 @@ def test_round_trip_through_hf(which, request):
     assert back.tokens == tok.tokens and back.special_tokens == tok.special_tokens
 
 
+def test_long_tokens(tmp_path):
+    """Tokens of up to 4096 bytes (runs double with each merge): their merges come from the heap path."""
+    tok = Tokenizer.train(["a" * 2**12, "ab" * 2**10, "x y" * 300], 300, progress=False)
+    assert max(len(t) for t in tok.tokens) >= 2**11
+    hf = tokenizers.Tokenizer.from_str(tok.to_json())
+    for s in ("a" * 5000, "ab" * 3000 + "a", "ba" * 777, "x y" * 100 + "a" * 1025, " " + "a" * 4095):
+        assert hf.encode(s).ids == tok.encode(s), s[:10]
+
+
 def test_ignore_merges_and_tokens_no_merge_produces():
     """A token whose bytes rank-order BPE splits in three ('abcd' = 'ab' + 'cd', but 'bc' comes first) is
     produced by neither tokenizer and gets no merge; with HF's ignore_merges it would be taken whole."""
@@ -281,7 +290,8 @@ def refusal_cases(trained, hf_gpt2):
         ("a special among the merges", edit(base, lambda o: o["added_tokens"][0].update(id=300)), "added_tokens"),
         ("a byte missing", edit(base, lambda o: o["model"]["vocab"].pop("a")), "model.vocab"),
         ("a char vocabulary with unk", edit(char_file, lambda o: o["model"].update(unk_token="a")), "model.unk_token"),
-        ("a char vocabulary with merges", edit(char_file, lambda o: o["model"].update(merges=["a b"])), "pre_tokenizer"),
+        ("a char vocabulary with merges", edit(char_file, lambda o: o["model"].update(merges=["a b"])),
+         "pre_tokenizer"),
     ]
 
 
