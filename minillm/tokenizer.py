@@ -45,7 +45,7 @@ from minillm.tokenizer_json import bytes_to_unicode  # noqa: F401 (part of this 
 
 EOT = "<|endoftext|>"
 MAX_VOCAB_SIZE = 2**24  # Tokenizer.train refuses more: 16,777,216 ids, ~80x GPT-4o's ~200k
-_B2U, _U2B = tokenizer_json.B2U, tokenizer_json.U2B
+_B2U = tokenizer_json.B2U
 
 
 def read_text_file(path):

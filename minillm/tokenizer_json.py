@@ -232,6 +232,10 @@ def _parse_v1(d, where):
         raise ValueError(f"{where}: {e}") from None
 
 
+_HF_KEYS = {"version", "truncation", "padding", "added_tokens", "normalizer", "pre_tokenizer", "post_processor",
+            "decoder", "model"}
+
+
 class _HF:
     """The checks of one HF tokenizer.json object; vocabulary() -> Vocabulary."""
 
@@ -248,6 +252,9 @@ class _HF:
 
     def vocabulary(self):
         d = self.d
+        unknown = sorted(set(d) - _HF_KEYS)
+        if unknown:
+            self.refuse(unknown[0], "not a key of Hugging Face's tokenizer.json (which `tokenizers` refuses)")
         if d.get("version") != "1.0":
             self.refuse("version", f"{d.get('version')!r} is not a tokenizer.json version this minillm reads "
                         "(\"1.0\")")

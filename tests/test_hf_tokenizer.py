@@ -270,6 +270,7 @@ def refusal_cases(trained, hf_gpt2):
     merges = base["model"]["merges"]
     char_file = json.loads(CharTokenizer.train("ab").to_json())
     return [
+        ("an unknown key", {**base, "special_tokens": {}}, "special_tokens"),
         ("a normalizer", with_hf(set_normalizer), "normalizer"),
         ("another regex", with_hf(set_regex), "pre_tokenizer.pretokenizers[0].pattern"),
         ("add_prefix_space", with_hf(set_prefix_space), "pre_tokenizer.add_prefix_space"),
