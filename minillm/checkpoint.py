@@ -3,7 +3,8 @@
 The directory the user names (--out) holds, under the fixed names Hugging Face looks for,
     model.safetensors        the parameters, flat dotted names (minillm.tree.flatten)
     config.json              the model config + "minillm_version" + "format": FORMAT
-    tokenizer.json           written by the tokenizer's own save(path) (optional)
+    tokenizer.json           written by the tokenizer's own save(path) (optional), in HF tokenizers' format
+    tokenizer_config.json    beside it, for transformers.AutoTokenizer (hf_tokenizer.companion_files)
     optimizer.safetensors    AdamW moments as "m.<name>" / "v.<name>", step in the metadata
     trainer_state.json       whatever the trainer needs to resume (step, RNG state, ...)
 The last two are what `--resume` needs. Nothing is ever unpickled: weights go through safetensors, the
@@ -43,9 +44,10 @@ FORMAT = 1
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_FILE = "trainer_state.json"
-FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, OPTIMIZER_FILE, TRAINER_FILE)
+FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, OPTIMIZER_FILE, TRAINER_FILE)
 BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
 
 
@@ -123,6 +125,19 @@ def _tokenizer_content(tokenizer):
                      f"a callable(path); got {type(tokenizer).__name__}")
 
 
+def _tokenizer_companions(tokenizer, content, config):
+    """hf_tokenizer.companion_files of the tokenizer saved as `content` ({} when minillm cannot read it)."""
+    from minillm import hf_tokenizer
+    from minillm.char_tokenizer import tokenizer_from_json
+
+    if not hasattr(tokenizer, "eot_id"):
+        try:
+            tokenizer = tokenizer_from_json(bytes(content).decode("utf-8"))
+        except (TypeError, ValueError):   # a writer(path), or a tokenizer.json minillm does not read
+            return {}
+    return hf_tokenizer.companion_files(tokenizer, model_max_length=config.get("context"))
+
+
 def _current_tokenizer(out):
     """The bytes of the tokenizer.json the checkpoint in `out` has now (checked), or None."""
     def read(vdir, files):
@@ -183,6 +198,7 @@ def save_checkpoint(out_dir, params, config, tokenizer=None, optimizer_state=Non
     tok = _tokenizer_content(tokenizer) if tokenizer is not None else _current_tokenizer(out)
     if tok is not None:
         files[TOKENIZER_FILE] = tok
+        files.update(_tokenizer_companions(tokenizer, tok, config))
     if optimizer_state is not None:
         if not isinstance(optimizer_state, dict) or not {"step", "m", "v"} <= set(optimizer_state):
             raise ValueError("optimizer_state must be a dict with 'step', 'm' and 'v' "

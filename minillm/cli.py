@@ -50,7 +50,8 @@ def _text_arg(text):
 @click.argument("file", type=click.Path())
 @click.option("--vocab-size", type=click.IntRange(1), required=True,
               help="Vocabulary size, special tokens included.")
-@click.option("--out", required=True, type=click.Path(), help="Where to write the tokenizer JSON.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Where to write the tokenizer (Hugging Face tokenizer.json format).")
 @click.option("--min-frequency", type=int, default=2, show_default=True,
               help="Stop merging when the best pair occurs fewer times.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
