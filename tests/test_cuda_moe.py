@@ -67,6 +67,20 @@ def test_cuda_swiglu(dtype):
         close(got, ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_cuda_swiglu_pair(dtype):
+    rng = np.random.default_rng(1)
+    h = (rng.standard_normal((6, 5)) * 5).astype(dtype)
+    h[0, :2] = [-90.0, 90.0]
+    da = rng.standard_normal((3, 5)).astype(dtype)
+    a = KC.swiglu_pair(h)
+    assert a.dtype == dtype and a.shape == (3, 5)
+    close(a, K.swiglu_pair_reference(h), dtype)
+    close(KC.swiglu_pair_backward(da, h), K.swiglu_pair_backward_reference(da, h), dtype)
+    with pytest.raises(ValueError, match="2F"):
+        KC.swiglu_pair(np.zeros((3, 2), dtype))
+
+
 def test_cuda_bad_ids():
     with pytest.raises(ValueError, match="expert ids"):
         KC.dispatch(np.zeros((2, 3)), np.array([[0, 4], [1, 2]]), 4)
