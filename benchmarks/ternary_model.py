@@ -8,6 +8,8 @@ model with --ternary (BitLinear in every block linear, quantised afresh each ste
 with the NumPy quantisers (kernels.forced("reference") for the "ternary_quant" op: what training ran
 before the fused Numba kernels). The three alternate; medians of --train-repeats, the ratio to float32
 and the MFU (6N + 12LdT FLOPs per token over the float32 GEMM FLOP/s measured in the same run).
+Then the block's four linears alone, forward + backward, the same three ways (many short repeats: the
+figure to trust on a busy machine).
 
 Three models with the same shapes and the same random latent weights: float32 (plain linears), ternary
 (BitLinear on the latent weights, as trained with --ternary) and packed (what `minillm quantize` writes:
@@ -78,6 +80,37 @@ def bench_training(config, a):
                     f"{t / times[0]:.3f}x") for name, t in zip(steps, times)], indent="  ")
 
 
+def bench_layers(config, a):
+    """The block's four linears alone (forward + backward on B T tokens): plain linear vs BitLinear with the
+    fused kernels and with the NumPy quantisers; many short interleaved repeats, so steadier than the step."""
+    from minillm.nn import ternary
+
+    d, n = config["d_model"], a.batch * a.context
+    rng = np.random.default_rng(2)
+    x = {i: rng.standard_normal((n, i)).astype(np.float32) for i in (d, 4 * d)}
+    rows, total = [], np.zeros(3)
+    for name, (i, o) in (("attn.c_attn", (d, 3 * d)), ("attn.c_proj", (d, d)), ("mlp.c_fc", (d, 4 * d)),
+                         ("mlp.c_proj", (4 * d, d))):
+        w = (rng.standard_normal((i, o)) * 0.02).astype(np.float32)
+        b = np.zeros(o, np.float32)
+        dy = rng.standard_normal((n, o)).astype(np.float32)
+
+        def plain(w=w, b=b, dy=dy, xi=x[i]):
+            ops.linear_backward(dy, ops.linear_forward(xi, w, b)[1])
+
+        def bit(w=w, b=b, dy=dy, xi=x[i]):
+            ternary.bitlinear_backward(dy, ternary.bitlinear_forward(xi, w, b, layout="in_out")[1])
+
+        t = np.array(harness.medians([plain, bit, with_reference_quantisers(bit)], a.layer_repeats, warmup=2))
+        total += t
+        rows.append((f"{name} ({i} x {o})", *(f"{1e3 * v:.2f}" for v in t), f"{t[1] / t[0]:.3f}x", f"{t[2] / t[0]:.3f}x"))
+    rows.append(("all four", *(f"{1e3 * v:.2f}" for v in total), f"{total[1] / total[0]:.3f}x",
+                 f"{total[2] / total[0]:.3f}x"))
+    harness.table(["layer, fwd+bwd", "linear ms", "fused ms", "NumPy quant. ms", "fused / linear", "NumPy / linear"],
+                  rows, title=f"\nblock linears alone, {n} tokens, float32; median of {a.layer_repeats} (interleaved)",
+                  indent="  ")
+
+
 def file_size(params, config):
     with tempfile.TemporaryDirectory() as d:
         checkpoint.save_checkpoint(d, params, config)
@@ -94,6 +127,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--train-repeats", type=int, default=7)
+    ap.add_argument("--layer-repeats", type=int, default=41)
     ap.add_argument("--skip-sampling", action="store_true")
     a = ap.parse_args()
     config = models.build_config("gpt", d_model=a.d_model, n_layer=a.layers, n_head=8, vocab_size=a.vocab,
@@ -101,6 +135,7 @@ def main():
     print(f"GPT d_model {a.d_model}, {a.layers} layers, vocab {a.vocab}, float32; load average "
           f"{os.getloadavg()[0]:.1f}; {platform.processor() or platform.machine()}")
     bench_training(config, a)
+    bench_layers(config, a)
     if a.skip_sampling:
         return
     params = gpt.init(config, np.random.default_rng(0))
@@ -117,7 +152,7 @@ def main():
     # the three models' runs alternate; median seconds per run -> tokens/s
     speeds = [a.tokens / t for t in harness.medians([sampler(p, c, a.tokens) for p, c in contestants.values()],
                                                     a.repeats, warmup=0)]
-    wpe = params["wpe"]["weight"].nbytes
+    wpe = sum(v.nbytes for n, v in flatten(params).items() if "wpe" in n)
     harness.table(["model", "model.safetensors", "size ratio", "tokens/s", "speed ratio", "of copy bw"],
                   [(name, f"{size / 1e6:.2f} MB", f"{sizes[0] / size:.1f}x", f"{speed:.0f}", f"{speed / speeds[0]:.2f}x",
                     f"{(size - wpe) * speed / harness.copy_bandwidth():.3f}")
