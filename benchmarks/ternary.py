@@ -17,7 +17,8 @@ median reaches, both limits measured in the same run (harness): for y = W x (mem
 read per second (packed: 2 bits a weight; float32: 4 bytes) over the copy bandwidth; for the prefill the
 multiply-adds (2 M O I operations per second, integer or float) over the float32 GEMM FLOP/s. A
 bandwidth fraction above 1 means W stayed in the caches (the copy is measured on 256 MB).
-With --cuda (a GPU is needed) a third table times the numba.cuda packed kernel against torch float32 / bfloat16 on the GPU (device arrays; each call is
+With --cuda (a GPU is needed) a third table times the numba.cuda packed kernel against torch float32 /
+bfloat16 on the GPU (device arrays; each call is
 synchronised, so launch overheads are included).
 """
 

@@ -103,7 +103,8 @@ def bench_layers(config, a):
 
         t = np.array(harness.medians([plain, bit, with_reference_quantisers(bit)], a.layer_repeats, warmup=2))
         total += t
-        rows.append((f"{name} ({i} x {o})", *(f"{1e3 * v:.2f}" for v in t), f"{t[1] / t[0]:.3f}x", f"{t[2] / t[0]:.3f}x"))
+        rows.append((f"{name} ({i} x {o})", *(f"{1e3 * v:.2f}" for v in t),
+                     f"{t[1] / t[0]:.3f}x", f"{t[2] / t[0]:.3f}x"))
     rows.append(("all four", *(f"{1e3 * v:.2f}" for v in total), f"{total[1] / total[0]:.3f}x",
                  f"{total[2] / total[0]:.3f}x"))
     harness.table(["layer, fwd+bwd", "linear ms", "fused ms", "NumPy quant. ms", "fused / linear", "NumPy / linear"],
@@ -154,7 +155,8 @@ def main():
                                                     a.repeats, warmup=0)]
     wpe = sum(v.nbytes for n, v in flatten(params).items() if "wpe" in n)
     harness.table(["model", "model.safetensors", "size ratio", "tokens/s", "speed ratio", "of copy bw"],
-                  [(name, f"{size / 1e6:.2f} MB", f"{sizes[0] / size:.1f}x", f"{speed:.0f}", f"{speed / speeds[0]:.2f}x",
+                  [(name, f"{size / 1e6:.2f} MB", f"{sizes[0] / size:.1f}x", f"{speed:.0f}",
+                    f"{speed / speeds[0]:.2f}x",
                     f"{(size - wpe) * speed / harness.copy_bandwidth():.3f}")
                    for name, size, speed in zip(contestants, sizes, speeds)], indent="  ")
 
