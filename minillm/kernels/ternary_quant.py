@@ -162,8 +162,16 @@ def _activation_quant_kernel(x, eps, qmax, lo, hi, xq, a):
     for n in prange(N):
         xn, qn = x[n], xq[n]
         m = abs(xn[0])
-        for c in range(1, C):
-            m = _max_nan(m, abs(xn[c]))
+        nan = False
+        for c in range(1, C):  # a branch-free max (vectorised); NaN tracked on the side, as np.max
+            v = abs(xn[c])
+            m = v if v > m else m
+            nan |= v != v
+        if nan:  # np.max propagates NaN: take the row's first one
+            for c in range(C):
+                if xn[c] != xn[c]:
+                    m = abs(xn[c])
+                    break
         an = qmax / _max_nan(m, eps)
         a[n, 0] = an
         for c in range(C):
