@@ -6,7 +6,11 @@
 Times the forward (HF under torch.no_grad, ours building its backward cache) and forward+backward
 (gradients of x and every parameter; ours also adds the aux-loss gradient, HF's block has none).
 Both sides use the same weights and inputs, and alternate within each repeat; medians are printed
-with ratios ours / HF (< 1: ours is faster). With more threads than idle cores, run with
+with ratios ours / HF (< 1: ours is faster). "minillm, per-linear experts" is our layer with w1 and w3
+as separate dense layers (the path LoRA and ternary experts take, and every expert took before the fused
+[W1; W3] product): the before/after of the same run. The MFU column divides the layer's matmul FLOPs
+(forward 2 N C E + 6 N k C F, backward twice that) per second by the float32 GEMM FLOP/s measured in the
+same run (for HF too). With more threads than idle cores, run with
 OMP_WAIT_POLICY=PASSIVE: Numba's OpenMP threads otherwise spin after each kernel and slow the BLAS
 calls that follow (on a quiet 16-core Xeon, 16 threads: forward+backward 352 ms -> 79 ms). --device cuda runs ours on CuPy arrays (the numba.cuda
 kernels of kernels/moe_cuda.py, matmuls by cuBLAS through CuPy) and HF's block on torch's CUDA device.
@@ -65,6 +69,15 @@ def main():
         y, cache = moe.moe_forward(x, p, config)
         moe.moe_backward(dy, cache)
 
+    def unfused(fn):
+        def run():
+            fusable, moe._fusable = moe._fusable, lambda *a: False
+            try:
+                fn()
+            finally:
+                moe._fusable = fusable
+        return run
+
     def hf_fwd():
         with torch.no_grad():
             block(xt)
@@ -79,7 +92,8 @@ def main():
         y_ours = y_ours.get() if hasattr(y_ours, "get") else y_ours
         err = np.abs(block(xt).cpu().numpy() - y_ours).max()
     # two warm-up rounds (Numba compilation / cache load, allocator), then all four alternate
-    t = harness.medians([ours_fwd, hf_fwd, ours_fwd_bwd, hf_fwd_bwd], args.repeats, warmup=2, sync=sync)
+    t = harness.medians([ours_fwd, unfused(ours_fwd), hf_fwd, ours_fwd_bwd, unfused(ours_fwd_bwd), hf_fwd_bwd],
+                        args.repeats, warmup=2, sync=sync)
 
     import numba
 
@@ -88,8 +102,17 @@ def main():
     print(f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()} "
           f"({numba.threading_layer()} layer), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
           f"median of {args.repeats}; max |y_ours - y_hf| = {err:.2e}")
-    harness.versus([("forward", 1e3 * t[0], 1e3 * t[1]), ("forward+backward", 1e3 * t[2], 1e3 * t[3])],
-                   ["HF ms"], formats=(".1f", ".1f", ".2f"))
+    N, C, F, E, k = args.tokens, args.d_model, args.d_ff, args.experts, args.top_k
+    flops = 2 * N * C * E + 6 * N * k * C * F
+    limit = harness.gemm_flops() if args.device == "cpu" else None
+    rows = []
+    for name, (ours, before, hf), n_flops in (("forward", t[0:3], flops), ("forward+backward", t[3:6], 3 * flops)):
+        mfu = [f"{n_flops / x / limit:.3f}" if limit else "-" for x in (ours, before, hf)]
+        rows.append((name, f"{1e3 * ours:.1f}", f"{ours / hf:.2f}", mfu[0], f"{1e3 * before:.1f}", f"{before / hf:.2f}",
+                     mfu[1], f"{1e3 * hf:.1f}", mfu[2]))
+    if limit:
+        print(harness.limits_line())
+    harness.table(["", "minillm ms", "/ HF", "MFU", "per-linear experts ms", "/ HF", "MFU", "HF ms", "MFU"], rows)
     if args.profile:
         profile(ours_fwd_bwd, x, p, args)
 

@@ -12,8 +12,13 @@ Each contestant runs its repeats in one block (see `run`); medians are printed w
 peer / packed kernel (> 1: the packed kernel is faster), and the fastest repeat in brackets (on a
 shared machine the 2-thread medians suffer whenever another process holds a core). A second table does the same for a prefill of --tokens tokens
 (x: (M, in) -> (M, out)). Also printed: the bytes of W at each precision. The machine may be shared:
-the load average is printed with the results. With --cuda (a GPU is needed) a third table times the
-numba.cuda packed kernel against torch float32 / bfloat16 on the GPU (device arrays; each call is
+the load average is printed with the results. Each cell ends with the fraction of the machine's limit the
+median reaches, both limits measured in the same run (harness): for y = W x (memory-bound) the bytes of W
+read per second (packed: 2 bits a weight; float32: 4 bytes) over the copy bandwidth; for the prefill the
+multiply-adds (2 M O I operations per second, integer or float) over the float32 GEMM FLOP/s. A
+bandwidth fraction above 1 means W stayed in the caches (the copy is measured on 256 MB).
+With --cuda (a GPU is needed) a third table times the numba.cuda packed kernel against torch float32 /
+bfloat16 on the GPU (device arrays; each call is
 synchronised, so launch overheads are included).
 """
 
@@ -58,10 +63,12 @@ def run(contestants, repeats):
     return {name: (float(np.median(ts)), float(np.min(ts))) for name, ts in zip(contestants, times)}
 
 
-def table(title, results, base="packed kernel"):
-    """Median ms, ratio of medians to the base, and the fastest repeat (min ms) per column."""
-    head = [""] + [h + ": median, ratio, (min)" for h in results]
+def table(title, results, base="packed kernel", fraction=None, unit=""):
+    """Median ms, ratio of medians to the base, the fastest repeat (min ms), and fraction(name, median
+    seconds) of the machine's limit (`unit` names it) per column."""
+    head = [""] + [h + f": median, ratio, (min){', ' + unit if fraction else ''}" for h in results]
     rows = [[name] + [f"{res[name][0] * 1e3:.3f} ms  x{res[name][0] / res[base][0]:6.2f}  ({res[name][1] * 1e3:.3f})"
+                      + (f"  {fraction(name, res[name][0]):.3f}" if fraction else "")
                       for res in results.values()] for name in next(iter(results.values()))]
     harness.table(head, rows, title=f"\n{title}")
 
@@ -153,8 +160,17 @@ def main():
           f"kernel; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus"
           + ("" if blas else " (OpenBLAS threads not settable: numpy uses its default)"))
     if settings:
-        table("y = W x (generation)", res_mv)
-        table(f"Y = X W^T, {args.tokens} tokens (prefill)", res_pf)
+        w_bytes = {"packed kernel": packed.nbytes, "packed layer": packed.nbytes}
+
+        def of_bandwidth(name, seconds):
+            return w_bytes.get(name, 4 * O * I) / seconds / harness.copy_bandwidth()
+
+        def of_gemm(name, seconds):
+            return 2 * args.tokens * O * I / seconds / harness.gemm_flops()
+
+        print(harness.limits_line())
+        table("y = W x (generation)", res_mv, fraction=of_bandwidth, unit="of copy bw")
+        table(f"Y = X W^T, {args.tokens} tokens (prefill)", res_pf, fraction=of_gemm, unit="of f32 GEMM")
     if args.cuda:
         cuda_table(packed, O, w_f32, x, xs, xq, xsq, args.repeats)
     n = O * I

@@ -61,3 +61,29 @@ def test_cuda_bad_input():
         ktc.matmul(np.zeros((1, 4), np.int8), packed, 4)
     with pytest.raises(ValueError, match="rows"):
         ktc.matmul(np.zeros((1, 3), np.int8), packed, 8)
+
+
+def test_quantisers_on_the_gpu_path_are_the_reference():
+    """ternary_quant has no numba.cuda kernels: its CUDA twin runs the array-generic references (CuPy on a
+    GPU), so forced("cuda") training gives the reference's values and every name the dispatch needs exists."""
+    from minillm import kernels
+    from minillm.kernels import ternary_quant as tq
+    from minillm.kernels import ternary_quant_cuda as tqc
+    from minillm.nn import ternary
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((4, 16)).astype(np.float32)
+    w = (rng.standard_normal((8, 16)) * 0.05).astype(np.float32)
+    for name in ("weight_quant", "activation_quant", "rescale", "weight_dequant", "activation_dequant"):
+        assert kernels.pick("ternary_quant", name, x) is getattr(tq, name)
+        with kernels.forced("cuda", ops=("ternary_quant",)):
+            assert kernels.pick("ternary_quant", name, x) is getattr(tqc, name)
+    with kernels.forced("cuda", ops=("ternary_quant",)):
+        y, cache = ternary.bitlinear_forward(x, w)
+        grads = ternary.bitlinear_backward(np.ones_like(y), cache)
+    with kernels.forced("reference", ops=("ternary_quant",)):
+        y_ref, cache_ref = ternary.bitlinear_forward(x, w)
+        grads_ref = ternary.bitlinear_backward(np.ones_like(y), cache_ref)
+    np.testing.assert_array_equal(y, y_ref)
+    for g, r in zip(grads[:2], grads_ref[:2]):
+        np.testing.assert_array_equal(g, r)

@@ -143,6 +143,26 @@ def test_gradients(E, k, N, dead):
     check_grads(loss, {"x": x, "p": p}, {"x": dx, "p": grads}, max_entries=12)
 
 
+def test_fused_experts_equal_the_per_linear_path(monkeypatch):
+    """Plain experts run w1 and w3 as one product [W1; W3] (transposed layout); the per-linear path
+    (dense layers, as LoRA and ternary experts take) gives the same layer to float64 rounding."""
+    config, p, x = make_case(7, E=4, k=2, N=40, C=12, F=10, dead_expert=1)
+    g = np.random.default_rng(2).standard_normal(x.shape)
+    y, cache, dx, grads = ours(config, p, x, g)
+    assert cache["fused"]
+    monkeypatch.setattr(moe, "_fusable", lambda *a: False)
+    y2, cache2, dx2, grads2 = ours(config, p, x, g)
+    assert not cache2["fused"]
+    np.testing.assert_allclose(y, y2, rtol=1e-12, atol=1e-12 * np.abs(y).max())
+    np.testing.assert_allclose(dx, dx2, rtol=1e-12, atol=1e-12 * np.abs(dx).max())
+    for (name, a), (_, b) in zip(leaves(grads), leaves(grads2)):
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12 * max(np.abs(b).max(), 1e-300), err_msg=name)
+    monkeypatch.undo()
+    ternary_cache = moe.moe_forward(x, p, dict(config, ternary=True))[1]
+    assert not ternary_cache["fused"]  # BitLinear experts keep their dense layers
+
+
 def test_shapes_determinism_and_stats():
     config, p, x = make_case(3, N=12)
     y2, c2 = moe.moe_forward(x, p, config)

@@ -7,6 +7,7 @@ import torch
 
 import peers
 from gradcheck import check_grads, weighted_sum
+from minillm import kernels
 from minillm.nn import dense, ternary
 from minillm.kernels import ternary as kt
 
@@ -180,6 +181,28 @@ def test_dtype_flows_and_no_bias(dtype):
     y, cache = ternary.bitlinear_forward(x, w)
     dx, dw, db = ternary.bitlinear_backward(np.ones_like(y), cache)
     assert y.dtype == dx.dtype == dw.dtype == dtype and db is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_kernels_train_bit_identically_to_numpy_quantisers(dtype, layout, bias):
+    """Training through the Numba quantisers (kernels/ternary_quant.py) gives the bits of the NumPy
+    quantisers (the reference, which is what training ran before): forward, cache and STE gradients."""
+    rng = np.random.default_rng(8)
+    x, w, b = _case(rng, layout, dtype=dtype, shape=(3, 50), O=70, I=300, bias=bias)
+    dy = rng.standard_normal((3, 50, 70)).astype(dtype)
+
+    def run():
+        y, cache = ternary.bitlinear_forward(x, w, b, layout=layout)
+        return (y, *cache[:4], *(g for g in ternary.bitlinear_backward(dy, cache) if g is not None))
+
+    with kernels.forced("reference", ops=("ternary_quant",)):
+        want = run()
+    got = run()
+    for g, r in zip(got, want):
+        g, r = np.asarray(g), np.asarray(r)
+        assert g.dtype == r.dtype and g.shape == r.shape and g.tobytes() == r.tobytes()
 
 
 def test_dense_layer_hook():

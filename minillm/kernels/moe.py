@@ -19,6 +19,9 @@ each output element is written by exactly one iteration in a fixed order, so res
 on the thread count (combine is bitwise equal to the reference).
 
 SwiGLU (Shazeer 2020, eq. 6, as in Mixtral's experts): a = silu(h1) * h3 with h1 = x W1^T, h3 = x W3^T.
+The pair forms take h1 and h3 stacked, h = [h1; h3]: (2F, ...), e.g. the transposed output
+[W1; W3] x^T: (2F, M) of one fused product (HF's gate_up_proj), and give a = silu(h1) * h3: (F, ...) and
+dh = [dh1; dh3]: (2F, ...) with the same arithmetic (elementwise: the layout of the rest is free).
 """
 
 import numba
@@ -91,6 +94,18 @@ def swiglu_backward_reference(da, h1, h3):
     """da: (M, F) -> (dh1, dh3); silu'(h) = s (1 + h (1 - s)), s = sigmoid(h)."""
     s = _sigmoid_reference(h1)
     return da * h3 * s * (1.0 + h1 * (1.0 - s)), da * h1 * s
+
+
+def swiglu_pair_reference(h):
+    """h = [h1; h3]: (2F, ...) -> a = silu(h1) * h3: (F, ...)."""
+    F = h.shape[0] // 2
+    return swiglu_reference(h[:F], h[F:])
+
+
+def swiglu_pair_backward_reference(da, h):
+    """da: (F, ...), h = [h1; h3]: (2F, ...) -> dh = [dh1; dh3]: (2F, ...)."""
+    F = h.shape[0] // 2
+    return np.concatenate(swiglu_backward_reference(da, h[:F], h[F:]), axis=0)
 
 
 # --- Numba CPU kernels ----------------------------------------------------------------------------
@@ -188,6 +203,30 @@ def _swiglu_backward_kernel(da, h1, h3, dh1, dh3, one):
             dh3[m, f] = g * h * s
 
 
+@numba.njit(parallel=True, cache=True)
+def _swiglu_pair_kernel(h, a, one, n_jobs):
+    n = a.shape[0]  # h: (2 n,) = [h1; h3] flat
+    for j in numba.prange(n_jobs):
+        lo, hi = j * n // n_jobs, (j + 1) * n // n_jobs
+        h1, h3, aj = h[lo:hi], h[n + lo:n + hi], a[lo:hi]  # views indexed from 0: vectorised
+        for i in range(aj.shape[0]):
+            v = h1[i]
+            aj[i] = v * _sigmoid(v, one) * h3[i]
+
+
+@numba.njit(parallel=True, cache=True)
+def _swiglu_pair_backward_kernel(da, h, dh, one, n_jobs):
+    n = da.shape[0]
+    for j in numba.prange(n_jobs):
+        lo, hi = j * n // n_jobs, (j + 1) * n // n_jobs
+        h1, h3, g, d1, d3 = h[lo:hi], h[n + lo:n + hi], da[lo:hi], dh[lo:hi], dh[n + lo:n + hi]
+        for i in range(g.shape[0]):
+            v = h1[i]
+            s = _sigmoid(v, one)
+            d1[i] = g[i] * h3[i] * s * (one + v * (one - s))
+            d3[i] = g[i] * v * s
+
+
 def _c(a):
     return np.ascontiguousarray(a)
 
@@ -244,3 +283,33 @@ def swiglu_backward(da, h1, h3):
         _swiglu_backward_kernel(da.reshape(-1, F), h1.reshape(-1, F), h3.reshape(-1, F),
                                 dh1.reshape(-1, F), dh3.reshape(-1, F), h1.dtype.type(1))
     return dh1, dh3
+
+
+def _check_pair(h):
+    if h.ndim < 1 or h.shape[0] % 2:
+        raise ValueError(f"swiglu pair: h must stack h1 and h3 as (2F, ...), got shape {h.shape}")
+
+
+def _pair_jobs(n):
+    return max(1, min(n // 4096, 4 * numba.get_num_threads()))
+
+
+def swiglu_pair(h):
+    """Numba twin of swiglu_pair_reference: h = [h1; h3]: (2F, ...) -> (F, ...)."""
+    _check_pair(h)
+    h = _c(h)
+    a = np.empty((h.shape[0] // 2,) + h.shape[1:], h.dtype)
+    if a.size:
+        _swiglu_pair_kernel(h.reshape(-1), a.reshape(-1), h.dtype.type(1), _pair_jobs(a.size))
+    return a
+
+
+def swiglu_pair_backward(da, h):
+    """Numba twin of swiglu_pair_backward_reference: da: (F, ...), h: (2F, ...) -> dh: (2F, ...)."""
+    _check_pair(h)
+    da, h = _c(da), _c(h)
+    dh = np.empty_like(h)
+    if da.size:
+        _swiglu_pair_backward_kernel(da.reshape(-1), h.reshape(-1), dh.reshape(-1), h.dtype.type(1),
+                                     _pair_jobs(da.size))
+    return dh

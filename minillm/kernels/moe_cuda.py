@@ -160,6 +160,27 @@ def _swiglu_backward_kernel(da, h1, h3, dh1, dh3, one):
         dh3[i] = g * h * s
 
 
+@cuda.jit
+def _swiglu_pair_kernel(h, a, one):
+    i = cuda.grid(1)  # h: (2 n,) = [h1; h3] flat, a: (n,)
+    n = a.shape[0]
+    if i < n:
+        v = h[i]
+        a[i] = v * _sigmoid(v, one) * h[n + i]
+
+
+@cuda.jit
+def _swiglu_pair_backward_kernel(da, h, dh, one):
+    i = cuda.grid(1)
+    n = da.shape[0]
+    if i < n:
+        v = h[i]
+        s = _sigmoid(v, one)
+        g = da[i]
+        dh[i] = g * h[n + i] * s * (one + v * (one - s))
+        dh[n + i] = g * v * s
+
+
 # --- the functions (as kernels/moe.py) ------------------------------------------------------------
 
 
@@ -261,3 +282,31 @@ def swiglu_backward(da, h1, h3):
         _swiglu_backward_kernel[_blocks(n), TPB](dad.reshape(n), h1d.reshape(n), h3d.reshape(n),
                                                  dh1.reshape(n), dh3.reshape(n), h1d.dtype.type(1))
     return on.out(dh1), on.out(dh3)
+
+
+def _check_pair(h):
+    if h.ndim < 1 or h.shape[0] % 2:
+        raise ValueError(f"swiglu pair: h must stack h1 and h3 as (2F, ...), got shape {h.shape}")
+
+
+def swiglu_pair(h):
+    """h = [h1; h3]: (2F, ...) -> silu(h1) * h3: (F, ...)."""
+    _check_pair(h)
+    on = _On(h)
+    hd = on.dev(h)
+    a = on.empty((h.shape[0] // 2,) + tuple(h.shape[1:]), hd.dtype)
+    if a.size:
+        _swiglu_pair_kernel[_blocks(a.size), TPB](hd.reshape(hd.size), a.reshape(a.size), hd.dtype.type(1))
+    return on.out(a)
+
+
+def swiglu_pair_backward(da, h):
+    """da: (F, ...), h = [h1; h3]: (2F, ...) -> dh = [dh1; dh3]: (2F, ...)."""
+    _check_pair(h)
+    on = _On(da)
+    dad, hd = on.dev(da), on.dev(h)
+    dh = on.empty(tuple(h.shape), hd.dtype)
+    if dad.size:
+        _swiglu_pair_backward_kernel[_blocks(dad.size), TPB](dad.reshape(dad.size), hd.reshape(hd.size),
+                                                             dh.reshape(dh.size), hd.dtype.type(1))
+    return on.out(dh)

@@ -41,7 +41,6 @@ import numpy as np
 
 from minillm import kernels
 from minillm.kernels import ternary as kt
-from minillm.nn.ops import array_module
 from minillm.tree import flatten, unflatten
 
 EPS = 1e-5          # both scales' floor (HF: clamp(min=1e-5))
@@ -59,19 +58,14 @@ def _check_layout(layout):
 
 def weight_quant(w, eps=EPS):
     """w: any shape (float) -> (w_q: same shape and dtype, values in {-1, 0, 1}; s: scalar array of w's
-    dtype) with w ~ s * w_q, s = max(mean |w|, eps) (per tensor)."""
-    xp = array_module(w)
-    s = xp.maximum(xp.abs(w).mean(), w.dtype.type(eps))
-    inv = w.dtype.type(1) / s  # HF rounds w * (1 / s)
-    return xp.clip(xp.rint(w * inv), -1, 1), s
+    dtype) with w ~ s * w_q, s = max(mean |w|, eps) (per tensor). One fused kernel (kernels/ternary_quant.py)."""
+    return kernels.pick("ternary_quant", "weight_quant", w)(w, eps)
 
 
 def activation_quant(x, eps=EPS):
     """x: (..., C) float -> (x_q: (..., C) same dtype, integers in [-128, 127]; a: (..., 1)) with
     x ~ x_q / a, a = 127 / max(max |x| over the last axis, eps) (per token)."""
-    xp = array_module(x)
-    a = QMAX / xp.maximum(xp.abs(x).max(axis=-1, keepdims=True), x.dtype.type(eps))
-    return xp.clip(xp.rint(x * a), QMIN, QMAX), a
+    return kernels.pick("ternary_quant", "activation_quant", x)(x, eps)
 
 
 # --- BitLinear (training: fake quantisation + straight-through estimator) -----------------------------
@@ -90,17 +84,16 @@ def bitlinear_forward(x, w, b=None, layout="out_in"):
     wq, s = weight_quant(w)
     xq, a = activation_quant(x)
     acc = xq @ (wq.T if layout == "out_in" else wq)  # integer-valued: exact
-    y = acc * (s / a)
-    if b is not None:
-        y = y + b
+    y = kernels.pick("ternary_quant", "rescale", acc)(acc, s, a, b)  # acc (s / a) + b, in place
     return y, (xq, a, wq, s, layout, b is not None)
 
 
 def bitlinear_backward(dy, cache):
     """dy: (..., O) -> (dx: (..., I), dw: shaped like w (same layout), db: (O,) or None)."""
     xq, a, wq, s, layout, has_bias = cache
-    w_deq = wq * s                                   # W~ in w's layout
-    x_deq = (xq / a).reshape(-1, xq.shape[-1])       # x~, (N, I)
+    K = kernels.select("ternary_quant", dy)
+    w_deq = K.weight_dequant(wq, s)                           # W~ = s W_q in w's layout
+    x_deq = K.activation_dequant(xq, a).reshape(-1, xq.shape[-1])  # x~ = x_q / a, (N, I)
     dy2 = dy.reshape(-1, dy.shape[-1])               # (N, O)
     if layout == "out_in":
         dx = dy @ w_deq
