@@ -42,7 +42,9 @@ def test_every_kernel_name_has_its_reference_and_cuda_twin():
              "softmax": ["causal", "causal_backward", "rows", "cross_entropy_forward", "cross_entropy_backward"],
              "embedding": ["backward"], "scan": ["forward", "backward"], "wkv": ["forward", "backward"],
              "moe": ["dispatch", "combine", "combine_backward", "swiglu", "swiglu_backward"],
-             "ternary": ["matmul", "matvec"], "adamw": ["update"]}
+             "ternary": ["matmul", "matvec"], "adamw": ["update"],
+             "ternary_quant": ["weight_quant", "activation_quant", "rescale", "weight_dequant",
+                               "activation_dequant"]}
     for op, fns in names.items():
         cpu = importlib.import_module(f"minillm.kernels.{op}")
         for fn in fns:

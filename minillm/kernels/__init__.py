@@ -11,7 +11,8 @@ call with `forced("reference")` (the NumPy reference on host arrays) or `forced(
 kernels on host arrays, i.e. in Numba's CUDA simulator), for every op or for the ops they name.
 
 The ops: gelu, layernorm, softmax (causal, rows, cross-entropy), embedding (backward), scan (Mamba's
-selective scan), wkv (RWKV), moe (dispatch / combine / SwiGLU), ternary (packed matmul), adamw (update).
+selective scan), wkv (RWKV), moe (dispatch / combine / SwiGLU), ternary (packed matmul), ternary_quant (BitNet's
+weight / activation quantisers of training; its CUDA form runs the references on CuPy), adamw (update).
 The tokenizer's BPE kernels (bpe.py, bpe_train.py) are host-only and called directly.
 This package imports nothing else of minillm but minillm.arrays.
 """
