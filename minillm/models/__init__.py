@@ -81,3 +81,14 @@ def check_token_ids(idx, config, what="idx"):
     if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= V):
         raise ValueError(f"{what} holds token ids outside [0, {V})")
     return idx
+
+
+def tied_head(flat, head, embedding):
+    """Hugging Face tensors of a model whose head is tied: drop a stored copy of the head (some files keep
+    one); a head that differs from the embedding is an untied model, which minillm would run otherwise."""
+    if head not in flat:
+        return flat
+    if embedding in flat and not np.array_equal(flat[head], flat[embedding]):
+        raise ValueError(f"{head} differs from {embedding}, but this architecture ties them "
+                         "(tie_word_embeddings): minillm would run another model")
+    return {n: a for n, a in flat.items() if n != head}
