@@ -141,10 +141,10 @@ def from_file(obj, where):
     of this format, "minillm-1" for earlier minillm files, "hf" for a directory HF wrote."""
     section = obj.get(SECTION)
     fmt = obj.get("format")
-    if isinstance(fmt, int) and not isinstance(fmt, bool) and "minillm_version" in obj and "arch" in obj:
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and "arch" in obj:
         config = {k: v for k, v in obj.items() if k not in ("format", "minillm_version")}
         _check_format(fmt, where)
-        return config, obj["minillm_version"], "minillm-1"
+        return config, obj.get("minillm_version"), "minillm-1"
     if isinstance(section, dict) and "format" in section:
         _check_format(section["format"], where)
         version = section.get("version")
