@@ -153,11 +153,11 @@ def another_base(w, tmp):
 def nan_adapter(w, tmp):
     dst = str(tmp / "ad")
     os.makedirs(dst)
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
+    for name in ("adapter_model.safetensors", "adapter_config.json", "minillm_adapter.json"):
         shutil.copyfile(os.path.join(w["ad"], name), os.path.join(dst, name))
     path = os.path.join(dst, "adapter_model.safetensors")
     flat = safetensors.numpy.load_file(path)
-    next(a for n, a in sorted(flat.items()) if n.endswith("lora_A"))[0, 0] = np.inf
+    next(a for n, a in sorted(flat.items()) if n.endswith("lora_A.weight"))[0, 0] = np.inf
     safetensors.numpy.save_file(flat, path)
     return dst
 
