@@ -323,3 +323,21 @@ def test_pickled_weights_are_refused(capsys, tmp_path, hf_dirs):
     os.rename(os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin"))
     line = one_error_line(capsys, "sample", "--checkpoint", path, match="pytorch_model.bin but no model.safetensors")
     assert "unpickle" in line and "safetensors" in line
+
+
+def test_packed_llama_exports_to_hf_bitnet(tmp_path):
+    """quantize's packed files have no model_type (HF would read the scale the other way); bitnet_export
+    writes what transformers' bitnet quantization_config (BitLinear, offline) runs, with minillm's logits."""
+    from minillm import quantize
+
+    config = models.build_config("llama", vocab_size=V, context=16, n_layer=2, d_model=32, n_head=4, ternary=True)
+    src, packed, hf = (str(tmp_path / n) for n in ("ternary", "packed", "hf"))
+    checkpoint.save_checkpoint(src, models.get_model("llama").init(config, np.random.default_rng(0)), config)
+    quantize.quantize_checkpoint(src, packed)
+    assert "model_type" not in json.load(open(os.path.join(packed, "config.json")))
+    quantize.bitnet_export(packed, hf)
+    model = tf.AutoModelForCausalLM.from_pretrained(hf).eval()
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "BitLinear"
+    assert_close(ours(checkpoint.load_checkpoint(packed))[0], theirs(model)[0], 1e-5)
+    with pytest.raises(ValueError, match="bitnet_export takes a packed llama checkpoint"):
+        quantize.bitnet_export(src, str(tmp_path / "x"))
