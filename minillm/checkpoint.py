@@ -157,24 +157,6 @@ def is_minillm_checkpoint(directory):
         return False
 
 
-def _eot_id(tokenizer):
-    """The <|endoftext|> id of what save_checkpoint got as a tokenizer (HF's bos/eos_token_id), or None."""
-    from minillm.char_tokenizer import load_tokenizer, tokenizer_from_json
-
-    try:
-        if hasattr(tokenizer, "eot_id"):
-            return tokenizer.eot_id
-        if isinstance(tokenizer, (str, os.PathLike)):
-            return load_tokenizer(tokenizer).eot_id
-        if isinstance(tokenizer, bytes):
-            return tokenizer_from_json(tokenizer.decode("utf-8")).eot_id
-        if isinstance(tokenizer, dict):
-            return tokenizer_from_json(json.dumps(tokenizer)).eot_id
-    except (ValueError, OSError, AttributeError):
-        pass
-    return None
-
-
 def check_writable(out_dir):
     """Fail early, writing nothing, when a save to out_dir would have to replace files minillm did not
     write there (see store.check_target)."""
@@ -214,7 +196,7 @@ def save_checkpoint(out_dir, params, config, tokenizer=None, optimizer_state=Non
     tok = _tokenizer_content(tokenizer) if tokenizer is not None else _current_tokenizer(out)
     if tok is not None:
         files[TOKENIZER_FILE] = tok
-    eot = _eot_id(tokenizer if tokenizer is not None else tok)
+    eot = hf_config.eot_id_of(tokenizer if tokenizer is not None else tok)
     files[CONFIG_FILE] = _json_bytes(hf_config.to_file(config, __version__, eot), "config")
     if optimizer_state is not None:
         if not isinstance(optimizer_state, dict) or not {"step", "m", "v"} <= set(optimizer_state):
@@ -392,12 +374,13 @@ def load_tokenizer(ckpt):
     (a tokenizer HF wrote); else tokenizer.json is minillm's own format."""
     from minillm.char_tokenizer import load_tokenizer   # a BPE or a character vocabulary, by its "type"
 
+    tok = None
     if importlib.util.find_spec("minillm.hf_tokenizer") is not None:
         tok = importlib.import_module("minillm.hf_tokenizer").load_directory(ckpt.path)
-    elif ckpt.tokenizer_path is None:
-        raise ValueError(f"checkpoint '{ckpt.path}' has no {TOKENIZER_FILE}")
-    else:
+    elif ckpt.tokenizer_path is not None:
         tok = load_tokenizer(ckpt.tokenizer_path)
+    if tok is None:
+        raise ValueError(f"checkpoint '{ckpt.path}' has no {TOKENIZER_FILE}")
     shown = os.path.join(ckpt.path, TOKENIZER_FILE)
     if tok.eot_id is None:
         raise ValueError(f"'{shown}' has no <|endoftext|> token, which minillm needs to separate documents")

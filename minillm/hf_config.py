@@ -23,6 +23,7 @@ its value (HFReader.only), never a silently different model. Keys that only matt
 """
 
 import json
+import os
 
 from minillm import models
 
@@ -117,6 +118,25 @@ def from_hf(hf, where):
     dtype = next((hf[k] for k in DTYPE_KEYS if hf.get(k) is not None), None)
     config["dtype"] = "float64" if dtype == "float64" else "float32"
     return config
+
+
+def eot_id_of(tokenizer):
+    """The <|endoftext|> id (HF's bos/eos_token_id) of what checkpoint.save_checkpoint takes as a tokenizer (an
+    object, a tokenizer.json path, its bytes or JSON dict), or None."""
+    from minillm.char_tokenizer import load_tokenizer, tokenizer_from_json
+
+    try:
+        if hasattr(tokenizer, "eot_id"):
+            return tokenizer.eot_id
+        if isinstance(tokenizer, (str, os.PathLike)):
+            return load_tokenizer(tokenizer).eot_id
+        if isinstance(tokenizer, bytes):
+            return tokenizer_from_json(tokenizer.decode("utf-8")).eot_id
+        if isinstance(tokenizer, dict):
+            return tokenizer_from_json(json.dumps(tokenizer)).eot_id
+    except (ValueError, OSError, AttributeError):
+        pass
+    return None
 
 
 def to_file(config, version, eot_id=None):

@@ -6,6 +6,10 @@ aux_loss(cache) and stats(cache). It also declares its facts, which the rest of 
 naming architectures:
 
     HF_CLASS            the transformers class it matches (None: no HF twin)
+    HF_MODEL_TYPES      the HF config model_type(s) it runs; with to_hf_config(config) -> HF config keys,
+                        from_hf_config(reader) -> minillm config (reader: hf_config.HFReader, which refuses
+                        values the module does not implement) and optionally from_hf_weights(flat, config)
+                        (HF's tensors -> ours: buffers, tied heads, fused experts); see minillm/hf_config.py
     OPTIONS             config keys a user may set for it beyond the shared ones (cli checks flags with it)
     LORA_TARGETS        default LoRA targets (dotted-name patterns)
     NO_DECAY            name fragments of tensors that get no weight decay (train builds the mask with it)
