@@ -341,3 +341,15 @@ def test_packed_llama_exports_to_hf_bitnet(tmp_path):
     assert_close(ours(checkpoint.load_checkpoint(packed))[0], theirs(model)[0], 1e-5)
     with pytest.raises(ValueError, match="bitnet_export takes a packed llama checkpoint"):
         quantize.bitnet_export(src, str(tmp_path / "x"))
+
+
+def test_mixtral_fused_expert_names_load(tmp_path):
+    """transformers 5 saves Mixtral under the released names, but holds the experts fused in memory
+    (mlp.experts.gate_up_proj / down_proj); a file of that state dict loads too, with HF's logits."""
+    import safetensors.torch
+
+    path, model = hf_dir(tmp_path, "mixtral")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    safetensors.torch.save_file(state, os.path.join(path, "model.safetensors"))
+    assert_close(ours(checkpoint.load_checkpoint(path))[0], theirs(model)[0], 1e-5)
