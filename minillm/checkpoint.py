@@ -34,7 +34,7 @@ a stored copy of a tied head dropped, bfloat16 / float16 widened to float32; pyt
 """
 
 import hashlib
-import importlib.util
+import importlib
 import json
 import os
 from dataclasses import dataclass
@@ -375,8 +375,8 @@ def load_tokenizer(ckpt):
     from minillm.char_tokenizer import load_tokenizer   # a BPE or a character vocabulary, by its "type"
 
     tok = None
-    if importlib.util.find_spec("minillm.hf_tokenizer") is not None:
-        tok = importlib.import_module("minillm.hf_tokenizer").load_directory(ckpt.path)
+    if os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_tokenizer.py")):
+        tok = importlib.import_module("minillm.hf_tokenizer").load_directory(ckpt.path)   # this package's own
     elif ckpt.tokenizer_path is not None:
         tok = load_tokenizer(ckpt.tokenizer_path)
     if tok is None:
