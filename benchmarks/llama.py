@@ -87,8 +87,12 @@ def bench_train(name, repeats):
     print(f"\ntraining step on the CPU, {name}: B={data.shape[0]} T={config['context']} C={config['d_model']} "
           f"L={config['n_layer']} H={config['n_head']} H_kv={config['n_kv_head']} F={llama.d_ff_of(config)} "
           f"V={config['vocab_size']}, float32, median of {repeats} (interleaved)")
-    harness.table(["implementation", "s/step", "tokens/s", "minillm speed-up"],
-                  [(label, f"{t:.4f}", f"{x.size / t:.0f}", f"{t / rows[0][1]:.2f}x") for label, t in rows],
+    n_params = sum(a.size for a in init_params.values())   # no position table: every weight is used per token
+    per_token = harness.gpt_flops_per_token(n_params, config["n_layer"], config["d_model"], config["context"])
+    print(f"  {harness.limits_line()}; 6N + 12LdT = {per_token / 1e6:.2f} MFLOP/token")
+    harness.table(["implementation", "s/step", "tokens/s", "MFU", "minillm speed-up"],
+                  [(label, f"{t:.4f}", f"{x.size / t:.0f}", f"{harness.mfu(x.size / t, per_token):.3f}",
+                    f"{t / rows[0][1]:.2f}x") for label, t in rows],
                   indent="  ")
 
 
@@ -132,8 +136,11 @@ def bench_sampling(repeats, new_tokens=256):
     print(f"\nsampling: batch 1, {new_tokens} new tokens (greedy, KV cache), C={config['d_model']} "
           f"L={config['n_layer']} H={config['n_head']} H_kv={config['n_kv_head']} V={config['vocab_size']}, "
           f"float32, median of {repeats} (interleaved); greedy tokens identical to the torch loop: {agree}")
-    harness.table(["implementation", "s", "tokens/s", "minillm speed-up"],
-                  [(label, f"{t:.4f}", f"{new_tokens / t:.0f}", f"{t / rows[0][1]:.2f}x") for label, t in rows],
+    n_params = sum(a.size for a in flatten(params).values())
+    per_token = 2 * n_params + 2 * config["n_layer"] * config["d_model"] * new_tokens  # forward only, mean position
+    harness.table(["implementation", "s", "tokens/s", "MFU (2N + 2LdT)", "minillm speed-up"],
+                  [(label, f"{t:.4f}", f"{new_tokens / t:.0f}", f"{harness.mfu(new_tokens / t, per_token):.4f}",
+                    f"{t / rows[0][1]:.2f}x") for label, t in rows],
                   indent="  ")
 
 

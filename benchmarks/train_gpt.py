@@ -2,7 +2,8 @@
 
 Training: tokens/s of one full step (forward, cross-entropy loss, backward, AdamW) on the same model
 (HF GPT2LMHeadModel built from a config, our initial weights copied by name) and the same batch,
-float32. PyTorch runs eager (no torch.compile) with torch.optim.AdamW (same hyper-parameters and
+float32. PyTorch runs eager and under torch.compile (default inductor mode, the model's forward compiled; the
+backward is then compiled by AOTAutograd too) with torch.optim.AdamW (same hyper-parameters and
 decay groups as minillm.optim) and as many threads as NumPy's BLAS uses; the PyTorch attention is
 HF's default (scaled_dot_product_attention) and, for reference, HF's "eager" attention.
 
@@ -87,14 +88,16 @@ def bench_train(name, repeats, device="cpu"):
     labels, fns = ["minillm"], [ours]
     init_params = gpt.init(config, np.random.default_rng(0))
     mask = optim.decay_mask(flatten(init_params))
-    for attn in ("sdpa", "eager"):
+    for attn, compiled in (("sdpa", False), ("eager", False), ("sdpa", True)):
         model = peers.hf_gpt2(init_params, config, torch.float32, attn=attn).to(device)
         named = dict(model.named_parameters())
         groups = [{"params": [p for n, p in named.items() if mask[n]], "weight_decay": WD},
                   {"params": [p for n, p in named.items() if not mask[n]], "weight_decay": 0.0}]
         opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
 
-        def theirs(model=model, opt=opt):
+        forward = torch.compile(model) if compiled else model
+
+        def theirs(model=forward, opt=opt):
             opt.zero_grad(set_to_none=True)
             logits = model(tx).logits
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ty.reshape(-1))
@@ -103,7 +106,13 @@ def bench_train(name, repeats, device="cpu"):
             _synchronize(device)
             return loss
 
-        labels.append(f"torch eager ({attn} attn)")
+        if compiled:
+            try:
+                theirs()            # compiles (a minute or more on the CPU); a failure is reported, not fatal
+            except Exception as e:  # noqa: BLE001  (inductor needs a C++ compiler, among other things)
+                print(f"  torch.compile does not compile here: {type(e).__name__}: {str(e).splitlines()[0]}")
+                continue
+        labels.append(f"torch.compile ({attn} attn)" if compiled else f"torch eager ({attn} attn)")
         fns.append(theirs)
     rows = list(zip(labels, harness.medians(fns, repeats, warmup=2)))   # interleaved
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU"

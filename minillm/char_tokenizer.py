@@ -9,24 +9,26 @@ picks the class of a file.
   vocabulary from the whole training file, so its own text always encodes.
 - Special-token text is plain text unless listed in `allowed_special` (as for the BPE tokenizer), and
   then needs its characters in the vocabulary only where it is not special.
-- Files: JSON {"type": "char", "format": "minillm-char", "version": 1, "chars": [one string per id],
-  "special_tokens": {text: id}}, written atomically.
+- Files: Hugging Face `tokenizers`' tokenizer.json (model BPE over the characters, no merges, no
+  pre-tokenizer, decoder Fuse, the specials as added tokens; minillm/tokenizer_json.py): HF gives the same
+  ids for every text minillm encodes, but it drops a character outside the vocabulary where minillm
+  refuses it. The version-1 JSON {"type": "char", "format": "minillm-char", "version": 1, "chars",
+  "special_tokens"} still loads.
 
-`load_tokenizer(path)` / `tokenizer_from_json(text)` read either kind: a "type": "char" file is a
-CharTokenizer, anything else goes to the byte-level BPE `Tokenizer` (whose files have no "type").
-They live here for now because tokenizer.py is being changed elsewhere; they belong in tokenizer.py as
-its module-level `load`.
+`load_tokenizer(path)` / `tokenizer_from_json(text)` read any tokenizer.json minillm reads
+(tokenizer_json.parse: HF's format or minillm's version 1) and return the class its vocabulary is: a
+CharTokenizer or the byte-level BPE `Tokenizer`. They live here for now because tokenizer.py is being
+changed elsewhere; they belong in tokenizer.py as its module-level `load`.
 """
 
-import json
 import os
 import re
 
 import numpy as np
 
+from minillm import tokenizer_json
 from minillm.fileio import atomic_write
 
-TYPE, FORMAT, VERSION = "char", "minillm-char", 1
 EOT = "<|endoftext|>"
 
 
@@ -152,25 +154,15 @@ class CharTokenizer:
 
     # ------------------------------------------------------------ files
     def to_json(self):
-        """The tokenizer as a JSON string (deterministic)."""
-        return json.dumps({"type": TYPE, "format": FORMAT, "version": VERSION, "chars": self.chars,
-                           "special_tokens": self.special_tokens}, ensure_ascii=False)
+        """The tokenizer as HF tokenizer.json text (deterministic; tokenizer_json.char_to_hf)."""
+        return tokenizer_json.dumps(tokenizer_json.char_to_hf(self.chars, self.special_tokens))
 
     @classmethod
     def from_json(cls, s, where="tokenizer"):
-        d = _parse(s, where)
-        if d.get("type") != TYPE or d.get("format") != FORMAT:
-            raise ValueError(f"{where}: not a minillm char tokenizer file")
-        if d.get("version") != VERSION:
-            raise ValueError(f"{where}: char tokenizer format version {d.get('version')!r} is not supported "
-                             f"(this minillm reads version {VERSION})")
-        chars, specials = d.get("chars"), d.get("special_tokens")
-        if not isinstance(chars, list) or not isinstance(specials, dict):
-            raise ValueError(f"{where}: \"chars\" must be a list and \"special_tokens\" an object")
-        try:
-            return cls(chars, specials)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+        tok = tokenizer_from_json(s, where)
+        if not isinstance(tok, cls):
+            raise ValueError(f"{where}: a byte-level BPE tokenizer, not a char vocabulary")
+        return tok
 
     def save(self, path):
         """Write the JSON file (UTF-8) atomically."""
@@ -179,16 +171,6 @@ class CharTokenizer:
     @classmethod
     def load(cls, path):
         return cls.from_json(_read(path), where=os.fspath(path))
-
-
-def _parse(s, where):
-    try:
-        d = json.loads(s)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not a tokenizer file (invalid JSON: {e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{where}: not a tokenizer file (not a JSON object)")
-    return d
 
 
 def _read(path):
@@ -204,15 +186,19 @@ def _read(path):
 
 
 def tokenizer_from_json(s, where="tokenizer"):
-    """A tokenizer JSON string -> CharTokenizer ("type": "char") or the byte-level BPE Tokenizer."""
-    kind = _parse(s, where).get("type")
-    if kind == TYPE:
-        return CharTokenizer.from_json(s, where)
-    if kind not in (None, "bpe"):
-        raise ValueError(f"{where}: unknown tokenizer type {kind!r} (this minillm reads bpe and char)")
+    """Tokenizer JSON text (tokenizer_json.parse) -> CharTokenizer or the byte-level BPE Tokenizer."""
+    return tokenizer_from_vocabulary(tokenizer_json.loads(s, where), where)
+
+
+def tokenizer_from_vocabulary(vocab, where="tokenizer"):
+    """A tokenizer_json.Vocabulary -> CharTokenizer (kind "char") or Tokenizer (kind "bpe")."""
     from minillm.tokenizer import Tokenizer
 
-    return Tokenizer.from_json(s, where=where)
+    cls = CharTokenizer if vocab.kind == "char" else Tokenizer
+    try:
+        return cls(vocab.items, vocab.special_tokens)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def load_tokenizer(path):

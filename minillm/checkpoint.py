@@ -3,7 +3,8 @@
 The directory the user names (--out) holds, under the fixed names Hugging Face looks for,
     model.safetensors        the parameters, flat dotted names (minillm.tree.flatten) = HF's names and layouts
     config.json              the model config in HF's keys, minillm's own under "minillm" (hf_config.py)
-    tokenizer.json           written by the tokenizer's own save(path) (optional)
+    tokenizer.json           written by the tokenizer's own save(path) (optional), in HF tokenizers' format
+    tokenizer_config.json    beside it, for transformers.AutoTokenizer (hf_tokenizer.companion_files)
     optimizer.safetensors    AdamW moments as "m.<name>" / "v.<name>", step in the metadata
     trainer_state.json       whatever the trainer needs to resume (step, RNG state, ...)
 The last two are what `--resume` needs. Nothing is ever unpickled: weights go through safetensors, the
@@ -52,9 +53,10 @@ FORMAT = hf_config.FORMAT         # 2: HF keys + a "minillm" section; 1 (minillm
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_FILE = "trainer_state.json"
-FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, OPTIMIZER_FILE, TRAINER_FILE)
+FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, OPTIMIZER_FILE, TRAINER_FILE)
 BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
 
 
@@ -132,6 +134,19 @@ def _tokenizer_content(tokenizer):
                      f"a callable(path); got {type(tokenizer).__name__}")
 
 
+def _tokenizer_companions(tokenizer, content, config):
+    """hf_tokenizer.companion_files of the tokenizer saved as `content` ({} when minillm cannot read it)."""
+    from minillm import hf_tokenizer
+    from minillm.char_tokenizer import tokenizer_from_json
+
+    if not hasattr(tokenizer, "eot_id"):
+        try:
+            tokenizer = tokenizer_from_json(bytes(content).decode("utf-8"))
+        except (TypeError, ValueError):   # a writer(path), or a tokenizer.json minillm does not read
+            return {}
+    return hf_tokenizer.companion_files(tokenizer, model_max_length=config.get("context"))
+
+
 def _current_tokenizer(out):
     """The bytes of the tokenizer.json the checkpoint in `out` has now (checked), or None."""
     def read(vdir, files):
@@ -196,6 +211,7 @@ def save_checkpoint(out_dir, params, config, tokenizer=None, optimizer_state=Non
     tok = _tokenizer_content(tokenizer) if tokenizer is not None else _current_tokenizer(out)
     if tok is not None:
         files[TOKENIZER_FILE] = tok
+        files.update(_tokenizer_companions(tokenizer, tok, config))
     eot = hf_config.eot_id_of(tokenizer if tokenizer is not None else tok)
     files[CONFIG_FILE] = _json_bytes(hf_config.to_file(config, __version__, eot), "config")
     if optimizer_state is not None:
@@ -370,15 +386,15 @@ def load_checkpoint(path, expected=None, arch=None):
 
 def load_tokenizer(ckpt):
     """The checkpoint's tokenizer, checked: present, with <|endoftext|>, and of the config's vocab_size.
-    With minillm.hf_tokenizer present (HF's tokenizer files), its load_directory(dir) reads the directory
-    (a tokenizer HF wrote); else tokenizer.json is minillm's own format."""
+    tokenizer.json (minillm's or HF's); else GPT-2's vocab.json + merges.txt, as an HF directory may have
+    them (hf_tokenizer.load_directory)."""
     from minillm.char_tokenizer import load_tokenizer   # a BPE or a character vocabulary, by its "type"
 
     tok = None
-    if os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_tokenizer.py")):
-        tok = importlib.import_module("minillm.hf_tokenizer").load_directory(ckpt.path)   # this package's own
-    elif ckpt.tokenizer_path is not None:
+    if ckpt.tokenizer_path is not None:
         tok = load_tokenizer(ckpt.tokenizer_path)
+    elif os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_tokenizer.py")):
+        tok = importlib.import_module("minillm.hf_tokenizer").load_directory(ckpt.path)   # this package's own
     if tok is None:
         raise ValueError(f"checkpoint '{ckpt.path}' has no {TOKENIZER_FILE}")
     shown = os.path.join(ckpt.path, TOKENIZER_FILE)

@@ -50,7 +50,8 @@ def _text_arg(text):
 @click.argument("file", type=click.Path())
 @click.option("--vocab-size", type=click.IntRange(1), required=True,
               help="Vocabulary size, special tokens included.")
-@click.option("--out", required=True, type=click.Path(), help="Where to write the tokenizer JSON.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Where to write the tokenizer (Hugging Face tokenizer.json format).")
 @click.option("--min-frequency", type=int, default=2, show_default=True,
               help="Stop merging when the best pair occurs fewer times.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -134,6 +135,9 @@ def loop_options(steps, lr, warmup, eval_every, out="out"):
                      help="Clip the global gradient norm to this."),
         click.option("--seed", type=SEED, default=1337, show_default=True,
                      help="Seed of the initialisation and the batches (same seed, same run)."),
+        click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True,
+                     help="Micro-batches of --batch-size per optimizer step, gradients averaged (per process "
+                          "under mpiexec: the global batch is processes x this x --batch-size)."),
         click.option("--eval-every", type=click.IntRange(1), default=eval_every, show_default=True,
                      help="Evaluate (and save a checkpoint) every this many steps."),
         click.option("--out", default=out, show_default=True, help="Output directory."),
@@ -153,13 +157,13 @@ documents_option = click.option(
     help="lines: every non-empty line is a document; file: the whole file is one document (newlines kept).")
 
 
-def make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, eval_every, out, quiet,
+def make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, grad_accum, eval_every, out, quiet,
                  resume=False):
     from minillm.train import TrainOptions
 
     return TrainOptions(steps=steps, batch_size=batch_size, lr=lr, warmup=min(warmup, steps),
-                        weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, eval_every=eval_every,
-                        out=out, resume=resume, progress=not quiet)
+                        weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, grad_accum=grad_accum,
+                        eval_every=eval_every, out=out, resume=resume, progress=not quiet)
 
 
 def log(message):
@@ -206,9 +210,10 @@ def log(message):
               help="cuda: CuPy arrays and numba.cuda kernels on an NVIDIA GPU (pip install \"minillm[cuda]\").")
 @loop_options(steps=1500, lr=3e-3, warmup=100, eval_every=250)
 def train(file, tokenizer_path, documents, resume, overwrite, device, steps, batch_size, lr, warmup, weight_decay,
-          grad_clip, seed, eval_every, out, quiet, **config):
+          grad_clip, seed, grad_accum, eval_every, out, quiet, **config):
     """Train a language model on FILE (one document per line, or --documents file), writing a checkpoint
-    to --out. Ctrl-C saves the checkpoint of the last whole step and stops (exit status 130)."""
+    to --out. Ctrl-C saves the checkpoint of the last whole step and stops (exit status 130).
+    Data parallel: `mpiexec -n N minillm train FILE ...` (pip install "minillm[mpi]"; see the README)."""
     from minillm.train import train as run
 
     _check_arch_options(config)
@@ -217,8 +222,8 @@ def train(file, tokenizer_path, documents, resume, overwrite, device, steps, bat
     explicit = _given_options()
     if "arch" not in explicit:
         config["arch"] = None                      # --resume takes it from the checkpoint; else gpt
-    opts = make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, eval_every, out, quiet,
-                        resume)
+    opts = make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, grad_accum, eval_every, out,
+                        quiet, resume)
     opts.device, opts.overwrite, opts.explicit = device, overwrite, explicit
     opts.documents = documents
     run(file, opts, config, tokenizer_path=tokenizer_path, log=log)
@@ -244,11 +249,13 @@ def _given_options():
 @documents_option
 @loop_options(steps=300, lr=1e-3, warmup=20, eval_every=100, out="out-lora")
 def finetune(base, file, lora_rank, lora_alpha, lora_targets, documents, steps, batch_size, lr, warmup, weight_decay,
-             grad_clip, seed, eval_every, out, quiet):
-    """Fine-tune LoRA adapters on FILE on top of the checkpoint BASE; writes an adapter to --out."""
+             grad_clip, seed, grad_accum, eval_every, out, quiet):
+    """Fine-tune LoRA adapters on FILE on top of the checkpoint BASE; writes an adapter to --out
+    (data parallel under `mpiexec -n N`, as train)."""
     from minillm import finetune as ft
 
-    opts = make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, eval_every, out, quiet)
+    opts = make_options(steps, batch_size, lr, warmup, weight_decay, grad_clip, seed, grad_accum, eval_every, out,
+                        quiet)
     opts.documents = documents
     ft.finetune(base, file, opts, rank=lora_rank, alpha=lora_alpha,
                 targets=",".join(lora_targets) or None, log=log)
@@ -409,24 +416,29 @@ def quantize(checkpoint, out):
 
 
 def main(argv=None):
-    """Entry point: run the CLI, turning expected failures into one clear line and a non-zero exit."""
+    """Entry point: run the CLI, turning expected failures into one clear line and a non-zero exit.
+
+    Under MPI (minillm.distributed) an error every rank has is printed once, by rank 0; an error of one rank
+    is printed as `error: rank R: ...` and ends the whole job (MPI_Abort) instead of leaving the others waiting."""
+    from minillm import distributed
+
     try:
         cli.main(args=argv, prog_name="minillm", standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+        distributed.exit_on_error(None, "aborted", 130)
     except click.ClickException as e:
-        e.show()
+        if distributed.is_root():
+            e.show()
         sys.exit(e.exit_code)
     except (UserError, ValueError, OSError, UnicodeDecodeError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+        distributed.exit_on_error(e, f"error: {e}", 1)
     except MemoryError as e:
-        click.echo(f"error: out of memory{f' ({e})' if str(e) else ''}; use smaller sizes", err=True)
-        sys.exit(1)
+        distributed.exit_on_error(e, f"error: out of memory{f' ({e})' if str(e) else ''}; use smaller sizes", 1)
     except Interrupted as e:          # Ctrl-C in training, after the checkpoint of the last step was saved
-        click.echo(str(e), err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+        distributed.exit_on_error(e, str(e), 130)
+    except KeyboardInterrupt as e:
+        distributed.exit_on_error(e, "interrupted", 130)
+    except Exception as e:   # a bug: under MPI the other ranks must not wait for this one
+        if not distributed.active():
+            raise
+        distributed.exit_on_error(e, f"error: {type(e).__name__}: {e}", 1, expected=False)

@@ -186,6 +186,14 @@ def check_enough(ids, context, what):
         )
 
 
+def batch_rngs(seed, streams):
+    """One generator per batch stream s in `streams`: np.random.default_rng([seed, s]). Stream 0 is
+    np.random.default_rng(seed) itself (NumPy's SeedSequence reads [seed, 0] as seed: trailing zero words
+    do not change the seed), the stream of a single process; under MPI micro-batch k of rank r uses stream
+    r * grad_accum + k (train_step.batch_rngs), so the ranks draw independent windows."""
+    return [np.random.default_rng(seed if s == 0 else [seed, s]) for s in streams]
+
+
 def get_batch(ids, batch_size, context, rng):
     """Random windows: x, y: (batch_size, context) int64, y shifted one token left of x. Reads only the
     windows of `ids` (a memory map stays on disk)."""

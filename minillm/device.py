@@ -13,8 +13,9 @@ from minillm import arrays
 DEVICES = ("cpu", "cuda")
 
 
-def array_module_for(device):
-    """"cpu" -> numpy, "cuda" -> cupy; a clear ValueError when no usable GPU is there."""
+def array_module_for(device, index=None):
+    """"cpu" -> numpy, "cuda" -> cupy; a clear ValueError when no usable GPU is there. index: for cuda, make
+    GPU `index` (modulo the number of GPUs) the current one (one GPU per MPI rank of a machine)."""
     if device == "cpu":
         return np
     if device != "cuda":
@@ -29,6 +30,8 @@ def array_module_for(device):
         count = 0
     if count == 0:
         raise ValueError("--device cuda: CuPy is installed but no CUDA GPU is visible")
+    if index is not None:
+        cupy.cuda.Device(index % count).use()
     return cupy
 
 

@@ -18,6 +18,7 @@ applied twice. Also loaded: adapters of earlier minillm versions (adapter_config
 adapters peft wrote (checked by layer names and shapes; a peft setting minillm lacks is one error).
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -175,38 +176,61 @@ def merge_checkpoint(base_dir, adapter_dir, out_dir):
     return checkpoint.save_checkpoint(out_dir, merged, config, tokenizer=ckpt.tokenizer_path)
 
 
-def finetune(base_dir, text_path, opts, rank, alpha=None, targets=None, log=print):
-    """Train LoRA adapters on the text file at text_path on top of the checkpoint base_dir; the
-    base weights stay bit-identical. opts: train.TrainOptions (opts.out is the adapter directory).
-    -> {"params", "config", "val_loss", "trainable", "total", "fraction", "adapter_bytes",
-    "base_bytes"}."""
-    from minillm import data, textfile, train
+def _prepare(base_dir, text_path, opts, rank, alpha, targets, log, held):
+    """finetune's checks and set-up (rank 0 alone under MPI; the lock of opts.out is entered into `held`)
+    -> (the base's fingerprint, {"config", "params", "train_ids", "val_ids"}, which rank 0 broadcasts)."""
+    from minillm import textfile, train
 
-    if opts.resume:
-        raise ValueError("finetune does not resume; start again with a new --out")
     store.refuse_overwrite(opts.out, {"the base checkpoint": base_dir})
     store.check_target(opts.out, (ADAPTER_WEIGHTS, ADAPTER_CONFIG), _is_adapter_dir)   # before any work
     info = textfile.check(text_path)  # validates (missing, empty, binary, non-UTF-8) and hashes
     ckpt = checkpoint.load_checkpoint(base_dir)
-    model = models.get_model(ckpt.config["arch"])
     tokenizer = checkpoint.load_tokenizer(ckpt)
     config = {**ckpt.config, "lora": lora.lora_config(rank, alpha, targets)}
     params = lora.add_adapters(ckpt.params, config, np.random.default_rng(opts.seed),
                                default_targets=models.get_model(config["arch"]).LORA_TARGETS)
-    trainable = lora.adapter_names(params)
-    summary = lora.trainable_summary(params)
-    log(lora.format_summary(params))
     train_ids, val_ids = train.prepare_tokens(text_path, tokenizer, opts, config["context"], info, log)
-    val_batches = data.eval_batches(val_ids, opts.batch_size, config["context"], opts.eval_batches)
-    log(f"step 0: val loss {train.evaluate(model, params, config, val_batches):.4f} (the base model)")
+    held.enter_context(store.lock(opts.out))
+    return ckpt.fingerprint, {"config": config, "params": params, "train_ids": train_ids, "val_ids": val_ids}
 
-    def save(params_, _opt_state, _trainer_state):
-        save_adapter(opts.out, params_, config, base=str(base_dir), base_sha256=ckpt.fingerprint)
 
-    with store.lock(opts.out):
+def finetune(base_dir, text_path, opts, rank, alpha=None, targets=None, log=print):
+    """Train LoRA adapters on the text file at text_path on top of the checkpoint base_dir; the
+    base weights stay bit-identical. opts: train.TrainOptions (opts.out is the adapter directory).
+    -> {"params", "config", "val_loss", "trainable", "total", "fraction", "adapter_bytes",
+    "base_bytes"}. Under MPI (as train): rank 0 alone reads the files and writes the adapter; the other
+    ranks return no file sizes."""
+    from minillm import data, distributed, train
+
+    if opts.resume:
+        raise ValueError("finetune does not resume; start again with a new --out")
+    world = distributed.world()
+    if world.rank:
+        log, opts = train._silent, dataclasses.replace(opts, progress=False)
+    with contextlib.ExitStack() as held:
+        kept = {}
+
+        def prepare():
+            kept["fingerprint"], shared = _prepare(base_dir, text_path, opts, rank, alpha, targets, log, held)
+            return shared
+
+        run = world.on_root(prepare)
+        config, params, train_ids, val_ids = run["config"], run["params"], run["train_ids"], run["val_ids"]
+        model = models.get_model(config["arch"])
+        trainable = lora.adapter_names(params)
+        summary = lora.trainable_summary(params)
+        log(lora.format_summary(params))
+        val_batches = data.eval_batches(val_ids, opts.batch_size, config["context"], opts.eval_batches)
+        log(f"step 0: val loss {train.evaluate(model, params, config, val_batches, world):.4f} (the base model)")
+
+        def save(params_, _opt_state, _trainer_state):
+            save_adapter(opts.out, params_, config, base=str(base_dir), base_sha256=kept["fingerprint"])
+
         val_loss = train.fit(model, params, config, train_ids, val_ids, opts,
                              log=log, trainable=trainable, save=save,
                              metrics_path=os.path.join(opts.out, "metrics.jsonl"))
+    if world.rank:
+        return {"params": params, "config": config, "val_loss": val_loss, **summary}
     sizes = {k: os.path.getsize(p) for k, p in
              (("adapter_bytes", os.path.join(opts.out, ADAPTER_WEIGHTS)),
               ("base_bytes", os.path.join(base_dir, checkpoint.MODEL_FILE)))}

@@ -23,8 +23,12 @@ Text is UTF-8 bytes cut into pre-tokens by GPT-2's regex; the 256 byte values ar
 - `decode` replaces bytes that are not valid UTF-8 (e.g. ids that split a character) with U+FFFD
   as tiktoken does; `decode_bytes` returns the raw bytes. Strings with lone surrogates cannot be
   encoded (they have no UTF-8 form): ValueError.
-- Files: JSON {"format": "minillm-bpe", "version": 1, "pattern", "tokens": [GPT-2 byte-to-unicode
-  string per id], "special_tokens": {text: id}}.
+- Files: Hugging Face `tokenizers`' tokenizer.json (model BPE, vocab in GPT-2's byte-to-unicode
+  strings, the merges rank-order BPE implies, GPT-2's split + ByteLevel, the specials as added tokens;
+  minillm/tokenizer_json.py), so `tokenizers.Tokenizer.from_file` gives the same ids (HF's plain encode
+  = `encode(text, allowed_special="all")`). `load` also reads minillm's version-1 JSON {"format":
+  "minillm-bpe", "version": 1, "pattern", "tokens", "special_tokens"} and any HF byte-level BPE file
+  whose settings it reproduces exactly (else one error line naming the setting).
 """
 
 import json
@@ -33,31 +37,15 @@ import os
 import numpy as np
 import regex
 
+from minillm import tokenizer_json
 from minillm.fileio import atomic_write
 from minillm.kernels import bpe, bpe_train
-from minillm.kernels.bpe import GPT2_PATTERN, categories
+from minillm.kernels.bpe import categories
+from minillm.tokenizer_json import bytes_to_unicode  # noqa: F401 (part of this module's API)
 
-FORMAT, VERSION = "minillm-bpe", 1
 EOT = "<|endoftext|>"
 MAX_VOCAB_SIZE = 2**24  # Tokenizer.train refuses more: 16,777,216 ids, ~80x GPT-4o's ~200k
-
-
-def bytes_to_unicode():
-    """GPT-2's byte -> printable character map: printable Latin-1 bytes map to themselves, the
-    other 68 to chr(256), chr(257), ... in byte order."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
-    out, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return out
-
-
-_B2U = bytes_to_unicode()
-_U2B = {c: b for b, c in _B2U.items()}
+_B2U = tokenizer_json.B2U
 
 
 def read_text_file(path):
@@ -129,6 +117,7 @@ class Tokenizer:
         self._off = np.cumsum([0] + [len(t) for t in every]).astype(np.int64)
         self._special_re = {}
         self._cache, self._cache_size = None, 1 << 16  # pre-token -> ids (bpe.new_cache)
+        self._json = None  # to_json, made once (deriving GPT-2's merges takes ~1 s)
 
     # ------------------------------------------------------------ properties
     @property
@@ -325,29 +314,20 @@ class Tokenizer:
         return cls(tokens, specials)
 
     def to_json(self):
-        """The tokenizer as a JSON string (deterministic)."""
-        return json.dumps({"format": FORMAT, "version": VERSION, "pattern": GPT2_PATTERN,
-                           "tokens": ["".join(_B2U[b] for b in t) for t in self.tokens],
-                           "special_tokens": self.special_tokens}, ensure_ascii=False)
+        """The tokenizer as HF tokenizer.json text (deterministic; tokenizer_json.bpe_to_hf)."""
+        if self._json is None:
+            self._json = tokenizer_json.dumps(tokenizer_json.bpe_to_hf(self.tokens, self.special_tokens))
+        return self._json
 
     @classmethod
     def from_json(cls, s, where="tokenizer"):
+        """A byte-level BPE from tokenizer.json text of any format tokenizer_json.parse reads."""
+        vocab = tokenizer_json.loads(s, where)
+        if vocab.kind != "bpe":
+            raise ValueError(f"{where}: a {vocab.kind} tokenizer, not a byte-level BPE (minillm.char_tokenizer."
+                             "load_tokenizer reads either)")
         try:
-            d = json.loads(s)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not a tokenizer file (invalid JSON: {e})") from None
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise ValueError(f"{where}: not a minillm tokenizer file (no \"format\": \"{FORMAT}\")")
-        if d.get("version") != VERSION:
-            raise ValueError(f"{where}: tokenizer format version {d.get('version')!r} is not "
-                             f"supported (this minillm reads version {VERSION})")
-        if d.get("pattern") != GPT2_PATTERN:
-            raise ValueError(f"{where}: only GPT-2's pre-tokenizer pattern is supported")
-        tokens, specials = d.get("tokens"), d.get("special_tokens")
-        if not isinstance(tokens, list) or not isinstance(specials, dict):
-            raise ValueError(f"{where}: \"tokens\" must be a list and \"special_tokens\" an object")
-        try:
-            return cls([_to_bytes(t) for t in tokens], specials)
+            return cls(vocab.items, vocab.special_tokens)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
 
@@ -370,6 +350,4 @@ class Tokenizer:
 
 
 def _to_bytes(s):
-    if not isinstance(s, str) or any(c not in _U2B for c in s):
-        raise ValueError(f"token {s!r} is not in GPT-2's byte-to-unicode alphabet")
-    return bytes(_U2B[c] for c in s)
+    return tokenizer_json.token_bytes(s)

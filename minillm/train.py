@@ -1,11 +1,17 @@
 """The training loop: data, model, AdamW, progress bar, evaluation, checkpoints and resuming.
 
 `train(text_path, options, config_overrides)` is what `minillm train` runs; `fit(...)` is the loop itself,
-shared with LoRA fine-tuning (which passes the set of trainable names).
+shared with LoRA fine-tuning (which passes the set of trainable names); one step is minillm.train_step.
+
+Under `mpiexec -n N` (minillm.distributed) every rank runs the same loop on its own batches: rank 0 alone
+prepares the run (checks, tokenizer, tokens, the checkpoint to resume) and hands it to the others, the
+gradients are averaged over every rank before clipping, and rank 0 alone writes checkpoints, metrics.jsonl
+and the progress bar.
 """
 
 import contextlib
 import dataclasses
+import itertools
 import lzma
 import math
 import os
@@ -16,7 +22,8 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from minillm import checkpoint, data, device, metrics, models, optim, store, textfile, validate
+from minillm import (checkpoint, data, device, distributed, metrics, models, optim, resume, store, textfile,
+                     train_step, validate)
 from minillm.char_tokenizer import CharTokenizer, load_tokenizer
 from minillm.errors import Interrupted
 from minillm.nn import ops
@@ -41,15 +48,12 @@ class TrainOptions:
     resume: bool = False
     progress: bool = True
     device: str = "cpu"
+    grad_accum: int = 1      # micro-batches of batch_size per optimizer step (per rank under MPI)
     documents: str = "lines"                                 # or "file" (see minillm.textfile)
     tokenizer_sample_bytes: int = data.TOKENIZER_SAMPLE_BYTES  # BPE training reads this much of FILE
     overwrite: bool = False          # replace a checkpoint in `out` instead of refusing to
     explicit: frozenset = None       # the options the user gave; --resume takes the others from the run
     #                                  (None, for library callers: every option as given, nothing checked)
-
-
-# What --resume takes from the checkpoint's trainer_state.json ("schedule") unless given explicitly.
-SCHEDULE = ("steps", "batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip")
 
 
 class _Flag:
@@ -95,17 +99,25 @@ def params_array_module(params):
     return ops.array_module(next(iter(flatten(params).values())))
 
 
-def evaluate(model, params, config, batches):
-    """Mean cross-entropy (nats/token) over the given (x, y) batches, weighted by token count."""
+def evaluate(model, params, config, batches, world=None):
+    """Mean cross-entropy (nats/token) over the given (x, y) batches, weighted by token count. Under MPI
+    (world: default distributed.world()) rank r scores batches r, r + N, ... and the sums are reduced."""
+    world = world or distributed.world()
     total, count = 0.0, 0
     xp = params_array_module(params)
-    for x, y in batches:
+    for x, y in itertools.islice(batches, world.rank, None, world.size):
         x, y = xp.asarray(x), xp.asarray(y)
         logits, _ = model.forward(params, x, config)
         loss, _ = ops.cross_entropy_forward(logits, y)
         total += loss * y.size
         count += y.size
+    if world.size > 1:
+        total, count = world.sum_floats([total, count])
     return total / count
+
+
+def _silent(message):
+    """The log of ranks other than 0 under MPI."""
 
 
 def bits_per_byte(nats_per_token, n_tokens, n_bytes):
@@ -131,88 +143,91 @@ def xz_bits_per_byte(text_bytes):
 
 
 def fit(model, params, config, train_ids, val_ids, opts, log=print,
-        trainable=None, opt_state=None, start_step=0, rng_state=None, save=None, metrics_path=None):
+        trainable=None, opt_state=None, start_step=0, rng_state=None, save=None, metrics_path=None,
+        trainer_state=None):
     """Train `params` in place for steps start_step..opts.steps-1; -> final validation loss (nats/token).
 
     trainable (as in optim.adamw_init: None for all, names, or a predicate on dotted names): only these are
     updated, and gradient clipping measures only their gradients (as torch does, whose frozen parameters
     have none). save(params, opt_state, trainer_state) writes a checkpoint; it runs at every evaluation and
-    at the end. metrics_path: the metrics.jsonl to append a line per step and per evaluation to (cut back
-    to the steps before start_step first; see minillm.metrics).
+    at the end (on rank 0 alone under MPI). metrics_path: the metrics.jsonl to append a line per step and
+    per evaluation to (cut back to the steps before start_step first; see minillm.metrics).
+    trainer_state: a resumed run's (its batch streams continue; see train_step.batch_rngs); rng_state: the
+    older form, the single generator state of a one-process run.
+    Under MPI every rank calls fit with the same params; each draws its own batches.
     """
-    rng = np.random.default_rng(opts.seed) if rng_state is None else checkpoint.rng_from_state(rng_state)
-    flat = flatten(params)
-    xp = params_array_module(params)
-    mask = optim.decay_mask(flat, no_decay=getattr(model, "NO_DECAY", optim.NO_DECAY_NAMES))
-    is_trainable = optim.trainable_predicate(trainable)
+    world = distributed.world()
+    if trainer_state is None and rng_state is not None:
+        trainer_state = {"rng_state": rng_state}
+    rngs = train_step.batch_rngs(opts, world, trainer_state)
+    if world.rank:
+        log = _silent
+    mask = optim.decay_mask(flatten(params), no_decay=getattr(model, "NO_DECAY", optim.NO_DECAY_NAMES))
     if opt_state is None:
         opt_state = optim.adamw_init(params, trainable)
     val_batches = data.eval_batches(val_ids, opts.batch_size, config["context"], opts.eval_batches)
-    tokens_per_step = opts.batch_size * config["context"]
+    tokens_per_step = opts.batch_size * config["context"] * len(rngs) * world.size
     val_loss = None
-    log_file = None if metrics_path is None else metrics.MetricsLog(metrics_path, start_step)
+    log_file = None if metrics_path is None or world.rank else metrics.MetricsLog(metrics_path, start_step)
     recent = []          # training losses since the last evaluation
     saved = start_step if start_step else None   # the step of the checkpoint on disk for this run
 
+    def save_now(step):
+        nonlocal saved
+        if save is not None:
+            record = train_step.rng_record(rngs, world)     # a collective: every rank takes part
+            world.on_root(lambda: save(params, opt_state, {"step": step, **record, "val_loss": val_loss}))
+            saved = step
+
     def checkpoint_now(step):
-        nonlocal val_loss, saved
-        val_loss = evaluate(model, params, config, val_batches)
+        nonlocal val_loss
+        val_loss = evaluate(model, params, config, val_batches, world)
         train_loss = float(np.mean(recent)) if recent else None
         recent.clear()
         shown = "" if train_loss is None else f"train loss {train_loss:.4f}, "
         log(f"step {step}: {shown}val loss {val_loss:.4f}")
         if log_file is not None:
             log_file.append(step=step, train_loss=train_loss, val_loss=val_loss)
-        if save is not None:
-            save(params, opt_state, {"step": step, "rng_state": checkpoint.rng_state(rng),
-                                     "val_loss": val_loss})
-            saved = step
+        save_now(step)
 
-    def _step(step):
-        nonlocal val_loss
-        x, y = (xp.asarray(a) for a in data.get_batch(train_ids, opts.batch_size, config["context"], rng))
-        logits, cache = model.forward(params, x, config)
-        loss, loss_cache = ops.cross_entropy_forward(logits, y)
-        aux = model.aux_loss(cache) if hasattr(model, "aux_loss") else 0.0
-        if not math.isfinite(loss + aux):
+    def one_step(step):
+        try:
+            loss, aux, stats, grad_norm, lr = train_step.train_step(model, params, config, train_ids, opts, rngs,
+                                                                    opt_state, step, mask, trainable, world)
+        except train_step.Diverged as e:
             kept = (f"the last good checkpoint, step {saved}, is kept in {opts.out!r}" if saved is not None
                     else "no checkpoint of this run had been saved yet")
-            raise ValueError(f"the loss became {loss + aux} at step {step}; stopped without saving "
-                             f"({kept}); try a lower --lr")
-        grads = model.backward(ops.cross_entropy_backward(1.0, loss_cache), cache)
-        if trainable is not None:   # frozen params' gradients are neither clipped nor used (as torch)
-            grads = {n: g for n, g in flatten(grads).items() if is_trainable(n)}
-        grad_norm = optim.clip_grad_norm(grads, opts.grad_clip)
-        lr = optim.lr_at(step, opts.lr, opts.warmup, opts.steps, opts.min_lr_ratio)
-        optim.adamw_step(params, grads, opt_state, lr, weight_decay=opts.weight_decay, mask=mask,
-                         trainable=trainable)
+            raise distributed.AllRanksError(f"{e}; stopped without saving ({kept}); try a lower --lr") from None
         done = step + 1 - start_step
-        postfix = {"loss": f"{loss:.3f}", "tok/s": f"{done * tokens_per_step / (time.perf_counter() - started):.0f}"}
+        tokens_per_s = done * tokens_per_step / (time.perf_counter() - started)
+        postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:.0f}"}
         if aux:
             postfix["aux"] = f"{aux:.3f}"
-        stats = model.stats(cache) if hasattr(model, "stats") else {}
         postfix.update({k: format_stat(v) for k, v in stats.items()})
         bar.set_postfix(postfix, refresh=False)
         recent.append(loss)
         if log_file is not None:
-            log_file.append(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm,
-                            tokens_per_s=done * tokens_per_step / (time.perf_counter() - started),
+            log_file.append(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
                             **({"aux_loss": aux} if aux else {}), **{k: device.to_host(v) for k, v in stats.items()})
         if (step + 1) % opts.eval_every == 0 and step + 1 < opts.steps:
             bar.clear()
             checkpoint_now(step + 1)
 
     bar = tqdm(range(start_step, opts.steps), initial=start_step, total=opts.steps, desc="train",
-               unit="step", disable=not opts.progress, dynamic_ncols=True)
+               unit="step", disable=not opts.progress or world.rank != 0, dynamic_ncols=True)
     started = time.perf_counter()
     with _deferred_sigint() as interrupted:
         for step in bar:
-            _step(step)
-            if interrupted:      # Ctrl-C arrived during the step: keep the state after it, then stop
+            one_step(step)
+            # Ctrl-C arrived during the step: keep the state after it, then stop. Under MPI (mpiexec passes
+            # it to every rank, not necessarily within the same step) the ranks agree on the step first.
+            if world.size > 1:
+                stop = world.sum_floats([float(bool(interrupted))])[0] > 0
+            else:
+                stop = bool(interrupted)
+            if stop:
                 bar.close()
-                if save is not None:
-                    save(params, opt_state, {"step": step + 1, "rng_state": checkpoint.rng_state(rng),
-                                             "val_loss": val_loss})
+                save_now(step + 1)
                 raise Interrupted(step + 1, opts.out)
     bar.close()
     checkpoint_now(opts.steps)
@@ -227,13 +242,6 @@ def prepare_tokens(text_path, tokenizer, opts, context, info=None, log=None):
     data.check_enough(train_ids, context, "training")
     data.check_enough(val_ids, context, "validation")
     return train_ids, val_ids
-
-
-def _check_resume_config(saved, requested):
-    for key, value in requested.items():
-        if value is not None and key in saved and saved[key] != value:
-            raise ValueError(f"--resume: the checkpoint has {key}={saved[key]!r} but {value!r} was asked for; "
-                             "drop the flag or start a new --out")
 
 
 def make_tokenizer(text_path, opts, vocab_size, tokenizer_path=None, log=print):
@@ -253,70 +261,48 @@ def make_tokenizer(text_path, opts, vocab_size, tokenizer_path=None, log=print):
 
 def train(text_path, opts, config_overrides, tokenizer_path=None, log=print):
     """Train a model on the text file at `text_path`; writes a checkpoint to opts.out. -> summary dict.
-    tokenizer_path: a tokenizer.json, "char", or None (train a BPE; see make_tokenizer)."""
+    tokenizer_path: a tokenizer.json, "char", or None (train a BPE; see make_tokenizer).
+
+    Under MPI every rank calls it: rank 0 alone checks and reads the files, trains or loads the tokenizer,
+    encodes the tokens, loads the checkpoint to resume and holds the lock of opts.out, then broadcasts the run
+    to the others (only rank 0 needs the files). Rank 0 returns the summary, the others {"val_loss"}."""
+    world = distributed.world()
+    # on every rank: fails early without a GPU for --device cuda; under MPI each rank takes the GPU of its
+    # local rank (modulo the GPUs of its machine)
+    xp = world.every_rank(lambda: device.array_module_for(opts.device,
+                                                          world.local_rank if world.size > 1 else None))
+    if world.rank:
+        log, opts = _silent, dataclasses.replace(opts, progress=False)
+    with contextlib.ExitStack() as held:
+        kept = {}
+
+        def prepare():
+            kept["tokenizer"], shared = _prepare(text_path, opts, config_overrides, tokenizer_path, log, held)
+            return shared
+
+        run = world.on_root(prepare)
+        for key, value in run["options"].items():   # what rank 0 took from a resumed checkpoint
+            setattr(opts, key, value)
+        return _run(run, kept.get("tokenizer"), xp, opts, log, world)
+
+
+def _prepare(text_path, opts, config_overrides, tokenizer_path, log, held):
+    """train's checks and set-up (rank 0 alone under MPI; the lock of opts.out is entered into `held`)
+    -> (tokenizer, {"config", "params", "opt_state", "trainer_state", "train_ids", "val_ids", "options"}:
+    host arrays and JSON-able values, which rank 0 broadcasts)."""
     arch = config_overrides.pop("arch", None)
     textfile.check_documents(opts.documents)
     info = textfile.check(text_path)  # validates early (missing, empty, binary, non-UTF-8) and hashes
-    xp = device.array_module_for(opts.device)  # and fails early without a GPU for --device cuda
     checkpoint.check_writable(opts.out)   # before any work: --out holds no file minillm did not write
     if not opts.resume:
         arch = arch or "gpt"
         if os.path.exists(os.path.join(opts.out, checkpoint.CONFIG_FILE)) and not opts.overwrite:
             raise ValueError(f"{opts.out!r} holds a checkpoint already: --resume continues it, --overwrite "
                              "replaces it")
-    with store.lock(opts.out):   # one writer per --out for the whole run
-        return _train(info, text_path, arch, xp, opts, config_overrides, tokenizer_path, log)
-
-
-def _resume_schedule(opts, saved):
-    """opts with the schedule of the run being resumed (trainer_state "schedule"): an option the user did not
-    give is taken from it, one given with another value is an error, except a larger --steps, which extends
-    the run (the cosine decay is then recomputed to end at the new total: from this step on the learning
-    rate follows the longer schedule, so it rises to where that schedule is)."""
-    if opts.explicit is None:
-        return
-    for key in SCHEDULE:
-        if key not in saved:
-            continue
-        if key not in opts.explicit:
-            setattr(opts, key, type(getattr(opts, key))(saved[key]))
-        elif getattr(opts, key) != saved[key] and not (key == "steps" and opts.steps > saved[key]):
-            flag = "--" + key.replace("_", "-")
-            raise ValueError(f"--resume: the run was trained with {flag} {saved[key]}, not {getattr(opts, key)}; "
-                             f"drop {flag} (the schedule comes from the checkpoint) or start a new --out")
-
-
-def _resume_state(opts, arch, config_overrides):
-    """The checkpoint in opts.out, checked for resuming to opts.steps."""
-    ckpt = checkpoint.load_checkpoint(opts.out, arch=arch)
-    _check_resume_config(ckpt.config, config_overrides)
-    tokenizer = checkpoint.load_tokenizer(ckpt)
-    if ckpt.optimizer_state is None or ckpt.trainer_state is None:
-        raise ValueError(f"{opts.out!r} has no optimizer and trainer state to resume from")
-    step = ckpt.trainer_state.get("step", 0)
-    if opts.steps < step:
-        raise ValueError(f"--resume --steps {opts.steps}: the checkpoint in {opts.out!r} is already at step "
-                         f"{step}; give --steps {step} or more")
-    _resume_schedule(opts, ckpt.trainer_state.get("schedule") or {})
-    saved_documents = ckpt.config.get("documents", "lines")
-    if opts.documents != saved_documents:
-        if opts.explicit is not None and "documents" not in opts.explicit:
-            opts.documents = saved_documents
-        else:
-            raise ValueError(f"--resume: the run was trained with --documents {saved_documents}, not "
-                             f"{opts.documents}")
-    if ckpt.trainer_state.get("rng_state") is not None:   # garbage is refused before any work
-        checkpoint.rng_from_state(ckpt.trainer_state["rng_state"],
-                                  f"'{os.path.join(opts.out, checkpoint.TRAINER_FILE)}' (rng_state)")
-    validate.check_memory(validate.training_bytes(ckpt.config, opts.batch_size),
-                          f"training (--batch-size {opts.batch_size})")
-    return ckpt, tokenizer
-
-
-def _train(info, text_path, arch, xp, opts, config_overrides, tokenizer_path, log):
+    held.enter_context(store.lock(opts.out))   # one writer per --out for the whole run
     trainer_state, opt_state, params = {}, None, None
     if opts.resume:
-        ckpt, tokenizer = _resume_state(opts, arch, config_overrides)
+        ckpt, tokenizer = resume.load(opts, arch, config_overrides)
         config = ckpt.config
         params, opt_state, trainer_state = ckpt.params, ckpt.optimizer_state, ckpt.trainer_state
     else:
@@ -342,14 +328,25 @@ def _train(info, text_path, arch, xp, opts, config_overrides, tokenizer_path, lo
     train_ids, val_ids = prepare_tokens(text_path, tokenizer, opts, config["context"], info, log)
     if params is None:
         params = model.init(config, np.random.default_rng(opts.seed))
+    options = {key: getattr(opts, key) for key in resume.SCHEDULE + ("documents",)}
+    return tokenizer, {"config": config, "params": params, "opt_state": opt_state, "trainer_state": trainer_state,
+                       "train_ids": train_ids, "val_ids": val_ids, "options": options}
+
+
+def _run(run, tokenizer, xp, opts, log, world):
+    """train's loop and report, on every rank (tokenizer: rank 0's; the others neither save nor report)."""
+    config, params, opt_state = run["config"], run["params"], run["opt_state"]
+    trainer_state, train_ids, val_ids = run["trainer_state"], run["train_ids"], run["val_ids"]
+    model = models.get_model(config["arch"])
     params = device.to_device(params, xp)
     if opt_state is not None:
         opt_state = {**opt_state, "m": device.to_device(opt_state["m"], xp), "v": device.to_device(opt_state["v"], xp)}
     n_params = sum(p.size for p in flatten(params).values())
+    processes = f" on {world.size} processes" if world.size > 1 else ""
     log(f"{config['arch']}: {n_params / 1e6:.2f}M parameters, {len(train_ids)} training and "
-        f"{len(val_ids)} validation tokens")
+        f"{len(val_ids)} validation tokens{processes}")
 
-    schedule = {key: getattr(opts, key) for key in SCHEDULE}
+    schedule = {key: getattr(opts, key) for key in resume.SCHEDULE}
 
     def save(params_, opt_state_, state):
         checkpoint.save_checkpoint(opts.out, params_, config, tokenizer=tokenizer,
@@ -358,10 +355,12 @@ def _train(info, text_path, arch, xp, opts, config_overrides, tokenizer_path, lo
     start = int(trainer_state.get("step", 0))
     fit(model, params, config, train_ids, val_ids, opts, log=log, opt_state=opt_state,
         metrics_path=os.path.join(opts.out, "metrics.jsonl"),
-        start_step=start, rng_state=trainer_state.get("rng_state"), save=save)
+        start_step=start, trainer_state=trainer_state, save=save)
     # The final report covers the whole validation split, not just the sampled eval batches.
     full = data.iter_eval_batches(val_ids, opts.batch_size, config["context"], max_batches=10**9)
-    val_loss = evaluate(model, params, config, full)
+    val_loss = evaluate(model, params, config, full, world)
+    if world.rank:
+        return {"val_loss": val_loss}
     val_text = val_text_bytes(val_ids, tokenizer)
     bpb = bits_per_byte(val_loss, len(val_ids), len(val_text))
     xz = xz_bits_per_byte(val_text)

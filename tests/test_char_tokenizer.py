@@ -52,14 +52,19 @@ def test_save_load_and_the_type_dispatch(tmp_path):
     tok.save(tmp_path / "char.json")
     back = load_tokenizer(tmp_path / "char.json")
     assert isinstance(back, CharTokenizer) and back.to_json() == tok.to_json()
-    assert json.loads((tmp_path / "char.json").read_text())["type"] == "char"
+    assert json.loads((tmp_path / "char.json").read_text())["model"]["minillm"]["tokenizer"] == "char"
     bpe = Tokenizer.train("the quick brown fox " * 20, 270, progress=False)
     bpe.save(tmp_path / "bpe.json")
     assert isinstance(load_tokenizer(tmp_path / "bpe.json"), Tokenizer)
-    with pytest.raises(ValueError, match="unknown tokenizer type 'wordpiece'"):
+    with pytest.raises(ValueError, match="model.type: 'WordPiece'"):
+        tokenizer_from_json(json.dumps({**json.loads(tok.to_json()), "model": {"type": "WordPiece"}}))
+    with pytest.raises(ValueError, match="not a tokenizer file"):
         tokenizer_from_json('{"type": "wordpiece"}')
+    version1 = {"type": "char", "format": "minillm-char", "version": 1, "chars": tok.chars,
+                "special_tokens": tok.special_tokens}   # an older minillm's file
+    assert tokenizer_from_json(json.dumps(version1)).to_json() == tok.to_json()
     with pytest.raises(ValueError, match="distinct"):
-        tokenizer_from_json(json.dumps({**json.loads(tok.to_json()), "chars": ["a", "a"]}))
+        tokenizer_from_json(json.dumps({**version1, "chars": ["a", "a"]}))
     with pytest.raises(ValueError, match="no such tokenizer file"):
         load_tokenizer(tmp_path / "missing.json")
 

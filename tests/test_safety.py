@@ -121,7 +121,7 @@ def other_arch(f):
 def edit_tokenizer_without_eot(ck):
     path = os.path.join(ck, "tokenizer.json")
     tok = json.load(open(path))
-    tok["special_tokens"] = {}
+    tok["added_tokens"] = []   # Hugging Face's tokenizer.json: the special tokens
     json.dump(tok, open(path, "w"))
     return ck
 

@@ -13,7 +13,8 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 from clirun import run_cli
 from minillm.kernels import bpe_train
-from minillm.tokenizer import EOT, MAX_VOCAB_SIZE, Tokenizer, read_text_file
+from minillm.kernels.bpe import GPT2_PATTERN
+from minillm.tokenizer import EOT, MAX_VOCAB_SIZE, Tokenizer, bytes_to_unicode, read_text_file
 from test_kernels_bpe import DATA, EDGE, PATTERN, random_strings
 
 VOCAB, ENCODER = f"{DATA}/gpt2/vocab.bpe", f"{DATA}/gpt2/encoder.json"
@@ -231,13 +232,29 @@ def test_save_load_round_trip(tmp_path, trained, gpt2):
         assert back.encode(s) == tok.encode(s)
 
 
+def version1_json(tok):
+    """The file an older minillm wrote (format "minillm-bpe", version 1), spelled out literally."""
+    b2u = bytes_to_unicode()
+    return {"format": "minillm-bpe", "version": 1, "pattern": GPT2_PATTERN,
+            "tokens": ["".join(b2u[b] for b in t) for t in tok.tokens], "special_tokens": tok.special_tokens}
+
+
+def test_version1_files_still_load(tmp_path, trained, gpt2):
+    for tok in (trained, gpt2):
+        path = tmp_path / "old.json"
+        path.write_text(json.dumps(version1_json(tok), ensure_ascii=False), encoding="utf-8")
+        back = Tokenizer.load(path)
+        assert back.tokens == tok.tokens and back.special_tokens == tok.special_tokens
+        assert back.to_json() == tok.to_json()   # saved again, in HF's format
+
+
 def test_load_rejects_bad_files(tmp_path, trained):
-    good = json.loads(trained.to_json())
+    good = version1_json(trained)
     cases = {
         "{not json": "invalid JSON",
         json.dumps({**good, "version": 99}): "version 99 is not supported",
-        json.dumps({**good, "format": "other"}): "not a minillm tokenizer",
-        json.dumps([1, 2]): "not a minillm tokenizer",
+        json.dumps({**good, "format": "other"}): "not a tokenizer file",
+        json.dumps([1, 2]): "not a tokenizer file",
         json.dumps({**good, "pattern": "x"}): "pattern",
         json.dumps({**good, "tokens": good["tokens"][:100]}): "256 single bytes",
         json.dumps({**good, "tokens": good["tokens"] + ["\u4e00"]}): "alphabet",
