@@ -144,13 +144,17 @@ def to_file(config, version, eot_id=None):
     arch = config["arch"]
     section = {"format": FORMAT, "version": version, "arch": arch}
     reason = no_hf_reason(config)
+    if reason is None:
+        try:
+            hf = models.get_model(arch).to_hf_config(config)
+            dtype = config.get("dtype", "float32")
+            hf.update({"dtype": dtype, "torch_dtype": dtype, "bos_token_id": eot_id, "eos_token_id": eot_id,
+                       "pad_token_id": None})
+            core = from_hf(hf, "config")
+        except (KeyError, TypeError, ValueError) as e:    # a partial config (a test's, a lone layer's)
+            reason = f"the config does not describe a whole {arch} model ({type(e).__name__}: {e})"
     if reason is not None:
         return {SECTION: {**section, "note": "Hugging Face cannot load this model: " + reason, "config": config}}
-    hf = models.get_model(arch).to_hf_config(config)
-    dtype = config.get("dtype", "float32")
-    hf.update({"dtype": dtype, "torch_dtype": dtype, "bos_token_id": eot_id, "eos_token_id": eot_id,
-               "pad_token_id": None})
-    core = from_hf(hf, "config")
     extras = {k: v for k, v in config.items() if k not in core or core[k] != v}
     absent = sorted(k for k in core if k not in config)
     return {**hf, SECTION: {**section, **extras, **({"absent": absent} if absent else {})}}

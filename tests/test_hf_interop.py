@@ -353,3 +353,36 @@ def test_mixtral_fused_expert_names_load(tmp_path):
     assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
     safetensors.torch.save_file(state, os.path.join(path, "model.safetensors"))
     assert_close(ours(checkpoint.load_checkpoint(path))[0], theirs(model)[0], 1e-5)
+
+
+def test_hf_model_and_tokenizer_directory_samples_through_the_cli(capsys, tmp_path):
+    """An HF directory as transformers writes it, model and tokenizer (save_pretrained of both):
+    `minillm sample --greedy` gives the text of HF's greedy generate from the same start."""
+    import tokenizers
+
+    from minillm.tokenizer import Tokenizer
+    from test_cli import HEADLINES
+
+    with open(HEADLINES, encoding="utf-8") as f:
+        text = f.read(50_000)
+    tok = Tokenizer.train([text], 300, special_tokens=("<|endoftext|>",), progress=False)
+    cls, keys = HF_CONFIGS["gpt2"]
+    model = _randomize(tf.GPT2LMHeadModel(cls(vocab_size=tok.vocab_size, bos_token_id=tok.eot_id,
+                                              eos_token_id=tok.eot_id, **keys))).eval()
+    path = str(tmp_path / "hf")
+    model.save_pretrained(path)
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer.from_str(tok.to_json()),
+                                      eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.save_pretrained(path)
+    code, out, err = run_cli(capsys, "sample", "--checkpoint", path, "--greedy", "-n", "1", "--max-tokens", "10",
+                             "--prompt", "the", "--no-stream")
+    assert code == 0, err
+    start = [tok.eot_id] + fast("the")["input_ids"]
+    with torch.no_grad():
+        ids = model.generate(torch.tensor([start]), do_sample=False, max_new_tokens=10, pad_token_id=0)[0, len(start):]
+    new = []
+    for i in ids.tolist():          # minillm stops at <|endoftext|> and at a token holding a newline
+        if i == tok.eot_id or "\n" in fast.decode([i]):
+            break
+        new.append(i)
+    assert out.splitlines() == [generate.escape_controls("the" + fast.decode(new))]   # (control characters shown escaped)
