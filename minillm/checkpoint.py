@@ -1,8 +1,8 @@
 """Checkpoint directories: safetensors weights + JSON config, one transaction per save, validation on load.
 
 The directory the user names (--out) holds, under the fixed names Hugging Face looks for,
-    model.safetensors        the parameters, flat dotted names (minillm.tree.flatten)
-    config.json              the model config + "minillm_version" + "format": FORMAT
+    model.safetensors        the parameters, flat dotted names (minillm.tree.flatten) = HF's names and layouts
+    config.json              the model config in HF's keys, minillm's own under "minillm" (hf_config.py)
     tokenizer.json           written by the tokenizer's own save(path) (optional), in HF tokenizers' format
     tokenizer_config.json    beside it, for transformers.AutoTokenizer (hf_tokenizer.companion_files)
     optimizer.safetensors    AdamW moments as "m.<name>" / "v.<name>", step in the metadata
@@ -25,8 +25,17 @@ not match its checksum (edited, or copied in from another save), a config whose 
 not match the weights present (checked on the safetensors header, before anything is built from it), a
 missing / extra / mis-shaped / mis-typed tensor, NaN/inf values, and optimizer or trainer state of another
 step. Plain directories (an older minillm's, or assembled by hand) load too, without checksums.
+
+Hugging Face: `AutoModelForCausalLM.from_pretrained(dir)` loads what save_checkpoint writes (it follows the
+fixed links), and load_checkpoint reads what HF's save_pretrained writes (GPT-2, Llama, Mistral, Mixtral,
+Mamba, RWKV): config.json translated by hf_config (a value minillm does not implement is one error naming
+the key), model.safetensors or the shards of model.safetensors.index.json (hf_weights), HF-only buffers and
+a stored copy of a tied head dropped, bfloat16 / float16 widened to float32; pytorch_model.bin is refused
+(it would unpickle). Config files of format 1 (earlier minillm: its keys at the top level) still load.
 """
 
+import hashlib
+import importlib
 import json
 import os
 from dataclasses import dataclass
@@ -36,11 +45,11 @@ import numpy as np
 import safetensors.numpy
 
 from minillm.arrays import to_host
-from minillm import __version__, store, validate
+from minillm import __version__, hf_config, hf_weights, models, store, validate
 from minillm.tree import flatten, unflatten
 from minillm.validate import check_expected  # noqa: F401  (part of this module's API)
 
-FORMAT = 1
+FORMAT = hf_config.FORMAT         # 2: HF keys + a "minillm" section; 1 (minillm keys only) still loads
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -154,7 +163,11 @@ def is_minillm_checkpoint(directory):
     try:
         with open(os.path.join(directory, CONFIG_FILE), "rb") as f:
             config = json.loads(f.read())
-        return isinstance(config, dict) and isinstance(config.get("format"), int) and "minillm_version" in config
+        if not isinstance(config, dict):
+            return False
+        section = config.get(hf_config.SECTION)
+        return (isinstance(config.get("format"), int) and "minillm_version" in config) or \
+            (isinstance(section, dict) and isinstance(section.get("format"), int))
     except (OSError, ValueError):
         return False
 
@@ -188,9 +201,9 @@ def save_checkpoint(out_dir, params, config, tokenizer=None, optimizer_state=Non
     _check_finite(flat, "parameters")
     # One metadata key per file: safetensors serialises the metadata map in hash order, so
     # several keys would make the bytes differ from run to run (checkpoints must be reproducible).
+    models.get_model(config["arch"])          # an unknown architecture is refused before anything is written
     files = {  # name -> bytes or writer(tmp_path), all prepared (and validated) before any write
         MODEL_FILE: _st_bytes(flat, {"format": "np"}, "parameters"),
-        CONFIG_FILE: _json_bytes({**config, "minillm_version": __version__, "format": FORMAT}, "config"),
     }
     out = os.fspath(out_dir)
     if os.path.lexists(out) and not os.path.isdir(out):
@@ -199,6 +212,8 @@ def save_checkpoint(out_dir, params, config, tokenizer=None, optimizer_state=Non
     if tok is not None:
         files[TOKENIZER_FILE] = tok
         files.update(_tokenizer_companions(tokenizer, tok, config))
+    eot = hf_config.eot_id_of(tokenizer if tokenizer is not None else tok)
+    files[CONFIG_FILE] = _json_bytes(hf_config.to_file(config, __version__, eot), "config")
     if optimizer_state is not None:
         if not isinstance(optimizer_state, dict) or not {"step", "m", "v"} <= set(optimizer_state):
             raise ValueError("optimizer_state must be a dict with 'step', 'm' and 'v' "
@@ -279,33 +294,37 @@ def _load_optimizer(path, shown, params):
 def _load(root, vdir, files, expected, arch):
     shown = lambda name: os.path.join(root, name)   # noqa: E731  the path the user knows
     path = lambda name: store.verify(root, vdir, files, name)   # noqa: E731  checked against its sha256
-    for name in (CONFIG_FILE, MODEL_FILE):
-        if not os.path.isfile(os.path.join(vdir, name)):
-            raise ValueError(f"checkpoint '{root}' has no {name}")
-    config = _read_json(path(CONFIG_FILE), shown(CONFIG_FILE))
-    fmt = config.get("format")
-    if not isinstance(config.get("arch"), str) or not isinstance(fmt, int) or isinstance(fmt, bool):
-        raise ValueError(f"'{shown(CONFIG_FILE)}' is not a minillm config (needs 'arch' and 'format')")
-    if fmt > FORMAT:
-        raise ValueError(f"checkpoint '{root}' has format {fmt}, written by a newer minillm "
-                         f"(this one reads format {FORMAT}); upgrade minillm")
+    if not os.path.isfile(os.path.join(vdir, CONFIG_FILE)):
+        raise ValueError(f"checkpoint '{root}' has no {CONFIG_FILE}")
+    weight_files = hf_weights.weight_files(vdir, str(root))
+    raw = _read_json(path(CONFIG_FILE), shown(CONFIG_FILE))
+    config, version, kind = hf_config.from_file(raw, shown(CONFIG_FILE))
+    if not isinstance(config.get("arch"), str):
+        raise ValueError(f"'{shown(CONFIG_FILE)}' is not a minillm config (needs 'arch')")
     if arch is not None and config["arch"] != arch:
         raise ValueError(f"checkpoint is a '{config['arch']}' model, expected '{arch}'")
-    version = config.pop("minillm_version", None)
-    del config["format"]
     validate.validate_config(config, shown(CONFIG_FILE))
-    model_path = path(MODEL_FILE)
-    header = validate.read_header(model_path)
-    validate.check_header(config, header, shown(MODEL_FILE))
+    for name in weight_files:
+        path(name)
+    weights_shown = shown(weight_files[0] if len(weight_files) == 1 else hf_weights.INDEX_FILE)
+    header = hf_weights.read_header(vdir, weight_files, root)
+    validate.check_header(config, header, weights_shown)
+    if kind == "hf":      # HF's dtype: float64 only when every float tensor is; half precision is widened
+        floats = {t for _, t in header.values() if t in ("float64", "float32", "float16", "bfloat16")}
+        config["dtype"] = "float64" if floats == {"float64"} else "float32"
     if expected is None:
         expected = validate.expected_shapes(config)
-    validate.check_expected(header, expected, root)
-    flat, _ = _read_safetensors(model_path, shown(MODEL_FILE))
-    validate.check_values(flat, shown(MODEL_FILE))
+    if kind != "hf":
+        validate.check_expected(header, expected, root)
+    flat = hf_weights.read_tensors(vdir, weight_files, root)
+    if kind == "hf":
+        flat = _from_hf_tensors(flat, config, weights_shown)
+        validate.check_expected(flat, expected, root)
+    validate.check_values(flat, weights_shown)
     try:
         params = unflatten(flat)
     except ValueError as e:
-        raise ValueError(f"'{shown(MODEL_FILE)}' has inconsistent names: {e}") from None
+        raise ValueError(f"'{weights_shown}' has inconsistent names: {e}") from None
     optimizer_state = trainer_state = None
     if os.path.isfile(os.path.join(vdir, OPTIMIZER_FILE)):
         optimizer_state = _load_optimizer(path(OPTIMIZER_FILE), shown(OPTIMIZER_FILE), flat)
@@ -320,10 +339,33 @@ def _load(root, vdir, files, expected, arch):
     tokenizer = None
     if os.path.isfile(os.path.join(vdir, TOKENIZER_FILE)):
         tokenizer = path(TOKENIZER_FILE)
-    fingerprint = files[MODEL_FILE]["sha256"] if files and MODEL_FILE in files else store.sha256_file(model_path)
+    fingerprint = _fingerprint(vdir, files, weight_files)
     return Checkpoint(path=str(root), params=params, config=config, version=version,
                       tokenizer_path=tokenizer, optimizer_state=optimizer_state,
                       trainer_state=trainer_state, fingerprint=fingerprint)
+
+
+def _from_hf_tensors(flat, config, where):
+    """HF's tensors -> minillm's: the model module's from_hf_weights (buffers, tied head, fused experts), then
+    the floats in the config's dtype."""
+    convert = getattr(models.get_model(config["arch"]), "from_hf_weights", None)
+    if convert is not None:
+        try:
+            flat = convert(flat, config)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    dtype = np.dtype(config["dtype"])
+    return {n: a.astype(dtype) if a.dtype.kind == "f" and a.dtype != dtype else a for n, a in flat.items()}
+
+
+def _fingerprint(vdir, files, weight_files):
+    """sha256 of model.safetensors (from checksums.json when saved by minillm); of the shards' sha256s in
+    order for a sharded directory."""
+    digest = lambda name: files[name]["sha256"] if files and name in files else \
+        store.sha256_file(os.path.join(vdir, name))   # noqa: E731
+    if weight_files == [MODEL_FILE]:
+        return digest(MODEL_FILE)
+    return hashlib.sha256("".join(f"{n} {digest(n)}\n" for n in weight_files).encode()).hexdigest()
 
 
 def load_checkpoint(path, expected=None, arch=None):
@@ -343,12 +385,18 @@ def load_checkpoint(path, expected=None, arch=None):
 
 
 def load_tokenizer(ckpt):
-    """The checkpoint's tokenizer, checked: present, with <|endoftext|>, and of the config's vocab_size."""
+    """The checkpoint's tokenizer, checked: present, with <|endoftext|>, and of the config's vocab_size.
+    tokenizer.json (minillm's or HF's); else GPT-2's vocab.json + merges.txt, as an HF directory may have
+    them (hf_tokenizer.load_directory)."""
     from minillm.char_tokenizer import load_tokenizer   # a BPE or a character vocabulary, by its "type"
 
-    if ckpt.tokenizer_path is None:
+    tok = None
+    if ckpt.tokenizer_path is not None:
+        tok = load_tokenizer(ckpt.tokenizer_path)
+    elif os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_tokenizer.py")):
+        tok = importlib.import_module("minillm.hf_tokenizer").load_directory(ckpt.path)   # this package's own
+    if tok is None:
         raise ValueError(f"checkpoint '{ckpt.path}' has no {TOKENIZER_FILE}")
-    tok = load_tokenizer(ckpt.tokenizer_path)
     shown = os.path.join(ckpt.path, TOKENIZER_FILE)
     if tok.eot_id is None:
         raise ValueError(f"'{shown}' has no <|endoftext|> token, which minillm needs to separate documents")

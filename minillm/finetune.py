@@ -1,17 +1,21 @@
 """LoRA fine-tuning at the checkpoint level: adapter directories, `finetune`, `merge_checkpoint`.
 
-An adapter directory holds
-    adapter_model.safetensors   only the lora_A / lora_B tensors, dotted names
-                                ("transformer.h.0.attn.c_attn.lora_A", ...)
-    adapter_config.json         {"format": "minillm-lora", "minillm_version", "base": the base
+An adapter directory is a peft adapter (minillm.peft_format: `peft.PeftModel.from_pretrained(model, dir)`
+loads it) plus minillm's own record:
+    adapter_model.safetensors   the lora_A / lora_B tensors under peft's names
+                                ("base_model.model.transformer.h.0.attn.c_attn.lora_A.weight", ...)
+    adapter_config.json         peft's LoraConfig (r, lora_alpha, target_modules = the adapted layers, ...)
+    minillm_adapter.json        {"format": "minillm-lora", "version": 2, "minillm_version", "base": the base
                                 checkpoint as given, "base_sha256": the sha256 of the base's
-                                model.safetensors, "base_config": its config, "lora": {"rank",
-                                "alpha", "targets", "dropout"}, "layers": [adapted layer names]}
-Both are one save of minillm.store (versioned, locked, checksummed: see checkpoint.py). Loading checks the
+                                model.safetensors, "base_config": its config, "lora": {"rank", "alpha",
+                                "targets", "dropout"}, "layers": [adapted layer names]}
+All are one save of minillm.store (versioned, locked, checksummed: see checkpoint.py). Loading checks the
 adapter against the base model (the fingerprint of the very weights it was trained on, architecture,
 sizes, layer names, shapes, finite values) and says what does not fit. A merged checkpoint records the
 sha256 of every adapter folded into it ("merged_adapters" in its config), so the same adapter is never
-applied twice. Adapters written before the fingerprint existed (no "base_sha256") are checked by size only.
+applied twice. Also loaded: adapters of earlier minillm versions (adapter_config.json with "format":
+"minillm-lora" and minillm's tensor names; without "base_sha256" they are checked by size only) and
+adapters peft wrote (checked by layer names and shapes; a peft setting minillm lacks is one error).
 """
 
 import contextlib
@@ -22,19 +26,20 @@ import os
 import numpy as np
 
 from minillm.arrays import to_host
-from minillm import __version__, checkpoint, models, store, validate
+from minillm import __version__, checkpoint, models, peft_format, store, validate
 from minillm.nn import lora
 from minillm.tree import flatten
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+SIDE_FILE = peft_format.SIDE_FILE
 FORMAT = "minillm-lora"
-
-
+ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, SIDE_FILE)
 
 
 def save_adapter(out_dir, params, config, base=None, base_sha256=None):
-    """Write the adapters of `params` (and an adapter config naming `base` and its fingerprint) to out_dir."""
+    """Write the adapters of `params` as a peft adapter, with minillm's record naming `base` and its
+    fingerprint, to out_dir."""
     from safetensors.numpy import save
 
     _, adapters = lora.split_adapters(params)
@@ -43,14 +48,18 @@ def save_adapter(out_dir, params, config, base=None, base_sha256=None):
         raise ValueError("save_adapter: the parameters hold no LoRA adapters")
     if not all(np.isfinite(a).all() for a in flat.values()):
         raise ValueError("refusing to save adapters with NaN/inf values")
-    meta = {"format": FORMAT, "minillm_version": __version__, "base": base, "base_sha256": base_sha256,
-            "base_config": {k: v for k, v in config.items() if k != "lora"},
-            "lora": {k: v for k, v in config["lora"].items() if k != "dropout_rng"},
-            "layers": sorted({n.rsplit(".", 1)[0] for n in flat})}
-    text = json.dumps(meta, indent=2) + "\n"   # ASCII: json.dumps escapes the rest
-    files = {ADAPTER_WEIGHTS: save(flat), ADAPTER_CONFIG: text}
+    lc = {k: v for k, v in config["lora"].items() if k != "dropout_rng"}
+    layers = sorted({n.rsplit(".", 1)[0] for n in flat})
+    in_out = any(lora.layout_of(layer, config) == "in_out" for layer in layers)
+    tensors, peft_config = peft_format.to_peft(flat, lc, None if base is None else str(base), in_out)
+    meta = {"format": FORMAT, "version": 2, "minillm_version": __version__, "base": base,
+            "base_sha256": base_sha256, "base_config": {k: v for k, v in config.items() if k != "lora"},
+            "lora": lc, "layers": layers}
+    dump = lambda obj: json.dumps(obj, indent=2) + "\n"   # noqa: E731  ASCII: json.dumps escapes the rest
+    files = {ADAPTER_WEIGHTS: save(tensors, metadata={"format": "pt"}), ADAPTER_CONFIG: dump(peft_config),
+             SIDE_FILE: dump(meta)}
     try:
-        store.publish(out_dir, files, known=tuple(files), adoptable=_is_adapter_dir)
+        store.publish(out_dir, files, known=ADAPTER_FILES, adoptable=_is_adapter_dir)
     except OSError as e:
         raise ValueError(f"could not save the adapter to '{out_dir}': {e.strerror or e}; nothing was "
                          "replaced") from None
@@ -58,16 +67,21 @@ def save_adapter(out_dir, params, config, base=None, base_sha256=None):
 
 
 def _is_adapter_dir(directory):
-    try:
-        with open(os.path.join(directory, ADAPTER_CONFIG), "rb") as f:
-            return json.loads(f.read()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    """An adapter minillm wrote: its side file, or (earlier versions) adapter_config.json of our format."""
+    for name in (SIDE_FILE, ADAPTER_CONFIG):
+        try:
+            with open(os.path.join(directory, name), "rb") as f:
+                if json.loads(f.read()).get("format") == FORMAT:
+                    return True
+        except (OSError, ValueError, AttributeError):
+            pass
+    return False
 
 
 def load_adapter(adapter_dir):
-    """-> (flat adapters {dotted name: array}, adapter config dict) as written by save_adapter; the config
-    gets "sha256": the fingerprint of adapter_model.safetensors."""
+    """-> (flat adapters {dotted name: array} in minillm's names, adapter meta dict: minillm's record, or for
+    an adapter peft wrote {"base", "lora", "layers", "peft": True}); the meta gets "sha256": the fingerprint
+    of adapter_model.safetensors."""
     from safetensors.numpy import load_file
 
     if not os.path.isdir(adapter_dir):
@@ -78,15 +92,32 @@ def load_adapter(adapter_dir):
             if not os.path.isfile(os.path.join(vdir, name)):
                 raise ValueError(f"{adapter_dir!r} is not a LoRA adapter directory: "
                                  f"{os.path.join(adapter_dir, name)} is missing")
+        shown = os.path.join(adapter_dir, ADAPTER_CONFIG)
+        side = os.path.isfile(os.path.join(vdir, SIDE_FILE))
         wpath = store.verify(adapter_dir, vdir, files, ADAPTER_WEIGHTS)
         try:
-            with open(store.verify(adapter_dir, vdir, files, ADAPTER_CONFIG), "rb") as f:
+            with open(store.verify(adapter_dir, vdir, files, SIDE_FILE if side else ADAPTER_CONFIG), "rb") as f:
                 meta = json.loads(f.read().decode("utf-8"))
-            adapters = load_file(wpath)
+            tensors = load_file(wpath)
         except Exception as e:  # OSError, bad JSON / UTF-8, safetensors' own errors
             raise ValueError(f"cannot read the adapter in {adapter_dir!r}: {e}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("lora"), dict):
-            raise ValueError(f"{os.path.join(adapter_dir, ADAPTER_CONFIG)} is not a minillm LoRA adapter config")
+        if not isinstance(meta, dict):
+            raise ValueError(f"{shown} is not a LoRA adapter config")
+        if side or meta.get("format") != FORMAT:
+            if side and (meta.get("format") != FORMAT or not isinstance(meta.get("lora"), dict)):
+                raise ValueError(f"{os.path.join(adapter_dir, SIDE_FILE)} is not a minillm LoRA adapter record")
+            if not side:       # peft wrote it
+                if "peft_type" not in meta:
+                    raise ValueError(f"{shown} is neither a minillm nor a peft LoRA adapter config")
+                meta = {**peft_format.peft_meta(meta, shown), "peft": True}
+            adapters = peft_format.from_peft(tensors, os.path.join(adapter_dir, ADAPTER_WEIGHTS))
+        else:
+            if not isinstance(meta.get("lora"), dict):
+                raise ValueError(f"{shown} is not a minillm LoRA adapter config")
+            adapters = tensors           # an earlier minillm's: our names as they are
+        if meta.get("peft"):
+            meta["layers"] = sorted({n.rsplit(".", 1)[0] for n in adapters})
+            meta["lora"]["targets"] = meta["layers"]
         validate.check_values(adapters, os.path.join(adapter_dir, ADAPTER_WEIGHTS))
         sha = files[ADAPTER_WEIGHTS]["sha256"] if files else store.sha256_file(wpath)
         return adapters, {**meta, "sha256": sha}
@@ -102,8 +133,8 @@ def attach(params, config, adapters, meta, base_sha256=None):
     if meta.get("sha256") and meta["sha256"] in (config.get("merged_adapters") or ()):
         raise ValueError("this adapter is already merged into the base checkpoint: applying it again would "
                          "add its update twice")
-    bc = meta.get("base_config") or {}
-    if bc.get("arch") != config.get("arch"):
+    bc = meta.get("base_config") or {}       # none for an adapter peft wrote: its layers and shapes are checked
+    if bc and bc.get("arch") != config.get("arch"):
         raise ValueError(f"the adapter was trained on architecture {bc.get('arch')!r}, the base "
                          f"model is {config.get('arch')!r}")
     keys = ("vocab_size", "n_layer", "n_head", "d_model")

@@ -145,22 +145,32 @@ def check_header(config, header, where):
 def expected_shapes(config):
     """{dotted name: (shape, dtype)} of the model `config` describes, packed layers included, without building
     all of it: at most two layers are built (the first may differ, e.g. RWKV's pre_ln; every later one has
-    the shapes of the second) and the second's names repeated for the layer indices after it."""
+    the shapes of the second) and the second's names repeated for the layer indices after it. The vocabulary
+    and context are not built at full size either (an RWKV embedding's orthogonal init alone is a QR of a
+    (V, d) matrix): two builds with tiny ones (3 / 7 and 5 / 11) tell which dimensions they are."""
     model = models.get_model(config["arch"])
     L = config["n_layer"]
-    few = model.init({**config, "n_layer": min(L, 2)}, np.random.default_rng(0))
-    if config.get("packed"):
-        from minillm.nn.ternary import pack_params
 
-        few = pack_params(few, config)
+    def build(vocab, context):
+        few = model.init({**config, "n_layer": min(L, 2), "vocab_size": vocab, "context": context},
+                         np.random.default_rng(0))
+        if config.get("packed"):
+            from minillm.nn.ternary import pack_params
+
+            few = pack_params(few, {**config, "vocab_size": vocab, "context": context})
+        return flatten(few)
+
+    small, other = build(3, 7), build(5, 11)
+    full = {(3, 5): config["vocab_size"], (7, 11): config["context"]}
     out = {}
-    for name, a in flatten(few).items():
+    for name, a in small.items():
+        shape = tuple(full.get(pair, pair[0]) for pair in zip(a.shape, other[name].shape))
         parts = name.split(".")
         j = next((k for k, p in enumerate(parts) if p.isdigit()), None)
         for i in ([None] if j is None else [0] if parts[j] == "0" else range(1, L)):
             if i is not None:
                 parts[j] = str(i)
-            out[".".join(parts)] = (tuple(a.shape), str(a.dtype))
+            out[".".join(parts)] = (shape, str(a.dtype))
     return out
 
 

@@ -82,7 +82,7 @@ def test_round_trip_bit_exact(tmp_path, dtype):
     assert os.readlink(out / "current") == ".versions/v000001"
     assert sorted(os.listdir(out / ".versions" / "v000001")) == sorted(["checksums.json", *NAMES])  # no temps
     raw = json.loads((out / "config.json").read_text())
-    assert raw["format"] == 1 and raw["minillm_version"] == __version__
+    assert raw["minillm"]["format"] == 2 and raw["minillm"]["version"] == __version__ and raw["model_type"] == "gpt2"
     # The tensors' bytes are exactly what safetensors writes for them (unchanged by the versioned layout).
     flat = {n: np.ascontiguousarray(a) for n, a in flatten(params).items()}
     assert (out / "model.safetensors").read_bytes() == safetensors.numpy.save(flat, metadata={"format": "np"})
@@ -230,10 +230,13 @@ def test_config_problems(ckpt, tmp_path):
     out, _ = ckpt
     plain = plain_copy(out, tmp_path / "plain")
     (plain / "config.json").write_text('{"vocab_size": 3}')
-    with pytest.raises(ValueError, match="is not a minillm config"):
+    with pytest.raises(ValueError, match="is neither a minillm config .* nor a Hugging Face one"):
         load_checkpoint(plain)
-    (plain / "config.json").write_text(json.dumps(dict(CONFIG, format=2)))
-    with pytest.raises(ValueError, match="format 2, written by a newer minillm"):
+    (plain / "config.json").write_text(json.dumps(dict(CONFIG, format=3, minillm_version="9.0")))
+    with pytest.raises(ValueError, match="format 3, written by a newer minillm"):
+        load_checkpoint(plain)
+    (plain / "config.json").write_text(json.dumps({"model_type": "gpt2", "minillm": {"format": 3}}))
+    with pytest.raises(ValueError, match="format 3, written by a newer minillm"):
         load_checkpoint(plain)
     (plain / "config.json").write_text(json.dumps(dict(CONFIG, arch="mamba", format=1)))
     with pytest.raises(ValueError, match="checkpoint is a 'mamba' model, expected 'gpt'"):

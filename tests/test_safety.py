@@ -70,8 +70,19 @@ def copy(w, tmp, src="base"):
     return dst
 
 
+GPT2_NAMES = {"context": "n_positions", "d_model": "n_embd"}     # GPT2Config's names of minillm's keys
+
+
 def setitem(key, value):
-    return lambda d: d.__setitem__(key, value)
+    """Set `key` in a dict (a flat dict of tensors); in a config.json of format 2, minillm's config key `key`:
+    under GPT2Config's name for it, or in the "minillm" section when HF has no key for it."""
+    def edit(d):
+        name = GPT2_NAMES.get(key, key) if "minillm" in d else key
+        if name in d or "minillm" not in d:
+            d[name] = value
+        else:
+            d["minillm"][key] = value
+    return edit
 
 
 def golden(w, tmp, edit):
@@ -142,11 +153,11 @@ def another_base(w, tmp):
 def nan_adapter(w, tmp):
     dst = str(tmp / "ad")
     os.makedirs(dst)
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
+    for name in ("adapter_model.safetensors", "adapter_config.json", "minillm_adapter.json"):
         shutil.copyfile(os.path.join(w["ad"], name), os.path.join(dst, name))
     path = os.path.join(dst, "adapter_model.safetensors")
     flat = safetensors.numpy.load_file(path)
-    next(a for n, a in sorted(flat.items()) if n.endswith("lora_A"))[0, 0] = np.inf
+    next(a for n, a in sorted(flat.items()) if n.endswith("lora_A.weight"))[0, 0] = np.inf
     safetensors.numpy.save_file(flat, path)
     return dst
 
@@ -187,7 +198,7 @@ CASES = {
     "n_layer 2 of 1": lambda w, t: (sample(plain(w, t, config=setitem("n_layer", 2))), [], "hold 1 layer(s)"),
     "vocab_size 10^12": lambda w, t: (sample(plain(w, t, config=setitem("vocab_size", 10**12))), [], "vocab_size = 1000000000000 is out of range"),
     "vocab_size off by one": lambda w, t: (sample(plain(w, t, config=lambda c: c.__setitem__("vocab_size", c["vocab_size"] - 1))), [], "embedding"),
-    "d_model a string": lambda w, t: (sample(plain(w, t, config=setitem("d_model", "16"))), [], "d_model must be an integer"),
+    "d_model a string": lambda w, t: (sample(plain(w, t, config=setitem("d_model", "16"))), [], "n_embd must be an integer"),
     "missing tokenizer": lambda w, t: (sample(plain(w, t, drop=["tokenizer.json"])), [], "has no tokenizer.json"),
     "tokenizer without eot": lambda w, t: (sample(edit_tokenizer_without_eot(plain(w, t))), [], "no <|endoftext|>"),
     "quantize a missing tensor": lambda w, t: (["quantize", plain(w, t, tensors=lambda f: f.pop(C_ATTN), config=setitem("ternary", True)), "--out", str(t / "q")], [], "missing 1"),

@@ -75,7 +75,7 @@ def test_documents_file_is_recorded_and_resumed(capsys, corpus, tmp_path):
     out = str(tmp_path / "f")
     code, _, err = run_cli(capsys, "train", corpus, "--documents", "file", "--steps", "2", "--out", out, *TINY)
     assert code == 0, err
-    assert json.loads(open(os.path.join(out, "config.json")).read())["documents"] == "file"
+    assert json.loads(open(os.path.join(out, "config.json")).read())["minillm"]["documents"] == "file"   # HF has no key
     code, _, err = run_cli(capsys, "train", corpus, "--resume", "--steps", "3", "--out", out, "--quiet")
     assert code == 0, err                                      # takes --documents file from the checkpoint
     code, _, err = run_cli(capsys, "train", corpus, "--resume", "--documents", "lines", "--steps", "4",

@@ -6,6 +6,10 @@ aux_loss(cache) and stats(cache). It also declares its facts, which the rest of 
 naming architectures:
 
     HF_CLASS            the transformers class it matches (None: no HF twin)
+    HF_MODEL_TYPES      the HF config model_type(s) it runs; with to_hf_config(config) -> HF config keys,
+                        from_hf_config(reader) -> minillm config (reader: hf_config.HFReader, which refuses
+                        values the module does not implement) and optionally from_hf_weights(flat, config)
+                        (HF's tensors -> ours: buffers, tied heads, fused experts); see minillm/hf_config.py
     OPTIONS             config keys a user may set for it beyond the shared ones (cli checks flags with it)
     LORA_TARGETS        default LoRA targets (dotted-name patterns)
     NO_DECAY            name fragments of tensors that get no weight decay (train builds the mask with it)
@@ -81,3 +85,14 @@ def check_token_ids(idx, config, what="idx"):
     if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= V):
         raise ValueError(f"{what} holds token ids outside [0, {V})")
     return idx
+
+
+def tied_head(flat, head, embedding):
+    """Hugging Face tensors of a model whose head is tied: drop a stored copy of the head (some files keep
+    one); a head that differs from the embedding is an untied model, which minillm would run otherwise."""
+    if head not in flat:
+        return flat
+    if embedding in flat and not np.array_equal(flat[head], flat[embedding]):
+        raise ValueError(f"{head} differs from {embedding}, but this architecture ties them "
+                         "(tie_word_embeddings): minillm would run another model")
+    return {n: a for n, a in flat.items() if n != head}

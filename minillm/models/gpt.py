@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minillm.models import check_token_ids, param_dtype
+from minillm.models import check_token_ids, param_dtype, tied_head
 from minillm.nn import attention, dense, ops
 from minillm.nn import moe as moe_layer
 
@@ -37,6 +37,44 @@ BOUNDED_POSITIONS = True                         # learned positions: at most `c
 
 LN_EPS = 1e-5
 STEP_SINGLE_THREAD_BATCH = 16
+
+# --- Hugging Face config.json (GPT2Config; minillm.hf_config does the file, these the keys) ---------
+HF_MODEL_TYPES = ("gpt2",)
+GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh")   # both are the tanh form minillm computes
+
+
+def to_hf_config(config):
+    """minillm config -> GPT2Config keys (dropout 0: minillm trains without it)."""
+    return {"model_type": "gpt2", "architectures": [HF_CLASS], "vocab_size": config["vocab_size"],
+            "n_positions": config["context"], "n_embd": config["d_model"], "n_layer": config["n_layer"],
+            "n_head": config["n_head"], "n_inner": None, "activation_function": "gelu_new",
+            "layer_norm_epsilon": LN_EPS, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False, "tie_word_embeddings": True}
+
+
+def from_hf_config(hf):
+    """GPT2Config keys (an HFReader, see hf_config) -> minillm config; one error for a value GPT-2 here lacks."""
+    C = hf.need("n_embd")
+    hf.only("n_inner", None, None, 4 * C)
+    hf.only("activation_function", "gelu_new", *GELU_NAMES)
+    hf.only("layer_norm_epsilon", 1e-5, LN_EPS)
+    hf.only("scale_attn_weights", True, True)
+    for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+        hf.only(key, False, False)
+    hf.only("tie_word_embeddings", True, True)
+    return {"arch": "gpt", "vocab_size": hf.need("vocab_size"), "context": hf.need("n_positions"),
+            "n_layer": hf.need("n_layer"), "n_head": hf.need("n_head"), "d_model": C}
+
+
+def from_hf_weights(flat, config):
+    """HF GPT-2 tensors -> ours: the causal-mask buffers of older files (attn.bias, attn.masked_bias) are
+    not parameters and are dropped; a stored lm_head must equal wte (minillm's head is tied)."""
+    if "wte.weight" in flat and "transformer.wte.weight" not in flat:   # the original OpenAI files
+        flat = {(n if n == "lm_head.weight" else "transformer." + n): a for n, a in flat.items()}
+    flat = {n: a for n, a in flat.items() if not n.endswith((".attn.bias", ".attn.masked_bias"))}
+    return tied_head(flat, "lm_head.weight", "transformer.wte.weight")
+
 
 
 class BlockCache(NamedTuple):

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minillm.models import check_token_ids, param_dtype
+from minillm.models import check_token_ids, param_dtype, tied_head
 from minillm.nn import blas, gqa, ops, swiglu
 from minillm.nn import moe as moe_layer
 
@@ -45,6 +45,71 @@ NO_DECAY = ("embed_tokens", "lm_head")
 BOUNDED_POSITIONS = False        # rotary positions: no table; `context` is the trained length
 
 STEP_SINGLE_THREAD_BATCH = 16
+
+# --- Hugging Face config.json: LlamaConfig, MistralConfig (a sliding window), MixtralConfig (experts) --
+HF_MODEL_TYPES = ("llama", "mistral")
+HF_DEFAULT_EPS = 1e-6                      # LlamaConfig / MistralConfig (MixtralConfig: 1e-5)
+
+
+def to_hf_config(config):
+    """minillm config -> the keys of LlamaConfig, MistralConfig (sliding window) or MixtralConfig (experts)."""
+    H, Hkv, hd = gqa.heads(config)
+    hf = {"model_type": "llama", "architectures": [HF_CLASS], "vocab_size": config["vocab_size"],
+          "hidden_size": config["d_model"], "intermediate_size": d_ff_of(config),
+          "num_hidden_layers": config["n_layer"], "num_attention_heads": H, "num_key_value_heads": Hkv,
+          "head_dim": hd, "hidden_act": "silu", "max_position_embeddings": config["context"],
+          "rms_norm_eps": _eps(config), "tie_word_embeddings": _tied(config), "attention_dropout": 0.0,
+          "rope_parameters": {"rope_type": "default", "rope_theta": float(config.get("rope_theta", 10000.0))}}
+    if _is_moe(config):
+        return {**hf, "model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+                "sliding_window": config.get("sliding_window"), "num_local_experts": config["n_experts"],
+                "num_experts_per_tok": config["top_k"], "router_aux_loss_coef": config["aux_loss_coef"],
+                "router_jitter_noise": 0.0, "output_router_logits": False}
+    if config.get("sliding_window"):
+        return {**hf, "model_type": "mistral", "architectures": ["MistralForCausalLM"],
+                "sliding_window": config["sliding_window"]}
+    return {**hf, "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+
+
+def from_hf_config(hf, arch="llama", theta=10000.0, eps=HF_DEFAULT_EPS):
+    """The keys of a LlamaConfig / MistralConfig / MixtralConfig (an HFReader, see hf_config) -> minillm config;
+    one error for a value these blocks do not implement (biases, another activation, RoPE scaling ...)."""
+    C, H, mistral = hf.need("hidden_size"), hf.need("num_attention_heads"), hf.get("model_type") == "mistral"
+    hf.only("hidden_act", "silu", "silu")
+    for key in ("attention_bias", "mlp_bias"):
+        hf.only(key, False, False)
+    hf.only("pretraining_tp", 1, 1)
+    hf.only("rope_scaling", None, None)
+    hf.only("partial_rotary_factor", 1.0, 1.0)
+    rope = hf.get("rope_parameters") or {}
+    hf.only("rope_parameters.rope_type", "default", "default", value=rope.get("rope_type", "default"))
+    extra = set(rope) - {"rope_type", "rope_theta"}
+    if extra:
+        hf.refuse("rope_parameters", rope, "only rope_type \"default\" with rope_theta")
+    window = hf.get("sliding_window", 4096 if mistral else None)
+    if window is not None and not mistral and arch == "llama":
+        hf.refuse("sliding_window", window, "a llama model has none (a mistral one does)")
+    hd = hf.get("head_dim") or C // H
+    Hkv = hf.get("num_key_value_heads") or H
+    config = {"arch": arch, "vocab_size": hf.need("vocab_size"), "context": hf.need("max_position_embeddings"),
+              "n_layer": hf.need("num_hidden_layers"), "n_head": H, "d_model": C,
+              "n_kv_head": None if Hkv == H else Hkv,
+              "rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", theta))),
+              "sliding_window": window, "d_ff": hf.need("intermediate_size"),
+              "rms_norm_eps": float(hf.get("rms_norm_eps", eps)),
+              "tie_embeddings": bool(hf.get("tie_word_embeddings", False))}
+    if hd * H != C:
+        config["head_dim"] = hd
+    if config["d_ff"] == d_ff_of({**config, "d_ff": None}):
+        config["d_ff"] = None
+    return config
+
+
+def from_hf_weights(flat, config):
+    """HF Llama / Mistral tensors -> ours: the rotary inv_freq buffers of older files are not parameters; a
+    tied model's stored head copy is dropped (models.tied_head)."""
+    flat = {n: a for n, a in flat.items() if not n.endswith(".rotary_emb.inv_freq")}
+    return tied_head(flat, "lm_head.weight", "model.embed_tokens.weight") if _tied(config) else flat
 
 
 class BlockCache(NamedTuple):

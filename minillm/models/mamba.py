@@ -27,7 +27,7 @@ from minillm.nn import ops
 from minillm import kernels
 from minillm.nn import dense
 from minillm.nn.dense import dense_backward, dense_forward
-from minillm.models import check_token_ids
+from minillm.models import check_token_ids, tied_head
 
 # --- what the rest of minillm needs to know about this architecture -------------------------------
 HF_CLASS = "MambaForCausalLM"
@@ -46,6 +46,51 @@ DEFAULTS = {
     "norm_eps": 1e-5,       # HF layer_norm_epsilon
     "initializer_range": 0.1,  # HF MambaConfig default: std of embeddings, in_proj and x_proj at init
 }
+
+
+# --- Hugging Face config.json (MambaConfig). HF has no sequence length key: `context` (the training
+# length) stays in minillm's own section, and a directory written by HF gets HF_CONTEXT.
+HF_MODEL_TYPES = ("mamba",)
+HF_CONTEXT = 1024
+
+
+def to_hf_config(config):
+    """minillm config -> MambaConfig keys: no linear biases, a conv bias, the residual in the model's dtype."""
+    d, Di, N, K, R = dims(config)
+    return {"model_type": "mamba", "architectures": [HF_CLASS], "vocab_size": config["vocab_size"],
+            "hidden_size": d, "num_hidden_layers": config["n_layer"], "state_size": N, "conv_kernel": K,
+            "expand": int(_cfg(config, "expand")), "intermediate_size": Di, "time_step_rank": R,
+            "layer_norm_epsilon": _cfg(config, "norm_eps"), "use_bias": False, "use_conv_bias": True,
+            "hidden_act": "silu", "residual_in_fp32": False, "tie_word_embeddings": True,
+            "initializer_range": _cfg(config, "initializer_range"), "time_step_min": _cfg(config, "dt_min"),
+            "time_step_max": _cfg(config, "dt_max")}
+
+
+def from_hf_config(hf):
+    """MambaConfig keys (an HFReader) -> minillm config; biases on the linears, no conv bias, another
+    activation or an untied head are refused. residual_in_fp32 is accepted: it only keeps the residual in
+    float32, which minillm's float32 (and float64) computation does anyway."""
+    d = hf.need("hidden_size")
+    hf.only("use_bias", False, False)
+    hf.only("use_conv_bias", True, True)
+    hf.only("hidden_act", "silu", "silu")
+    hf.only("tie_word_embeddings", True, True)
+    expand = hf.get("expand", 2)
+    hf.only("intermediate_size", expand * d, expand * d)
+    rank = hf.get("time_step_rank", "auto")
+    config = {"arch": "mamba", "vocab_size": hf.need("vocab_size"), "context": HF_CONTEXT,
+              "n_layer": hf.need("num_hidden_layers"), "d_model": d, "d_state": hf.get("state_size", 16),
+              "d_conv": hf.get("conv_kernel", 4), "expand": expand,
+              "dt_rank": "auto" if rank in ("auto", math.ceil(d / 16)) else rank,
+              "dt_min": float(hf.get("time_step_min", 0.001)), "dt_max": float(hf.get("time_step_max", 0.1)),
+              "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
+              "initializer_range": float(hf.get("initializer_range", 0.1))}
+    return config
+
+
+def from_hf_weights(flat, config):
+    """A stored copy of the tied head is dropped (models.tied_head)."""
+    return tied_head(flat, "lm_head.weight", "backbone.embeddings.weight")
 
 
 def _cfg(config, key):

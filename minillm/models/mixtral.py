@@ -23,6 +23,39 @@ DEFAULTS = {**llama.DEFAULTS, "rope_theta": 1e6, "n_experts": moe_layer.DEFAULTS
             "top_k": moe_layer.DEFAULTS["top_k"], "aux_loss_coef": 0.02}
 OPTIONS = llama.OPTIONS + ("n_experts", "top_k", "aux_loss_coef")
 LORA_TARGETS, NO_DECAY, BOUNDED_POSITIONS = llama.LORA_TARGETS, llama.NO_DECAY, llama.BOUNDED_POSITIONS
+HF_MODEL_TYPES = ("mixtral",)
+
+
+def to_hf_config(config):
+    """minillm config -> MixtralConfig keys (llama.to_hf_config with the experts)."""
+    return llama.to_hf_config(_config(config))
+
+
+def from_hf_config(hf):
+    """MixtralConfig keys (an HFReader) -> minillm config; router jitter (training noise) is not implemented."""
+    hf.only("router_jitter_noise", 0.0, 0.0)
+    config = llama.from_hf_config(hf, "mixtral", theta=1e6, eps=1e-5)
+    return {**config, "n_experts": hf.get("num_local_experts", 8), "top_k": hf.get("num_experts_per_tok", 2),
+            "aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.001))}
+
+
+def from_hf_weights(flat, config):
+    """HF Mixtral tensors -> ours (the released names). transformers 5 may store the layer as
+    mlp.gate + fused mlp.experts.gate_up_proj (E, 2F, C) = [w1; w3] and down_proj (E, C, F) = w2: split."""
+    out = {}
+    for name, a in llama.from_hf_weights(flat, config).items():
+        layer, fused, part = name.partition(".mlp.experts.")
+        if part in ("gate_up_proj", "down_proj"):
+            for e in range(a.shape[0]):
+                pre = f"{layer}.block_sparse_moe.experts.{e}."
+                if part == "down_proj":
+                    out[pre + "w2.weight"] = a[e]
+                else:
+                    F = a.shape[1] // 2
+                    out[pre + "w1.weight"], out[pre + "w3.weight"] = a[e, :F], a[e, F:]
+        else:
+            out[name.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = a
+    return out
 
 
 def _config(config):

@@ -43,6 +43,33 @@ BOUNDED_POSITIONS = False                   # a recurrent state: any length
 DEFAULTS = {"intermediate_size": None, "layer_norm_epsilon": 1e-5}
 
 
+HF_MODEL_TYPES = ("rwkv",)
+
+
+def to_hf_config(config):
+    """minillm config -> RwkvConfig keys; rescale_every 0: minillm never rescales (see the docstring)."""
+    C = config["d_model"]
+    return {"model_type": "rwkv", "architectures": [HF_CLASS], "vocab_size": config["vocab_size"],
+            "context_length": config["context"], "hidden_size": C, "num_hidden_layers": config["n_layer"],
+            "attention_hidden_size": C, "intermediate_size": _ffn_size(config),
+            "layer_norm_epsilon": _eps(config), "rescale_every": 0, "tie_word_embeddings": False}
+
+
+def from_hf_config(hf):
+    """RwkvConfig keys (an HFReader) -> minillm config. rescale_every > 0 (HF's default 6) is refused: HF then
+    halves the activations and the output weights every that many layers at inference, which is not
+    exactly the model minillm runs (LayerNorm's eps sees the smaller values)."""
+    C = hf.need("hidden_size")
+    hf.only("attention_hidden_size", C, C, None)
+    hf.only("rescale_every", 6, 0)
+    hf.only("tie_word_embeddings", False, False)
+    F = hf.get("intermediate_size")
+    return {"arch": "rwkv", "vocab_size": hf.need("vocab_size"), "context": hf.get("context_length", 1024),
+            "n_layer": hf.need("num_hidden_layers"), "d_model": C,
+            "intermediate_size": None if F in (None, 4 * C) else F,
+            "layer_norm_epsilon": float(hf.get("layer_norm_epsilon", 1e-5))}
+
+
 def _ffn_size(config):
     return int(config.get("intermediate_size") or 4 * int(config["d_model"]))
 
