@@ -9,11 +9,12 @@ initial weights, copied into HF's GPT2LMHeadModel with sdpa attention), batches 
 default_rng(seed) on both sides, the learning rate of optim.lr_at for the default schedule. Every
 --eval-every steps both score the same fixed validation batches (train.TrainOptions.eval_batches of them,
 as `minillm train` evaluates); the clock (training and evaluations, on both sides) stops at the first
-evaluation at or below --target. minillm then runs on, without timing, to report its final loss. Printed:
+evaluation at or below --target. The two alternate step by step, so both see the same background load. Printed:
 steps and seconds to the target, the ratio, the loss curve of both, and the machine (harness.limits_line).
 """
 
 import argparse
+import itertools
 import os
 import time
 
@@ -41,13 +42,13 @@ def prepared(opts, config):
     return np.asarray(train_ids), val
 
 
-def minillm_run(params, config, opts, train_ids, val, target, eval_every, max_steps):
+def minillm_steps(params, config, opts, train_ids, val, eval_every):
+    """One minillm training step per next(): yields (seconds it took, validation loss or None)."""
     model = models.get_model("gpt")
     mask = optim.decay_mask(flatten(params), no_decay=model.NO_DECAY)
     state = optim.adamw_init(params)
     rng = np.random.default_rng(opts.seed)
-    curve, clock, reached = [], 0.0, None
-    for step in range(max_steps):
+    for step in itertools.count():
         started = time.perf_counter()
         x, y = data.get_batch(train_ids, opts.batch_size, config["context"], rng)
         logits, cache = model.forward(params, x, config)
@@ -56,17 +57,12 @@ def minillm_run(params, config, opts, train_ids, val, target, eval_every, max_st
         optim.clip_grad_norm(grads, opts.grad_clip)
         lr = optim.lr_at(step, opts.lr, opts.warmup, opts.steps, opts.min_lr_ratio)
         optim.adamw_step(params, grads, state, lr, weight_decay=opts.weight_decay, mask=mask)
-        if (step + 1) % eval_every == 0 or step + 1 == max_steps:
-            value = train.evaluate(model, params, config, val)
-            curve.append((step + 1, value))
-        if reached is None:
-            clock += time.perf_counter() - started
-            if curve and curve[-1][0] == step + 1 and curve[-1][1] <= target:
-                reached = (step + 1, clock)
-    return reached, curve
+        value = train.evaluate(model, params, config, val) if (step + 1) % eval_every == 0 else None
+        yield time.perf_counter() - started, value
 
 
-def torch_run(params, config, opts, train_ids, val, target, eval_every, max_steps):
+def torch_steps(params, config, opts, train_ids, val, eval_every):
+    """The same step in PyTorch eager (HF GPT2LMHeadModel, sdpa attention, torch.optim.AdamW)."""
     model = peers.hf_gpt2(params, config, torch.float32, attn="sdpa")
     mask = optim.decay_mask(flatten(params))
     named = dict(model.named_parameters())
@@ -84,8 +80,7 @@ def torch_run(params, config, opts, train_ids, val, target, eval_every, max_step
                 count += y.size
         return total / count
 
-    curve, clock = [], 0.0
-    for step in range(max_steps):
+    for step in itertools.count():
         started = time.perf_counter()
         x, y = (torch.from_numpy(a) for a in data.get_batch(train_ids, opts.batch_size, config["context"], rng))
         for group in opt.param_groups:
@@ -95,12 +90,26 @@ def torch_run(params, config, opts, train_ids, val, target, eval_every, max_step
         F.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
         opt.step()
-        if (step + 1) % eval_every == 0:
-            curve.append((step + 1, evaluate()))
-        clock += time.perf_counter() - started
-        if curve and curve[-1][0] == step + 1 and curve[-1][1] <= target:
-            return (step + 1, clock), curve
-    return None, curve
+        yield time.perf_counter() - started, (evaluate() if (step + 1) % eval_every == 0 else None)
+
+
+def race(runs, target, max_steps):
+    """Step the runs in turn (step 1 of each, then step 2 of each, ...: both see the same background load)
+    until every one has reached the target or max_steps. -> per run ((steps, seconds) or None, curve)."""
+    clocks, reached, curves = [0.0] * len(runs), [None] * len(runs), [[] for _ in runs]
+    for step in range(1, max_steps + 1):
+        for i, run in enumerate(runs):
+            if reached[i] is not None:
+                continue
+            seconds, value = next(run)
+            clocks[i] += seconds
+            if value is not None:
+                curves[i].append((step, value))
+                if value <= target:
+                    reached[i] = (step, clocks[i])
+        if all(r is not None for r in reached):
+            break
+    return list(zip(reached, curves))
 
 
 def main():
@@ -118,8 +127,10 @@ def main():
     print(f"{harness.limits_line()}\ndefault GPT ({sum(a.size for a in flatten(init).values()):,} parameters), "
           f"recipe: {opts.steps} steps, batch {opts.batch_size}, lr {opts.lr:g}, warmup {opts.warmup}; "
           f"target val loss {args.target} on {len(val)} batches, evaluated every {args.eval_every} steps")
-    theirs, torch_curve = torch_run(init, config, opts, train_ids, val, args.target, args.eval_every, max_steps)
-    ours, our_curve = minillm_run(init, config, opts, train_ids, val, args.target, args.eval_every, max_steps)
+    torch_init = {k: v.copy() for k, v in flatten(init).items()}
+    (ours, our_curve), (theirs, torch_curve) = race(
+        [minillm_steps(init, config, opts, train_ids, val, args.eval_every),
+         torch_steps(torch_init, config, opts, train_ids, val, args.eval_every)], args.target, max_steps)
     rows = [("minillm", *(ours or ("-", float("nan")))), ("torch eager (sdpa)", *(theirs or ("-", float("nan"))))]
     harness.table(["implementation", "steps to target", "seconds", "vs torch"],
                   [(n, s, f"{t:.1f}", f"{t / rows[1][2]:.2f}x") for n, s, t in rows])
