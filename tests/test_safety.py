@@ -274,7 +274,8 @@ def test_a_second_writer_is_refused_naming_the_holder(capsys, tmp_path, world):
     before = tree_state(ck)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
-         "fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, b'%d' % os.getpid(), 0); print('locked', flush=True); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.pwrite(fd, b'%d' % os.getpid(), 0); "
+         "print('locked', flush=True); "
          "sys.stdin.read()", os.path.join(ck, store.LOCK)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
