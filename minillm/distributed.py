@@ -39,6 +39,7 @@ SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 FAULT_VAR = "MINILLM_TEST_FAULT"   # tests only: "RANK:CALL[:kill]" fails the CALL-th gradient reduction
 _WORLD = None
+ABORT_GRACE_S = 0.5   # between the last output of a failing rank and MPI_Abort (see exit_on_error)
 
 
 class AllRanksError(ValueError):
@@ -340,8 +341,13 @@ def exit_on_error(exc, line, code=1, expected=True):
         if w is not None and w.size > 1 and isinstance(exc, KeyboardInterrupt):
             w.abort(code)
         sys.exit(code)
+    head, sep, rest = line.partition("error: ")
+    # the line first, then the traceback: mpiexec may stop forwarding output once MPI_Abort kills the job,
+    # so what must be seen goes out first, and the output gets a moment to be forwarded
+    print(f"error: rank {w.rank}: {rest}" if sep and not head else f"rank {w.rank}: {line}", file=sys.stderr,
+          flush=True)
     if not expected:
         traceback.print_exception(exc)
-    head, sep, rest = line.partition("error: ")
-    print(f"error: rank {w.rank}: {rest}" if sep and not head else f"rank {w.rank}: {line}", file=sys.stderr)
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE_S)
     w.abort(code)

@@ -92,6 +92,14 @@ class FakeComm:
 @pytest.mark.parametrize("rank", [0, 1])
 def test_exit_on_error_under_mpi(monkeypatch, capsys, rank):
     monkeypatch.setattr(distributed, "_WORLD", distributed.World(FakeComm(rank, 2)))
+    monkeypatch.setattr(distributed, "ABORT_GRACE_S", 0.0)
+    with pytest.raises(SystemExit) as e:              # a bug on one rank: its line first, then the traceback
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError as bug:
+            distributed.exit_on_error(bug, "error: RuntimeError: boom", 1, expected=False)
+    err = capsys.readouterr().err
+    assert e.value.code == ("MPI_Abort", 1) and err.startswith(f"error: rank {rank}: RuntimeError: boom\nTraceback")
     with pytest.raises(SystemExit) as e:              # one rank's error: named, and the whole job aborted
         distributed.exit_on_error(OSError("disk full"), "error: disk full")
     assert e.value.code == ("MPI_Abort", 1) and capsys.readouterr().err == f"error: rank {rank}: disk full\n"
