@@ -94,17 +94,12 @@ def format_stat(value):
     return f"{float(value):.3f}"
 
 
-def params_array_module(params):
-    """numpy or cupy: where the params live (the batches are moved there)."""
-    return ops.array_module(next(iter(flatten(params).values())))
-
-
 def evaluate(model, params, config, batches, world=None):
     """Mean cross-entropy (nats/token) over the given (x, y) batches, weighted by token count. Under MPI
     (world: default distributed.world()) rank r scores batches r, r + N, ... and the sums are reduced."""
     world = world or distributed.world()
     total, count = 0.0, 0
-    xp = params_array_module(params)
+    xp = train_step.params_array_module(params)
     for x, y in itertools.islice(batches, world.rank, None, world.size):
         x, y = xp.asarray(x), xp.asarray(y)
         logits, _ = model.forward(params, x, config)

@@ -58,6 +58,11 @@ def rng_record(rngs, world):
     return record
 
 
+def params_array_module(params):
+    """numpy or cupy: where the params live (the batches are moved there)."""
+    return array_module(next(iter(flatten(params).values())))
+
+
 class Diverged(distributed.AllRanksError):
     """The loss became NaN/inf (on every rank at once under MPI: the reduced loss is checked)."""
 
@@ -89,7 +94,7 @@ def train_step(model, params, config, train_ids, opts, rngs, opt_state, step, ma
     of every rank (integer stats, the MoE expert token counts, are sums). Raises Diverged (before any
     update) when the loss is not finite."""
     world = world or distributed.world()
-    xp = array_module(next(iter(flatten(params).values())))
+    xp = params_array_module(params)
     keep = optim.trainable_predicate(trainable)
     total, losses, auxes, stats = None, [], [], []
     for rng in rngs:
