@@ -23,6 +23,12 @@ if ROOT not in sys.path:
 if TESTS not in sys.path:
     sys.path.append(TESTS)
 
+from minillm import heap  # noqa: E402  (after the path set-up)
+
+# As `minillm train` does (train.fit): freed arrays stay in the process for the next step. mallopt is
+# process-wide, so the peers timed in the same process run under the same allocator settings.
+HEAP_KEPT = heap.keep_freed_memory()
+
 
 def _per_fn(value, n):
     return list(value) if isinstance(value, (list, tuple)) else [value] * n

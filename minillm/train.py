@@ -22,7 +22,7 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from minillm import (checkpoint, data, device, distributed, metrics, models, optim, resume, store, textfile,
+from minillm import (checkpoint, data, device, distributed, heap, metrics, models, optim, resume, store, textfile,
                      train_step, validate)
 from minillm.char_tokenizer import CharTokenizer, load_tokenizer
 from minillm.errors import Interrupted
@@ -151,6 +151,7 @@ def fit(model, params, config, train_ids, val_ids, opts, log=print,
     older form, the single generator state of a one-process run.
     Under MPI every rank calls fit with the same params; each draws its own batches.
     """
+    heap.keep_freed_memory()              # each step's arrays reuse the last step's memory (minillm/heap.py)
     world = distributed.world()
     if trainer_state is None and rng_state is not None:
         trainer_state = {"rng_state": rng_state}
