@@ -1,4 +1,8 @@
-"""kernels/softmax.py: the Numba causal softmax and its backward equal the NumPy reference; bad input."""
+"""kernels/softmax.py: the Numba causal softmax and backward, and the cross-entropy pair, equal the reference."""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -27,3 +31,82 @@ def test_softmax_kernel_rejects_bad_input():
         sk.causal(np.zeros((2, 3, 4)))
     with pytest.raises(ValueError):
         sk.causal(np.zeros((2, 4, 4))[:, ::2, ::2].copy().T)
+
+
+# --- cross-entropy: the Numba pair against the reference ---------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-14), (np.float32, 2e-6)])
+@pytest.mark.parametrize("N, V", [(1, 1), (1, 2), (7, 5), (64, 17), (33, 1000)])   # V below / over LANES
+def test_cross_entropy_kernels_match_reference(dtype, tol, N, V):
+    rng = np.random.default_rng(N * V)
+    logits = (rng.standard_normal((N, V)) * 4).astype(dtype)
+    targets = rng.integers(0, V, N)
+    targets[1::3] = -100
+    targets[0] = V - 1                              # at least one target kept
+    loss, cache = sk.cross_entropy_forward(logits, targets)
+    loss_ref, cache_ref = sk.cross_entropy_forward_reference(logits, targets)
+    assert abs(loss - loss_ref) <= tol * abs(loss_ref) + tol
+    d = sk.cross_entropy_backward(0.7, cache)
+    assert d.dtype == dtype and d.shape == logits.shape
+    np.testing.assert_allclose(d, sk.cross_entropy_backward_reference(0.7, cache_ref), rtol=tol, atol=tol)
+    assert (d[1::3] == 0).all()                     # ignored rows get no gradient
+    again, cache2 = sk.cross_entropy_forward(logits, targets)
+    assert again == loss and np.array_equal(sk.cross_entropy_backward(0.7, cache2), d)   # deterministic
+
+
+def test_cross_entropy_kernel_keeps_leading_axes_and_extreme_logits():
+    logits = np.array([[[1e4, -1e4, 0.0], [-50.0, 80.0, 80.0]]], dtype=np.float32)   # exp overflows unshifted
+    targets = np.array([[1, 2]])
+    loss, cache = sk.cross_entropy_forward(logits, targets)
+    ref, ref_cache = sk.cross_entropy_forward_reference(logits.astype(np.float64), targets)
+    assert np.isclose(loss, ref, rtol=1e-6)
+    d = sk.cross_entropy_backward(1.0, cache)
+    assert d.shape == (1, 2, 3) and np.isfinite(d).all()
+    np.testing.assert_allclose(d, sk.cross_entropy_backward_reference(1.0, ref_cache), atol=1e-6)
+
+
+def test_cross_entropy_kernel_bad_input():
+    logits = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match="every target is ignore_index"):
+        sk.cross_entropy_forward(logits, np.full(3, -100))
+    with pytest.raises(ValueError, match="every target is ignore_index"):
+        sk.cross_entropy_forward(np.zeros((0, 4)), np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match="1 targets outside"):
+        sk.cross_entropy_forward(logits, np.array([0, 4, 1]))
+    with pytest.raises(ValueError, match="targets must be integers"):
+        sk.cross_entropy_forward(logits, np.zeros(3))
+    with pytest.raises(ValueError, match="needs logits"):
+        sk.cross_entropy_forward(logits, np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="float32 or float64"):
+        sk.cross_entropy_forward(logits.astype(np.float16), np.zeros(3, np.int64))
+    nan = logits.copy()
+    nan[1, 2] = np.nan
+    assert np.isnan(sk.cross_entropy_forward(nan, np.array([0, 1, 2]))[0])
+
+
+def test_cross_entropy_kernels_with_boundscheck(tmp_path):
+    """Empty, one-element and ragged (V not a multiple of LANES) inputs in a child process with
+    NUMBA_BOUNDSCHECK=1 (its own Numba cache: compiled without bounds checks elsewhere)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = """
+import numpy as np
+from minillm.kernels import softmax as sk
+for dt in (np.float32, np.float64):
+    for N, V in [(1, 1), (2, 15), (3, 16), (4, 33)]:
+        z = np.random.default_rng(V).standard_normal((N, V)).astype(dt)
+        t = np.arange(N) % V
+        t[-1] = -100 if N > 1 else t[-1]
+        loss, cache = sk.cross_entropy_forward(z, t)
+        sk.cross_entropy_backward(1.0, cache)
+    try:
+        sk.cross_entropy_forward(np.zeros((0, 3), dt), np.zeros(0, np.int64))
+    except ValueError:
+        pass
+print("bounds ok")
+"""
+    env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
+                       timeout=600, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and "bounds ok" in r.stdout, r.stderr[-3000:]
