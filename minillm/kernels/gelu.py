@@ -4,11 +4,16 @@
     y = x (1 + t) / 2
     dy/dx = (1 + t) / 2 + x (1 - t^2) c (1 + 3 a x^2) / 2
 
-The forward caches (x, t) so the backward needs no tanh. The Numba forward fuses the polynomial and
-the output into one pass each and leaves tanh to NumPy, whose vectorised tanh is ~100x faster than a
-scalar libm call per element (Numba has no SVML here); the backward is one fused pass. Arithmetic
-stays in the input dtype (constants are cast to it). Serial, like kernels/softmax.py (see there why);
-elementwise, so deterministic. No fastmath.
+The forward caches (x, t) so the backward needs no tanh. The Numba forward is one pass, in parallel
+blocks, with (1 + tanh u) / 2 = sigmoid(2u) = 1 / (1 + exp(-2u)), so y = x sigmoid(2u) and
+t = 2 sigmoid(2u) - 1, from one kernels/fastexp.py exp (vectorisable; a scalar libm tanh per element
+would stop the loop vectorising, Numba has no SVML here, and NumPy's tanh is scalar on AVX2 machines:
+float32 (2048, 512), NumPy tanh + two Numba passes 4.9 ms against 3.1 ms; float64 23 ms against 9 ms;
+2-core AMD EPYC). The sigmoid form keeps y's relative accuracy in the far negative tail, where
+x (1 + t) / 2 cancels; exp(-2u) overflows to inf there (y = -0) and flushes to 0 for large u (y = x).
+The backward is one fused serial pass (in parallel blocks it took twice as long).
+Arithmetic stays in the input dtype (constants are cast to it); elementwise, so deterministic. No
+fastmath.
 """
 
 import math
@@ -17,6 +22,9 @@ import numba
 import numpy as np
 
 from minillm.arrays import array_module
+from minillm.kernels.fastexp import fast_exp
+
+BLOCKS = 64          # parallel jobs of the forward (contiguous ranges of elements)
 
 C = math.sqrt(2.0 / math.pi)
 A = 0.044715
@@ -40,17 +48,17 @@ def backward_reference(dy, cache):
 # --- Numba CPU kernels ------------------------------------------------------------------------------
 
 
-@numba.njit(cache=True)
-def _inner(x, u, c, a):
-    for i in range(x.size):
-        v = x[i]
-        u[i] = c * (v + a * v * v * v)
-
-
-@numba.njit(cache=True)
-def _outer(x, t, y, half, one):
-    for i in range(x.size):
-        y[i] = half * x[i] * (one + t[i])
+@numba.njit(cache=True, parallel=True)
+def _forward(x, y, t, c, a, one, two):
+    n = x.size
+    for block in numba.prange(BLOCKS):
+        for i in range(n * block // BLOCKS, n * (block + 1) // BLOCKS):
+            v = x[i]
+            u = c * (v + a * v * v * v)
+            e = fast_exp(-two * abs(u))                      # in (0, 1]
+            inv = one / (one + e)
+            t[i] = math.copysign((one - e) * inv, u)         # tanh u
+            y[i] = v * (inv if u >= 0 else e * inv)          # x (1 + tanh u) / 2 = x sigmoid(2u)
 
 
 @numba.njit(cache=True)
@@ -71,11 +79,8 @@ def forward(x):
     x = np.ascontiguousarray(x)
     dt = x.dtype.type
     xf = x.reshape(-1)
-    t = np.empty_like(xf)
-    _inner(xf, t, dt(C), dt(A))
-    np.tanh(t, out=t)
-    y = np.empty_like(xf)
-    _outer(xf, t, y, dt(0.5), dt(1.0))
+    t, y = np.empty_like(xf), np.empty_like(xf)
+    _forward(xf, y, t, dt(C), dt(A), dt(1.0), dt(2.0))
     return y.reshape(x.shape), (x, t.reshape(x.shape))
 
 

@@ -20,7 +20,7 @@ def linear_forward(x, w, b=None):
     """x: (..., I), w: (I, O), b: (O,) or None -> y: (..., O) = x @ w + b."""
     y = x @ w
     if b is not None:
-        y = y + b
+        y += b               # into the product's new array: no second (..., O) array
     return y, (x, w, b is not None)
 
 
