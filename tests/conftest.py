@@ -1,5 +1,6 @@
 """Test-session set-up: without a real GPU, numba.cuda kernels run in Numba's CUDA simulator; the token
-cache (MINILLM_CACHE) is a temporary directory, never the user's real cache."""
+cache (MINILLM_CACHE) is a temporary directory, never the user's real cache; `corpus` is a small training
+text (the first 300 headlines) for the tests that train through the CLI."""
 
 import os
 import sys
@@ -7,6 +8,7 @@ import sys
 import pytest
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+HEADLINES = os.path.join(_HERE, "..", "data", "headlines.txt")
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)  # so test modules can `import gradcheck`
 
@@ -31,3 +33,12 @@ def token_cache_in_tmp(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MINILLM_CACHE", str(tmp_path_factory.mktemp("minillm-cache")))
         yield
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Path of a text file holding the first 300 lines of data/headlines.txt (one per test module)."""
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    with open(HEADLINES, encoding="utf-8") as f:
+        path.write_text("".join(f.readlines()[:300]), encoding="utf-8")
+    return str(path)

@@ -18,17 +18,8 @@ from mpirun import minillm, needs_mpi, run_mpi
 
 pytestmark = needs_mpi
 HERE = os.path.dirname(os.path.abspath(__file__))
-HEADLINES = os.path.join(HERE, "..", "data", "headlines.txt")
 TINY = ["--vocab-size", "280", "--context", "16", "--layers", "1", "--heads", "2", "--d-model", "16",
         "--batch-size", "4", "--eval-every", "3", "--warmup", "2", "--seed", "7", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    with open(HEADLINES, encoding="utf-8") as f:
-        path.write_text("".join(f.readlines()[:300]), encoding="utf-8")
-    return str(path)
 
 
 def ok(result):

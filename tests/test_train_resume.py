@@ -6,23 +6,12 @@ a directory that holds a checkpoint needs --resume or --overwrite; Ctrl-C saves 
 import os
 import signal
 
-import pytest
-
 from clirun import run_cli
 from minillm import optim
 
-HEADLINES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "headlines.txt")
 TINY = ["--vocab-size", "300", "--context", "8", "--layers", "1", "--d-model", "16", "--batch-size", "4",
         "--quiet", "--eval-every", "3"]
 FILES = ("model.safetensors", "optimizer.safetensors", "trainer_state.json", "config.json")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    with open(HEADLINES, encoding="utf-8") as f:
-        path.write_text("".join(f.readlines()[:300]), encoding="utf-8")
-    return str(path)
 
 
 def files(out):
