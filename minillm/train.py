@@ -186,14 +186,16 @@ def fit(model, params, config, train_ids, val_ids, opts, log=print,
             log_file.append(step=step, train_loss=train_loss, val_loss=val_loss)
         save_now(step)
 
-    def one_step(step):
+    def one_step(step, interrupted):
+        """-> True when the run is to stop after this step (Ctrl-C, agreed by every rank under MPI)."""
         try:
-            loss, aux, stats, grad_norm, lr = train_step.train_step(model, params, config, train_ids, opts, rngs,
-                                                                    opt_state, step, mask, trainable, world)
+            result = train_step.train_step(model, params, config, train_ids, opts, rngs, opt_state, step, mask,
+                                           trainable, world, stop_requested=lambda: bool(interrupted))
         except train_step.Diverged as e:
             kept = (f"the last good checkpoint, step {saved}, is kept in {opts.out!r}" if saved is not None
                     else "no checkpoint of this run had been saved yet")
             raise distributed.AllRanksError(f"{e}; stopped without saving ({kept}); try a lower --lr") from None
+        loss, aux, stats, grad_norm, lr = result.loss, result.aux, result.stats, result.grad_norm, result.lr
         done = step + 1 - start_step
         tokens_per_s = done * tokens_per_step / (time.perf_counter() - started)
         postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:.0f}"}
@@ -208,20 +210,17 @@ def fit(model, params, config, train_ids, val_ids, opts, log=print,
         if (step + 1) % opts.eval_every == 0 and step + 1 < opts.steps:
             bar.clear()
             checkpoint_now(step + 1)
+        return result.stop
 
     bar = tqdm(range(start_step, opts.steps), initial=start_step, total=opts.steps, desc="train",
                unit="step", disable=not opts.progress or world.rank != 0, dynamic_ncols=True)
     started = time.perf_counter()
     with _deferred_sigint() as interrupted:
         for step in bar:
-            one_step(step)
             # Ctrl-C arrived during the step: keep the state after it, then stop. Under MPI (mpiexec passes
-            # it to every rank, not necessarily within the same step) the ranks agree on the step first.
-            if world.size > 1:
-                stop = world.sum_floats([float(bool(interrupted))])[0] > 0
-            else:
-                stop = bool(interrupted)
-            if stop:
+            # it to every rank, not necessarily within the same step) the ranks agree on the step in the
+            # step's own loss reduction (train_step's stop_requested).
+            if one_step(step, interrupted):
                 bar.close()
                 save_now(step + 1)
                 raise Interrupted(step + 1, opts.out)

@@ -8,6 +8,7 @@ with K micro-batches draw exactly the batches of one process with --grad-accum N
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -87,12 +88,24 @@ def _summed_stats(all_stats):
     return vec, back
 
 
-def train_step(model, params, config, train_ids, opts, rngs, opt_state, step, mask, trainable=None, world=None):
+class StepResult(NamedTuple):
+    loss: float           # mean over every micro-batch of every rank
+    aux: float            # the MoE load-balancing loss, likewise (0.0 without experts)
+    stats: dict           # model statistics, means (integer ones, the expert token counts, are sums)
+    grad_norm: float      # before clipping
+    lr: float
+    stop: bool            # some rank asked to stop (stop_requested), agreed by every rank
+
+
+def train_step(model, params, config, train_ids, opts, rngs, opt_state, step, mask, trainable=None, world=None,
+               stop_requested=None):
     """One optimizer step: forward + backward of one micro-batch per generator in rngs, the gradients summed
-    (in micro-batch order), averaged over every rank's micro-batches, clipped, AdamW.
-    -> (loss, aux loss, model stats, grad norm, lr): loss, aux and stats are means over every micro-batch
-    of every rank (integer stats, the MoE expert token counts, are sums). Raises Diverged (before any
-    update) when the loss is not finite."""
+    (in micro-batch order), averaged over every rank's micro-batches, clipped, AdamW. -> StepResult.
+    Raises Diverged (before any update) when the loss is not finite.
+
+    stop_requested: a callable -> bool (Ctrl-C seen), or None. Under MPI each rank's answer rides in the
+    reduction of the losses, so every rank gets the same `stop` without a collective of its own (a request
+    that comes after that reduction counts in the next step); in one process it is asked after the update."""
     world = world or distributed.world()
     xp = params_array_module(params)
     keep = optim.trainable_predicate(trainable)
@@ -113,13 +126,16 @@ def train_step(model, params, config, train_ids, opts, rngs, opt_state, step, ma
         stats.append(model.stats(cache) if hasattr(model, "stats") else {})
         del logits, cache, loss_cache
     count = len(rngs) * world.size
+    stop = None
     if count == 1:
         loss, aux, stats = losses[0], auxes[0], stats[0]
     else:
         vec, back = _summed_stats(stats) if stats[0] else (np.zeros(0), None)
-        summed = world.sum_floats(np.concatenate([[sum(losses), sum(auxes)], vec]))
+        asked = float(bool(stop_requested())) if stop_requested is not None and world.size > 1 else 0.0
+        summed = world.sum_floats(np.concatenate([[sum(losses), sum(auxes), asked], vec]))
         loss, aux = float(summed[0] / count), float(summed[1] / count)
-        stats = back(summed[2:], count) if back else {}
+        stop = bool(summed[2] > 0) if world.size > 1 else None
+        stats = back(summed[3:], count) if back else {}
         if not math.isfinite(loss + aux):
             raise Diverged(f"the loss became {loss + aux} at step {step}")
     grads = world.average_gradients(total, len(rngs))
@@ -127,4 +143,6 @@ def train_step(model, params, config, train_ids, opts, rngs, opt_state, step, ma
     lr = optim.lr_at(step, opts.lr, opts.warmup, opts.steps, opts.min_lr_ratio)
     optim.adamw_step(params, grads, opt_state, lr, weight_decay=opts.weight_decay, mask=mask,
                      trainable=trainable)
-    return loss, aux, stats, grad_norm, lr
+    if stop is None:                                     # one process: no reduction to ride in
+        stop = bool(stop_requested()) if stop_requested is not None else False
+    return StepResult(loss, aux, stats, grad_norm, lr, stop)

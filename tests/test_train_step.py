@@ -19,7 +19,9 @@ def test_grad_accum_steps_on_the_mean_of_the_micro_batch_gradients():
     mask = optim.decay_mask(flatten(a), no_decay=gpt.NO_DECAY)
     state_a, state_b = optim.adamw_init(a), optim.adamw_init(b)
     rngs = train_step.batch_rngs(opts, distributed.World())
-    loss, _, _, norm, lr = train_step.train_step(gpt, a, config, ids, opts, rngs, state_a, 0, mask)
+    result = train_step.train_step(gpt, a, config, ids, opts, rngs, state_a, 0, mask)
+    loss, norm, lr = result.loss, result.grad_norm, result.lr
+    assert result.stop is False
     x0, _ = data.get_batch(ids, 3, 8, np.random.default_rng(opts.seed))
     fresh = data.batch_rngs(opts.seed, [0, 1])
     grads, losses = [], []
@@ -65,3 +67,41 @@ def test_resume_with_another_world_size_or_grad_accum_is_one_clear_error():
         train_step.batch_rngs(train.TrainOptions(out="o"), Rank(), state)
     with pytest.raises(ValueError, match="--grad-accum must be a positive integer"):
         train_step.batch_rngs(train.TrainOptions(grad_accum=0), Rank())
+
+
+class _TwinRanks(distributed.World):
+    """Rank 0 of two ranks whose other rank computed the same step: sums double, means stay; the other rank's
+    stop request is `other_stops` (what its share of the loss reduction would add)."""
+
+    def __init__(self, other_stops):
+        super().__init__()
+        self.size, self.other_stops, self.reductions = 2, other_stops, 0
+
+    def sum_floats(self, values):
+        self.reductions += 1
+        values = np.asarray(values, dtype=np.float64)
+        other = values.copy()
+        other[2] = float(self.other_stops)                  # [loss, aux, stop request, stats...]
+        return values + other
+
+    def average_gradients(self, grads, count=1):
+        return {n: g / count for n, g in grads.items()}
+
+
+@pytest.mark.parametrize("mine, other", [(False, False), (True, False), (False, True), (True, True)])
+def test_a_stop_request_rides_in_the_loss_reduction(mine, other):
+    """Under MPI every rank learns whether any rank asked to stop from the step's one loss reduction (no
+    collective of its own); in one process the request is read after the update."""
+    config = models.build_config("gpt", vocab_size=40, context=8, n_layer=1, n_head=2, d_model=16, dtype="float64")
+    ids = np.random.default_rng(1).integers(0, 40, 500)
+    opts = train.TrainOptions(steps=4, batch_size=3, warmup=1, progress=False)
+    params = gpt.init(config, np.random.default_rng(0))
+    mask = optim.decay_mask(flatten(params), no_decay=gpt.NO_DECAY)
+    world = _TwinRanks(other)
+    rngs = train_step.batch_rngs(opts, distributed.World())
+    result = train_step.train_step(gpt, params, config, ids, opts, rngs, optim.adamw_init(params), 0, mask,
+                                   world=world, stop_requested=lambda: mine)
+    assert result.stop is (mine or other) and world.reductions == 1
+    alone = train_step.train_step(gpt, params, config, ids, opts, rngs, optim.adamw_init(params), 1, mask,
+                                  stop_requested=lambda: mine)
+    assert alone.stop is mine
