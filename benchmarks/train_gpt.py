@@ -206,7 +206,7 @@ def profile_step(name, repeats):
             fn = getattr(module, fn_name)
             saved.append((module, fn_name, fn))
 
-            def timed(*a, _fn=fn, _name=fn_name, **k):
+            def timed(*a, _fn=fn, _name=f"{module.__name__.rsplit('.', 1)[-1]}.{fn_name}", **k):
                 t0 = time.perf_counter()
                 out = _fn(*a, **k)
                 spent[_name] += time.perf_counter() - t0

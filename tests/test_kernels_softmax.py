@@ -110,3 +110,30 @@ print("bounds ok")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
                        timeout=600, stdin=subprocess.DEVNULL)
     assert r.returncode == 0 and "bounds ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_parallel_kernels_give_the_same_bits_for_any_thread_count():
+    import numba
+
+    from minillm.kernels import gelu
+
+    rng = np.random.default_rng(3)
+    s = (rng.standard_normal((3, 2, 70, 70)) * 4).astype(np.float32)
+    dp = rng.standard_normal(s.shape).astype(np.float32)
+    z = (rng.standard_normal((300, 77)) * 3).astype(np.float32)
+    t = rng.integers(0, 77, 300)
+    x = rng.standard_normal((50, 333)).astype(np.float32)
+    old = numba.get_num_threads()
+    results = []
+    try:
+        for n in sorted({1, old}):
+            numba.set_num_threads(n)
+            p = sk.causal(s.copy())
+            loss, cache = sk.cross_entropy_forward(z, t)
+            results.append((p, sk.causal_backward(dp.copy(), p), np.float64(loss),
+                            sk.cross_entropy_backward(1.0, cache), gelu.forward(x)[0]))
+    finally:
+        numba.set_num_threads(old)
+    for got in results[1:]:
+        for a, b in zip(got, results[0]):
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
