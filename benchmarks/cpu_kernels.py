@@ -12,8 +12,8 @@ Per config (the activation shapes of benchmarks/train_gpt.py's training step), f
 Bytes counted per call are the arrays a kernel must read and write at least once (each counted once,
 e.g. the causal softmax forward reads and writes (B, H, T, T) once: 2 x 4 bytes per score), so
 "of copy" = bytes / time / copy bandwidth (harness.copy_bandwidth: read + write of a large copy).
-minillm's in-place softmax kernels are timed with the copy that restores their input (torch's masked_fill
-copies the scores too).
+minillm's in-place softmax kernels are timed with the copy that restores their input; so that both sides
+pay one copy of the scores, torch's forward includes its masked_fill and its backward a clone of dp.
 """
 
 import argparse
@@ -79,7 +79,7 @@ def cases(B, T, C, H, V):
     return [
         ("causal softmax forward", 2 * S, lambda: softmax.causal(fresh(scores)), masked_softmax),
         ("causal softmax backward", 3 * S, lambda: softmax.causal_backward(fresh(dprob), prob),
-         lambda: torch._softmax_backward_data(t_dprob, t_prob, -1, torch.float32)),
+         lambda: torch._softmax_backward_data(t_dprob.clone(), t_prob, -1, torch.float32)),
         ("LayerNorm forward", 2 * X, lambda: layernorm.forward(x, w, b),
          lambda: F.layer_norm(tx.detach(), (C,), tw.detach(), tb.detach())),
         ("LayerNorm backward", 3 * X, lambda: layernorm.backward(dy, ln_cache),

@@ -37,7 +37,7 @@ def test_softmax_kernel_rejects_bad_input():
 
 
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-14), (np.float32, 2e-6)])
-@pytest.mark.parametrize("N, V", [(1, 1), (1, 2), (7, 5), (64, 17), (33, 1000)])   # V below / over LANES
+@pytest.mark.parametrize("N, V", [(1, 1), (1, 2), (7, 5), (64, 17), (33, 1000)])   # V below / over the 8 partial sums
 def test_cross_entropy_kernels_match_reference(dtype, tol, N, V):
     rng = np.random.default_rng(N * V)
     logits = (rng.standard_normal((N, V)) * 4).astype(dtype)
@@ -86,7 +86,7 @@ def test_cross_entropy_kernel_bad_input():
 
 
 def test_cross_entropy_kernels_with_boundscheck(tmp_path):
-    """Empty, one-element and ragged (V not a multiple of LANES) inputs in a child process with
+    """Empty, one-element and ragged (V not a multiple of 8) inputs in a child process with
     NUMBA_BOUNDSCHECK=1 (its own Numba cache: compiled without bounds checks elsewhere)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = """

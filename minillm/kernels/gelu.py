@@ -11,7 +11,7 @@ would stop the loop vectorising, Numba has no SVML here, and NumPy's tanh is sca
 float32 (2048, 512), NumPy tanh + two Numba passes 4.9 ms against 3.1 ms; float64 23 ms against 9 ms;
 2-core AMD EPYC). The sigmoid form keeps y's relative accuracy in the far negative tail, where
 x (1 + t) / 2 cancels; exp(-2u) overflows to inf there (y = -0) and flushes to 0 for large u (y = x).
-The backward is one fused serial pass (in parallel blocks it took twice as long).
+The backward is one fused pass, in the same parallel blocks.
 Arithmetic stays in the input dtype (constants are cast to it); elementwise, so deterministic. No
 fastmath.
 """
@@ -24,7 +24,7 @@ import numpy as np
 from minillm.arrays import array_module
 from minillm.kernels.fastexp import fast_exp
 
-BLOCKS = 64          # parallel jobs of the forward (contiguous ranges of elements)
+BLOCKS = 64          # parallel jobs (contiguous ranges of elements)
 
 C = math.sqrt(2.0 / math.pi)
 A = 0.044715
@@ -52,20 +52,26 @@ def backward_reference(dy, cache):
 def _forward(x, y, t, c, a, one, two):
     n = x.size
     for block in numba.prange(BLOCKS):
-        for i in range(n * block // BLOCKS, n * (block + 1) // BLOCKS):
-            v = x[i]
+        lo, hi = n * block // BLOCKS, n * (block + 1) // BLOCKS
+        xs, ys, ts = x[lo:hi], y[lo:hi], t[lo:hi]      # views indexed from 0: the loop vectorises
+        for i in range(xs.size):                        # (indexing x[lo + i] kept it scalar: 2.3x slower)
+            v = xs[i]
             u = c * (v + a * v * v * v)
             e = fast_exp(-two * abs(u))                      # in (0, 1]
             inv = one / (one + e)
-            t[i] = math.copysign((one - e) * inv, u)         # tanh u
-            y[i] = v * (inv if u >= 0 else e * inv)          # x (1 + tanh u) / 2 = x sigmoid(2u)
+            ts[i] = math.copysign((one - e) * inv, u)        # tanh u
+            ys[i] = v * (inv if u >= 0 else e * inv)         # x (1 + tanh u) / 2 = x sigmoid(2u)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, parallel=True)
 def _backward(dy, x, t, dx, half, one, c, a3):
-    for i in range(x.size):
-        v, th = x[i], t[i]
-        dx[i] = dy[i] * (half * (one + th) + half * v * (one - th * th) * (c * (one + a3 * v * v)))
+    n = x.size
+    for block in numba.prange(BLOCKS):
+        lo, hi = n * block // BLOCKS, n * (block + 1) // BLOCKS
+        ds, xs, ts, dxs = dy[lo:hi], x[lo:hi], t[lo:hi], dx[lo:hi]
+        for i in range(xs.size):
+            v, th = xs[i], ts[i]
+            dxs[i] = ds[i] * (half * (one + th) + half * v * (one - th * th) * (c * (one + a3 * v * v)))
 
 
 def _flat(a):

@@ -37,7 +37,6 @@ from minillm.arrays import array_module
 from minillm.kernels.fastexp import fast_exp
 from minillm.kernels.layernorm import _sum8     # a row sum in 8 interleaved float64 partial sums
 
-LANES = 16          # cross-entropy: running maxima / partial sums of a row (the loops over them vectorise)
 ROW_BLOCKS = 64     # causal softmax: parallel jobs, contiguous blocks of rows
 
 
@@ -122,6 +121,22 @@ def cross_entropy_backward_reference(dloss, cache):
 # --- Numba CPU kernels ------------------------------------------------------------------------------
 
 
+@numba.njit(cache=True, inline="always")
+def _max8(row, n):
+    """max(row[:n]) for n >= 1, over 8 interleaved running maxima (max is exact: the order does not matter;
+    a NaN may be skipped here, but it still reaches the sum that follows, so the row becomes NaN)."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
+    j = 0
+    while j + 8 <= n:
+        m0, m1, m2, m3 = max(m0, row[j]), max(m1, row[j + 1]), max(m2, row[j + 2]), max(m3, row[j + 3])
+        m4, m5, m6, m7 = max(m4, row[j + 4]), max(m5, row[j + 5]), max(m6, row[j + 6]), max(m7, row[j + 7])
+        j += 8
+    while j < n:
+        m0 = max(m0, row[j])
+        j += 1
+    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+
+
 @numba.njit(cache=True, parallel=True)
 def _causal_rows(s):
     n, T, _ = s.shape
@@ -130,9 +145,7 @@ def _causal_rows(s):
         for r in range(n * T * blk // ROW_BLOCKS, n * T * (blk + 1) // ROW_BLOCKS):
             row = s[r // T, r % T]
             i = r % T
-            m = row[0]
-            for j in range(1, i + 1):
-                m = max(m, row[j])
+            m = _max8(row, i + 1)
             for j in range(i + 1):
                 row[j] = fast_exp(row[j] - m)
             inv = row.dtype.type(1.0 / _sum8(row, 0, i + 1, none))
@@ -207,53 +220,17 @@ def causal_backward(dp, p):
 # independent (parallel), so the result does not depend on the thread count.
 
 
-@numba.njit(cache=True)
-def _lane_max(row, n, mx):
-    """max(row[:n]) for n >= 1, over LANES running maxima in mx (so the loop vectorises; max is exact, so
-    the order does not matter). A NaN may be skipped here: it still reaches the sum below, so the row is NaN."""
-    mx[:] = row[0]
-    full = n - n % LANES
-    for j0 in range(0, full, LANES):
-        for lane in range(LANES):
-            mx[lane] = max(mx[lane], row[j0 + lane])
-    m = mx[0]
-    for lane in range(1, LANES):
-        m = max(m, mx[lane])
-    for j in range(full, n):
-        m = max(m, row[j])
-    return m
-
-
-@numba.njit(cache=True)
-def _exp_shifted_sum(row, n, shift, out, acc):
-    """out[:n] = exp(row[:n] - shift) (fast_exp), -> their sum in float64, added in LANES partial sums in acc
-    in a fixed order (deterministic; the vector width does not change it)."""
-    acc[:] = 0.0
-    full = n - n % LANES
-    for j0 in range(0, full, LANES):
-        for lane in range(LANES):
-            e = fast_exp(row[j0 + lane] - shift)
-            out[j0 + lane] = e
-            acc[lane] += e
-    total = 0.0
-    for lane in range(LANES):
-        total += acc[lane]
-    for j in range(full, n):
-        e = fast_exp(row[j] - shift)
-        out[j] = e
-        total += e
-    return total
-
-
 @numba.njit(cache=True, parallel=True)
 def _ce_rows(z, t, ignore_index, lse, loss, flag):
     N, V = z.shape
+    none = np.empty(0, dtype=z.dtype)
     for n in numba.prange(N):
         row = z[n]
-        scratch = np.empty(V, dtype=z.dtype)
-        mx, acc = np.empty(LANES, dtype=z.dtype), np.empty(LANES, dtype=np.float64)
-        m = _lane_max(row, V, mx)
-        lse[n] = m + math.log(_exp_shifted_sum(row, V, m, scratch, acc))
+        e = np.empty(V, dtype=z.dtype)
+        m = _max8(row, V)
+        for j in range(V):
+            e[j] = fast_exp(row[j] - m)
+        lse[n] = m + math.log(_sum8(e, 0, V, none))
         target = t[n]
         if target == ignore_index:
             flag[n], loss[n] = 0, 0.0
