@@ -1,12 +1,9 @@
 """kernels/softmax.py: the Numba causal softmax and backward, and the cross-entropy pair, equal the reference."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
+from boundscheck import assert_runs_with_boundscheck
 from minillm.kernels import softmax as sk
 
 
@@ -88,7 +85,6 @@ def test_cross_entropy_kernel_bad_input():
 def test_cross_entropy_kernels_with_boundscheck(tmp_path):
     """Empty, one-element and ragged (V not a multiple of 8) inputs in a child process with
     NUMBA_BOUNDSCHECK=1 (its own Numba cache: compiled without bounds checks elsewhere)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = """
 import numpy as np
 from minillm.kernels import softmax as sk
@@ -105,17 +101,14 @@ for dt in (np.float32, np.float64):
         pass
 print("bounds ok")
 """
-    env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path),
-           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
-                       timeout=600, stdin=subprocess.DEVNULL)
-    assert r.returncode == 0 and "bounds ok" in r.stdout, r.stderr[-3000:]
+    assert_runs_with_boundscheck(code, tmp_path)
 
 
 def test_parallel_kernels_give_the_same_bits_for_any_thread_count():
+    """Causal softmax, cross-entropy, GELU and LayerNorm forward run in parallel blocks of independent rows."""
     import numba
 
-    from minillm.kernels import gelu
+    from minillm.kernels import gelu, layernorm
 
     rng = np.random.default_rng(3)
     s = (rng.standard_normal((3, 2, 70, 70)) * 4).astype(np.float32)
@@ -131,7 +124,8 @@ def test_parallel_kernels_give_the_same_bits_for_any_thread_count():
             p = sk.causal(s.copy())
             loss, cache = sk.cross_entropy_forward(z, t)
             results.append((p, sk.causal_backward(dp.copy(), p), np.float64(loss),
-                            sk.cross_entropy_backward(1.0, cache), gelu.forward(x)[0]))
+                            sk.cross_entropy_backward(1.0, cache), gelu.forward(x)[0],
+                            *layernorm.forward(x, x[0], x[1])[:1], layernorm.forward(x, x[0], x[1])[1][1]))
     finally:
         numba.set_num_threads(old)
     for got in results[1:]:

@@ -4,14 +4,11 @@ the packing equals HF transformers' pack_weights / unpack_weights. The training 
 own np.abs(w).mean(), the same bits for any thread count, and no out-of-bounds access (NUMBA_BOUNDSCHECK=1
 in a child process)."""
 
-import os
-import subprocess
-import sys
-
 import numba
 import numpy as np
 import pytest
 
+from boundscheck import assert_runs_with_boundscheck
 from minillm.kernels import ternary as kt
 from minillm.kernels import ternary_quant as tq
 
@@ -266,7 +263,6 @@ def test_quantisers_deterministic_across_threads():
 def test_quant_kernels_with_boundscheck(tmp_path):
     """Every quantiser kernel on empty, one-element, ragged and multi-leaf inputs in a child process with
     NUMBA_BOUNDSCHECK=1 (its own Numba cache: compiled without bounds checks elsewhere)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = """
 import numpy as np
 from minillm.kernels import ternary_quant as tq
@@ -287,8 +283,4 @@ for dt in (np.float32, np.float64):
     tq.rescale(np.zeros((0, 4), dt), dt(1), np.zeros((0, 1), dt))
 print("bounds ok")
 """
-    env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path),
-           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
-                       timeout=600, stdin=subprocess.DEVNULL)
-    assert r.returncode == 0 and "bounds ok" in r.stdout, r.stderr[-3000:]
+    assert_runs_with_boundscheck(code, tmp_path)

@@ -15,6 +15,8 @@ import sys
 import numpy as np
 import pytest
 
+from boundscheck import boundscheck_env
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 EOT = "<|endoftext|>"
@@ -177,9 +179,7 @@ if __name__ == "__main__":
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("numba-boundscheck-cache")
-    return {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(cache),
-            "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    return boundscheck_env(tmp_path_factory.mktemp("numba-boundscheck-cache"))
 
 
 def run(args, env, timeout, cwd=ROOT):
