@@ -10,13 +10,16 @@ NumPy and CuPy arrays.
 Row sums run in float64 over 8 interleaved partial sums (lane j % 8), combined in a fixed order:
 without fastmath LLVM may not reorder a floating-point sum, and one running sum would serialise on
 the adder's latency; eight independent ones vectorise. dw and db accumulate over rows in float64.
-Serial (see kernels/softmax.py), deterministic. No fastmath.
+The forward runs in parallel blocks of rows, the backward serially (its dw, db sum over rows);
+both are deterministic for any thread count. No fastmath.
 """
 
 import math
 
 import numba
 import numpy as np
+
+ROW_BLOCKS = 64      # parallel jobs of the forward: contiguous blocks of rows
 
 # --- NumPy reference (the specification) ------------------------------------------------------------
 
@@ -79,22 +82,23 @@ def _sum8(a, c0, c1, mul):
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, parallel=True)
 def _forward(x, w, b, eps, y, xhat, rstd):
     N, C = x.shape
-    buf = np.empty(C)
-    none = np.empty(0)
-    for i in range(N):
-        row = x[i]
-        mean = _sum8(row, 0, C, none) / C
-        for j in range(C):
-            buf[j] = row[j] - mean
-        r = 1.0 / math.sqrt(_sum8(buf, 0, C, buf) / C + eps)
-        rstd[i] = r
-        for j in range(C):
-            h = buf[j] * r
-            xhat[i, j] = h
-            y[i, j] = h * w[j] + b[j]
+    for block in numba.prange(ROW_BLOCKS):       # rows are independent: any thread count, the same bits
+        buf = np.empty(C)
+        none = np.empty(0)
+        for i in range(N * block // ROW_BLOCKS, N * (block + 1) // ROW_BLOCKS):
+            row, xh, yr = x[i], xhat[i], y[i]
+            mean = _sum8(row, 0, C, none) / C
+            for j in range(C):
+                buf[j] = row[j] - mean
+            r = 1.0 / math.sqrt(_sum8(buf, 0, C, buf) / C + eps)
+            rstd[i] = r
+            for j in range(C):
+                h = buf[j] * r
+                xh[j] = h
+                yr[j] = h * w[j] + b[j]
 
 
 @numba.njit(cache=True)
