@@ -126,7 +126,9 @@ np.save({str(tmp_path / 'logits.npy')!r}, models.get_model('gpt').forward(p, np.
     subprocess.run([sys.executable, "-c", script], check=True, cwd=old, env={**os.environ, "PYTHONPATH": str(old)})
     assert json.load(open(tmp_path / "ad" / "adapter_config.json"))["format"] == "minillm-lora"
     ckpt = finetune.load_with_adapter(str(tmp_path / "base"), str(tmp_path / "ad"))
-    np.testing.assert_array_equal(logits_of(ckpt.params, ckpt.config), np.load(tmp_path / "logits.npy"))
+    # the same up to float32 rounding, not bitwise: the GELU kernel has changed since (kernels/gelu.py)
+    np.testing.assert_allclose(logits_of(ckpt.params, ckpt.config), np.load(tmp_path / "logits.npy"),
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("key,value", [("use_dora", True), ("use_rslora", True), ("bias", "all"),
