@@ -167,8 +167,13 @@ def _kernels(dtype_name):
 
 @cuda.jit
 def _ce_total(rowloss, flag, out):
-    """out = (sum of kept rows' losses, kept count, out-of-range count), in float64 (one block)."""
-    buf = cuda.shared.array(SHARED, float64)
+    """out = (sum of kept rows' losses, kept count, out-of-range count), in float64 (one block). Each sum has
+    its own shared buffer (one allocation per line, as the simulator requires), so no sum can ever read
+    another's partials: CI twice saw a fractional out-of-range count in the CUDA simulator when the three
+    shared one buffer (not reproduced in isolation)."""
+    buf_loss = cuda.shared.array(SHARED, float64)
+    buf_kept = cuda.shared.array(SHARED, float64)
+    buf_bad = cuda.shared.array(SHARED, float64)
     tid, nt = cuda.threadIdx.x, cuda.blockDim.x
     acc, kept, bad = 0.0, 0.0, 0.0
     for r in range(tid, rowloss.shape[0], nt):
@@ -178,9 +183,9 @@ def _ce_total(rowloss, flag, out):
             kept += 1.0
         elif f == 2:
             bad += 1.0
-    acc = block_reduce(buf, acc, False)
-    kept = block_reduce(buf, kept, False)
-    bad = block_reduce(buf, bad, False)
+    acc = block_reduce(buf_loss, acc, False)
+    kept = block_reduce(buf_kept, kept, False)
+    bad = block_reduce(buf_bad, bad, False)
     if tid == 0:
         out[0], out[1], out[2] = acc, kept, bad
 
