@@ -51,8 +51,9 @@ def rows_reference(x, w, b, eps=1e-5):
 
 
 @numba.njit(cache=True, inline="always")
-def _sum8(a, c0, c1, mul):
-    """sum_j a[j] (times mul[j] if mul has entries) for j in [c0, c1), as 8 interleaved partial sums."""
+def sum8(a, c0, c1, mul):
+    """sum_j a[j] (times mul[j] if mul has entries) for j in [c0, c1), as 8 interleaved partial sums
+    (the row sums of kernels/softmax.py use it too)."""
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
     j = c0
     weighted = mul.size > 0
@@ -90,10 +91,10 @@ def _forward(x, w, b, eps, y, xhat, rstd):
         none = np.empty(0)
         for i in range(N * block // ROW_BLOCKS, N * (block + 1) // ROW_BLOCKS):
             row, xh, yr = x[i], xhat[i], y[i]
-            mean = _sum8(row, 0, C, none) / C
+            mean = sum8(row, 0, C, none) / C
             for j in range(C):
                 buf[j] = row[j] - mean
-            r = 1.0 / math.sqrt(_sum8(buf, 0, C, buf) / C + eps)
+            r = 1.0 / math.sqrt(sum8(buf, 0, C, buf) / C + eps)
             rstd[i] = r
             for j in range(C):
                 h = buf[j] * r
@@ -112,8 +113,8 @@ def _backward(dy, xhat, rstd, w, dx, dw, db):
             g[j] = d[j] * w[j]
             dw[j] += d[j] * h[j]
             db[j] += d[j]
-        mg = _sum8(g, 0, C, none) / C
-        mgx = _sum8(g, 0, C, h) / C
+        mg = sum8(g, 0, C, none) / C
+        mgx = sum8(g, 0, C, h) / C
         r = rstd[i]
         for j in range(C):
             dx[i, j] = r * (g[j] - mg - h[j] * mgx)

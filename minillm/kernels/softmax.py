@@ -35,7 +35,7 @@ import numpy as np
 
 from minillm.arrays import array_module
 from minillm.kernels.fastexp import fast_exp
-from minillm.kernels.layernorm import _sum8     # a row sum in 8 interleaved float64 partial sums
+from minillm.kernels.layernorm import sum8     # a row sum in 8 interleaved float64 partial sums (shared)
 
 ROW_BLOCKS = 64     # causal softmax: parallel jobs, contiguous blocks of rows
 
@@ -148,7 +148,7 @@ def _causal_rows(s):
             m = _max8(row, i + 1)
             for j in range(i + 1):
                 row[j] = fast_exp(row[j] - m)
-            inv = row.dtype.type(1.0 / _sum8(row, 0, i + 1, none))
+            inv = row.dtype.type(1.0 / sum8(row, 0, i + 1, none))
             for j in range(i + 1):
                 row[j] *= inv
             for j in range(i + 1, T):
@@ -163,7 +163,7 @@ def _softmax_backward_rows(dp, p):
             d = dp[r // T, r % T]
             pr = p[r // T, r % T]
             i = r % T
-            dot = d.dtype.type(_sum8(d, 0, i + 1, pr))
+            dot = d.dtype.type(sum8(d, 0, i + 1, pr))
             for j in range(i + 1):
                 d[j] = pr[j] * (d[j] - dot)
             for j in range(i + 1, T):
@@ -230,7 +230,7 @@ def _ce_rows(z, t, ignore_index, lse, loss, flag):
         m = _max8(row, V)
         for j in range(V):
             e[j] = fast_exp(row[j] - m)
-        lse[n] = m + math.log(_sum8(e, 0, V, none))
+        lse[n] = m + math.log(sum8(e, 0, V, none))
         target = t[n]
         if target == ignore_index:
             flag[n], loss[n] = 0, 0.0
