@@ -18,19 +18,16 @@ entry points that run a loop of steps (train.fit, the CLI, the benchmarks), neve
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 M_TRIM_THRESHOLD = -1          # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
 KEEP_BYTES = 1 << 30
 
-_applied = []
-
-
+@functools.cache
 def keep_freed_memory():
     """Raise glibc's mmap and trim thresholds to KEEP_BYTES (once per process); False where there is no glibc."""
-    if _applied:
-        return _applied[0]
     ok = False
     if sys.platform.startswith("linux"):
         try:
@@ -41,5 +38,4 @@ def keep_freed_memory():
             ok = libc.mallopt(M_MMAP_THRESHOLD, KEEP_BYTES) == 1 and libc.mallopt(M_TRIM_THRESHOLD, KEEP_BYTES) == 1
         except (OSError, AttributeError):
             ok = False
-    _applied.append(ok)
     return ok
