@@ -49,6 +49,7 @@ class TrainOptions:
     progress: bool = True
     device: str = "cpu"
     grad_accum: int = 1      # micro-batches of batch_size per optimizer step (per rank under MPI)
+    batch_parts: int = 2     # each micro-batch computed as this many equal parts, a core each (batch_parts.py)
     documents: str = "lines"                                 # or "file" (see minillm.textfile)
     tokenizer_sample_bytes: int = data.TOKENIZER_SAMPLE_BYTES  # BPE training reads this much of FILE
     overwrite: bool = False          # replace a checkpoint in `out` instead of refusing to

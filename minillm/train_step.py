@@ -1,8 +1,9 @@
 """One optimizer step of data-parallel training, and the batch streams it draws from.
 
-`train_step` runs forward + backward of one micro-batch per generator (--grad-accum K of them), sums the
-gradients in micro-batch order, averages them over every rank's micro-batches (minillm.distributed: a
-fixed-order reduction, so a run is bit-identical when repeated with the same N), clips and applies AdamW.
+`train_step` runs forward + backward of one micro-batch per generator (--grad-accum K of them; each in a few
+parts side by side, minillm.batch_parts), sums the gradients in micro-batch order, averages them over every
+rank's micro-batches (minillm.distributed: a fixed-order reduction, so a run is bit-identical when repeated
+with the same N), clips and applies AdamW.
 `batch_rngs` gives each rank its generators: micro-batch k of rank r draws from stream r * K + k, so N ranks
 with K micro-batches draw exactly the batches of one process with --grad-accum N * K.
 """
@@ -12,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minillm import checkpoint, data, device, distributed, optim
+from minillm import batch_parts, checkpoint, data, device, distributed, optim
 from minillm.arrays import array_module
 from minillm.nn import ops
 from minillm.tree import flatten
@@ -88,6 +89,35 @@ def _summed_stats(all_stats):
     return vec, back
 
 
+def _loss_and_grads(model, params, config, x, y, keep, step, world):
+    """Forward + backward of one micro-batch (or part of one: minillm.batch_parts), x, y: (b, T) ->
+    (loss, aux loss, model stats, gradients of the params that `keep` keeps)."""
+    logits, cache = model.forward(params, x, config)
+    loss, loss_cache = ops.cross_entropy_forward(logits, y)
+    aux = model.aux_loss(cache) if hasattr(model, "aux_loss") else 0.0
+    if world.size == 1 and not math.isfinite(loss + aux):  # under MPI: the reduced loss, in train_step
+        raise Diverged(f"the loss became {loss + aux} at step {step}")
+    grads = model.backward(ops.cross_entropy_backward(1.0, loss_cache), cache)
+    # frozen params' gradients are neither clipped nor used (as torch)
+    grads = {n: g for n, g in flatten(grads).items() if keep(n)}
+    return loss, aux, model.stats(cache) if hasattr(model, "stats") else {}, grads
+
+
+def micro_batch(model, params, config, x, y, parts=1, keep=None, step=0, world=None):
+    """Forward + backward of one micro-batch x, y: (B, T) in `parts` equal parts (minillm.batch_parts) ->
+    (loss, aux loss, [model stats per part], gradients), each a sum over the parts (gradients added in part
+    order: a mean needs / parts); keep: a predicate on the dotted names of the params to keep gradients of."""
+    keep = keep or (lambda name: True)
+    world = world or distributed.world()
+    rows = len(x) // parts
+    jobs = [(model, params, config, x[i:i + rows], y[i:i + rows], keep, step, world) for i in range(0, len(x), rows)]
+    done = batch_parts.run(_loss_and_grads, jobs)
+    grads = done[0][3]
+    for part in done[1:]:
+        grads = {n: grads[n] + g for n, g in part[3].items()}
+    return sum(part[0] for part in done), sum(part[1] for part in done), [part[2] for part in done], grads
+
+
 class StepResult(NamedTuple):
     loss: float           # mean over every micro-batch of every rank
     aux: float            # the MoE load-balancing loss, likewise (0.0 without experts)
@@ -99,8 +129,9 @@ class StepResult(NamedTuple):
 
 def train_step(model, params, config, train_ids, opts, rngs, opt_state, step, mask, trainable=None, world=None,
                stop_requested=None):
-    """One optimizer step: forward + backward of one micro-batch per generator in rngs, the gradients summed
-    (in micro-batch order), averaged over every rank's micro-batches, clipped, AdamW. -> StepResult.
+    """One optimizer step: forward + backward of one micro-batch per generator in rngs (each in
+    opts.batch_parts parts, see minillm.batch_parts), the gradients summed (in part, then micro-batch
+    order), averaged over every rank's parts, clipped, AdamW. -> StepResult.
     Raises Diverged (before any update) when the loss is not finite.
 
     stop_requested: a callable -> bool (Ctrl-C seen), or None. Under MPI each rank's answer rides in the
@@ -109,23 +140,16 @@ def train_step(model, params, config, train_ids, opts, rngs, opt_state, step, ma
     world = world or distributed.world()
     xp = params_array_module(params)
     keep = optim.trainable_predicate(trainable)
+    parts = batch_parts.count(getattr(opts, "batch_parts", 1), opts.batch_size, config, xp)
     total, losses, auxes, stats = None, [], [], []
     for rng in rngs:
         x, y = (xp.asarray(a) for a in data.get_batch(train_ids, opts.batch_size, config["context"], rng))
-        logits, cache = model.forward(params, x, config)
-        loss, loss_cache = ops.cross_entropy_forward(logits, y)
-        aux = model.aux_loss(cache) if hasattr(model, "aux_loss") else 0.0
-        if world.size == 1 and not math.isfinite(loss + aux):  # under MPI: the reduced loss, below
-            raise Diverged(f"the loss became {loss + aux} at step {step}")
-        grads = model.backward(ops.cross_entropy_backward(1.0, loss_cache), cache)
-        # frozen params' gradients are neither clipped nor used (as torch)
-        grads = {n: g for n, g in flatten(grads).items() if keep(n)}
+        loss, aux, part_stats, grads = micro_batch(model, params, config, x, y, parts, keep, step, world)
         total = grads if total is None else {n: total[n] + g for n, g in grads.items()}
         losses.append(loss)
         auxes.append(aux)
-        stats.append(model.stats(cache) if hasattr(model, "stats") else {})
-        del logits, cache, loss_cache
-    count = len(rngs) * world.size
+        stats.extend(part_stats)
+    count = len(rngs) * parts * world.size
     stop = None
     if count == 1:
         loss, aux, stats = losses[0], auxes[0], stats[0]
@@ -138,7 +162,7 @@ def train_step(model, params, config, train_ids, opts, rngs, opt_state, step, ma
         stats = back(summed[3:], count) if back else {}
         if not math.isfinite(loss + aux):
             raise Diverged(f"the loss became {loss + aux} at step {step}")
-    grads = world.average_gradients(total, len(rngs))
+    grads = world.average_gradients(total, len(rngs) * parts)
     grad_norm = optim.clip_grad_norm(grads, opts.grad_clip)
     lr = optim.lr_at(step, opts.lr, opts.warmup, opts.steps, opts.min_lr_ratio)
     optim.adamw_step(params, grads, opt_state, lr, weight_decay=opts.weight_decay, mask=mask,

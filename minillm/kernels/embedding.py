@@ -23,7 +23,7 @@ def backward_reference(dy, ids, shape, out=None):
 
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _scatter_add(dy, ids, dw):
     for n in range(ids.size):
         row = dw[ids[n]]

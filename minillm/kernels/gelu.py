@@ -48,7 +48,7 @@ def backward_reference(dy, cache):
 # --- Numba CPU kernels ------------------------------------------------------------------------------
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, nogil=True)
 def _forward(x, y, t, c, a, one, two):
     n = x.size
     for block in numba.prange(BLOCKS):
@@ -63,7 +63,7 @@ def _forward(x, y, t, c, a, one, two):
             ys[i] = v * (inv if u >= 0 else e * inv)         # x (1 + tanh u) / 2 = x sigmoid(2u)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, nogil=True)
 def _backward(dy, x, t, dx, half, one, c, a3):
     n = x.size
     for block in numba.prange(BLOCKS):

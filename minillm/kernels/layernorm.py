@@ -83,7 +83,7 @@ def sum8(a, c0, c1, mul):
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, nogil=True)
 def _forward(x, w, b, eps, y, xhat, rstd):
     N, C = x.shape
     for block in numba.prange(ROW_BLOCKS):       # rows are independent: any thread count, the same bits
@@ -102,7 +102,7 @@ def _forward(x, w, b, eps, y, xhat, rstd):
                 yr[j] = h * w[j] + b[j]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _backward(dy, xhat, rstd, w, dx, dw, db):
     N, C = dy.shape
     g = np.empty(C)

@@ -111,7 +111,7 @@ def swiglu_pair_backward_reference(da, h):
 # --- Numba CPU kernels ----------------------------------------------------------------------------
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _sort_kernel(idx, n_experts):
     N, k = idx.shape
     counts = np.zeros(n_experts, np.int64)
@@ -134,7 +134,7 @@ def _sort_kernel(idx, n_experts):
     return order, offsets, pos
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _gather_kernel(x, order, k, xs):
     C = x.shape[1]
     for r in numba.prange(order.shape[0]):
@@ -143,7 +143,7 @@ def _gather_kernel(x, order, k, xs):
             xs[r, c] = x[n, c]
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _combine_kernel(ys, pos, w, y):
     N, k = pos.shape
     C = ys.shape[1]
@@ -157,7 +157,7 @@ def _combine_kernel(ys, pos, w, y):
                 y[n, c] += wj * ys[r, c]
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _combine_backward_kernel(dy, ys, pos, w, dys, dw):
     N, k = pos.shape
     C = ys.shape[1]
@@ -182,7 +182,7 @@ def _sigmoid(h, one):
     return r if h >= 0 else e * r
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _swiglu_kernel(h1, h3, a, one):
     M, F = h1.shape
     for m in numba.prange(M):
@@ -191,7 +191,7 @@ def _swiglu_kernel(h1, h3, a, one):
             a[m, f] = h * _sigmoid(h, one) * h3[m, f]
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _swiglu_backward_kernel(da, h1, h3, dh1, dh3, one):
     M, F = h1.shape
     for m in numba.prange(M):
@@ -203,7 +203,7 @@ def _swiglu_backward_kernel(da, h1, h3, dh1, dh3, one):
             dh3[m, f] = g * h * s
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _swiglu_pair_kernel(h, a, one, n_jobs):
     n = a.shape[0]  # h: (2 n,) = [h1; h3] flat
     for j in numba.prange(n_jobs):
@@ -214,7 +214,7 @@ def _swiglu_pair_kernel(h, a, one, n_jobs):
             aj[i] = v * _sigmoid(v, one) * h3[i]
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _swiglu_pair_backward_kernel(da, h, dh, one, n_jobs):
     n = da.shape[0]
     for j in numba.prange(n_jobs):

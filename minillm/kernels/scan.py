@@ -99,7 +99,7 @@ def backward_reference(dy, cache):
 # --- Numba kernels --------------------------------------------------------------------------------------
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _load_block(A, D, d0, w):
     """A[d0:d0+w].T and D[d0:d0+w], zero-padded to LANES channels (padded lanes stay exactly 0)."""
     N = A.shape[1]
@@ -112,7 +112,7 @@ def _load_block(A, D, d0, w):
     return At, Dv
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, nogil=True)
 def _forward_kernel(x, dt, A, B, C, D, y):
     Bt, L, Dm = x.shape
     N = A.shape[1]
@@ -140,7 +140,7 @@ def _forward_kernel(x, dt, A, B, C, D, y):
                 y[b, t, d0 + j] = acc[j]
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, nogil=True)
 def _backward_kernel(x, dt, A, B, C, D, dy, dx, ddt, dA_part, dB_part, dC_part, dD_part):
     Bt, L, Dm = x.shape
     N = A.shape[1]

@@ -137,7 +137,7 @@ def _max8(row, n):
     return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, nogil=True)
 def _causal_rows(s):
     n, T, _ = s.shape
     none = np.empty(0, dtype=s.dtype)
@@ -155,7 +155,7 @@ def _causal_rows(s):
                 row[j] = 0.0
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, nogil=True)
 def _softmax_backward_rows(dp, p):
     n, T, _ = dp.shape
     for blk in numba.prange(ROW_BLOCKS):
@@ -170,7 +170,7 @@ def _softmax_backward_rows(dp, p):
                 d[j] = 0.0
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _plain_rows(s):
     for r in range(s.shape[0]):
         row = s[r]
@@ -220,7 +220,7 @@ def causal_backward(dp, p):
 # independent (parallel), so the result does not depend on the thread count.
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, nogil=True)
 def _ce_rows(z, t, ignore_index, lse, loss, flag):
     N, V = z.shape
     none = np.empty(0, dtype=z.dtype)
@@ -240,7 +240,7 @@ def _ce_rows(z, t, ignore_index, lse, loss, flag):
             flag[n], loss[n] = 2, 0.0
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, nogil=True)
 def _ce_backward_rows(z, t, ignore_index, lse, scale, d):
     N, V = z.shape
     for n in numba.prange(N):

@@ -127,7 +127,7 @@ def matvec_reference(xq, packed, out_features):
 # --- Numba CPU kernels --------------------------------------------------------------------------------
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _store4(out, r, R, n_out, t0, t1, t2, t3):
     # the four outputs decoded from packed row r; padding rows (>= n_out) are dropped
     if r < n_out:
@@ -140,7 +140,7 @@ def _store4(out, r, R, n_out, t0, t1, t2, t3):
         out[3 * R + r] = t3
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _matvec_rows(packed, xq, out, r0, r1, sx, n_out):
     """out[s R + r] for r in [r0, r1): one sequential job of the matvec."""
     R, I = packed.shape
@@ -181,7 +181,7 @@ def _matvec_rows(packed, xq, out, r0, r1, sx, n_out):
         _store4(out, r, R, n_out, t0 - sx, t1 - sx, t2 - sx, t3 - sx)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _matvec_kernel(packed, xq, out, n_out, n_jobs):
     R = packed.shape[0]
     sx = 0
@@ -191,7 +191,7 @@ def _matvec_kernel(packed, xq, out, n_out, n_jobs):
         _matvec_rows(packed, xq, out, j * R // n_jobs, (j + 1) * R // n_jobs, sx, n_out)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _matmul_kernel(packed, xq, out, n_out, n_jobs):
     R = packed.shape[0]
     M, I = xq.shape

@@ -71,7 +71,7 @@ def activation_dequant_reference(xq, a):
 # --- Numba CPU kernels --------------------------------------------------------------------------------
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _pairwise_abs_sum(v, zero):
     """numpy's pairwise_sum of |v| (v: 1-D contiguous), in v's dtype. (Kernels index views from 0: LLVM
     then drops Numba's negative-index wraparound and vectorises.)"""
@@ -118,7 +118,7 @@ def _leaves(n):
     return np.array([lo for lo, _ in nodes], np.int64), np.array([m for _, m in nodes], np.int64)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _abs_sum_kernel(a, starts, lengths, zero):
     parts = np.empty(starts.shape[0], a.dtype)
     for i in prange(starts.shape[0]):
@@ -147,7 +147,7 @@ def _clip(v, lo, hi):
     return v
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _round_clip_kernel(w, inv, out, lo, hi, n_jobs):
     n = w.shape[0]
     for j in prange(n_jobs):
@@ -156,7 +156,7 @@ def _round_clip_kernel(w, inv, out, lo, hi, n_jobs):
             oj[i] = _clip(np.rint(wj[i] * inv), lo, hi)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _activation_quant_kernel(x, eps, qmax, lo, hi, xq, a):
     N, C = x.shape
     for n in prange(N):
@@ -178,7 +178,7 @@ def _activation_quant_kernel(x, eps, qmax, lo, hi, xq, a):
             qn[c] = _clip(np.rint(xn[c] * an), lo, hi)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _rescale_kernel(acc, s, a, b, has_bias, y):
     N, O = acc.shape
     for n in prange(N):
@@ -192,7 +192,7 @@ def _rescale_kernel(acc, s, a, b, has_bias, y):
                 yn[o] = an[o] * f
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _scale_kernel(q, s, out, n_jobs):
     n = q.shape[0]
     for j in prange(n_jobs):
@@ -201,7 +201,7 @@ def _scale_kernel(q, s, out, n_jobs):
             oj[i] = qj[i] * s
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _divide_rows_kernel(q, a, out):
     N, C = q.shape
     for n in prange(N):

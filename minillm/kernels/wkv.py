@@ -115,7 +115,7 @@ def backward_reference(dy, cache):
 # --- Numba CPU kernels -------------------------------------------------------------------------------
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _forward_kernel(k, v, w, u, a0, b0, p0, y, q_out, dinv_out, a1, b1, p1, one):
     # `one` is 1 in k's dtype: a float literal would promote float32 arithmetic to float64.
     # The body stays inside the prange loop: Numba then marks the arrays noalias, which LLVM needs to
@@ -162,7 +162,7 @@ def _forward_kernel(k, v, w, u, a0, b0, p0, y, q_out, dinv_out, a1, b1, p1, one)
             p1[bi, c0 + j] = p[j]
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _backward_kernel(k, v, w, u, y, q_in, dinv_in, dy, dk, dv, dw_part, du_part, one):
     B, T, C = k.shape
     nblk = (C + BLOCK - 1) // BLOCK

@@ -2,6 +2,7 @@
 
     bmm(a, b, out=None) -> a @ b      a: (..., M, K), b: (..., K, N), leading axes equal; split over threads
     with single_threaded_blas(): ...  OpenBLAS on one thread inside the block (the decoding step)
+    serial_thread()                   this thread's bmm calls run as one plain matmul (batch_parts workers)
 
 Used by nn/attention.py (GPT-2) and nn/gqa.py (grouped-query attention); the models' `step` functions
 take `single_threaded_blas` from there.
@@ -29,6 +30,13 @@ from minillm.arrays import array_module
 
 _BLAS = {}
 _BLAS_LOCK = threading.RLock()
+_THIS_THREAD = threading.local()
+
+
+def serial_thread():
+    """From now on this thread's `bmm` is one plain matmul: for the worker threads of minillm.batch_parts,
+    which run beside each other while OpenBLAS is held at one thread (by the thread that started them)."""
+    _THIS_THREAD.serial = True
 
 
 def _find_openblas():
@@ -88,7 +96,7 @@ def bmm(a, b, out=None):
     xp = array_module(a)
     if out is None:
         out = xp.empty(a.shape[:-1] + b.shape[-1:], dtype=a.dtype)
-    api = _openblas() if xp is np else None
+    api = _openblas() if xp is np and not getattr(_THIS_THREAD, "serial", False) else None
     if api is None or api[2] is None or a.shape[0] * a.shape[1] < 2:
         return xp.matmul(a, b, out=out)
     pool, workers = api[2], api[3]
