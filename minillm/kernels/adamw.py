@@ -5,13 +5,17 @@
     v <- b2 v + (1 - b2) g^2
     p <- p - step_size * m / (sqrt(v) / sqrt(1 - b2^t) + eps),   step_size = lr / (1 - b1^t)
 
-The CPU form is the NumPy reference itself (a handful of in-place passes, already memory-bound); the
-GPU form is one fused kernel (adamw_cuda.py) with the same arithmetic.
+The CPU form is one parallel pass over the elements (the reference makes seven, and allocates three
+temporaries), the GPU form one fused kernel (adamw_cuda.py); both do the reference's arithmetic in its
+order, in the parameters' dtype, with no fused multiply-adds, so all three give the same bits.
 """
 
+import numba
 import numpy as np
 
 from minillm.arrays import array_module
+
+BLOCK = 1 << 14              # elements per parallel job
 
 
 def update_reference(p, g, m, v, decay, beta1, beta2, step_size, bias_correction2_sqrt, eps):
@@ -34,5 +38,24 @@ def update_reference(p, g, m, v, decay, beta1, beta2, step_size, bias_correction
     p += tmp
 
 
-update = update_reference
+@numba.njit(cache=True, parallel=True, nogil=True)
+def _update(p, g, m, v, decay, one_minus_b1, beta2, one_minus_b2, neg_step_size, bc2, eps, decayed):
+    for block in numba.prange((p.size + BLOCK - 1) // BLOCK):
+        for i in range(block * BLOCK, min(p.size, (block + 1) * BLOCK)):
+            pi = p[i] * decay if decayed else p[i]
+            mi = m[i] + (g[i] - m[i]) * one_minus_b1
+            vi = v[i] * beta2 + g[i] * one_minus_b2 * g[i]
+            p[i] = pi + mi * neg_step_size / (np.sqrt(vi) / bc2 + eps)
+            m[i] = mi
+            v[i] = vi
+
+
+def update(p, g, m, v, decay, beta1, beta2, step_size, bias_correction2_sqrt, eps):
+    """As update_reference, in one pass; arrays that are not all C-contiguous of one dtype take the reference."""
+    arrays = (p, g, m, v)
+    if not all(a.flags.c_contiguous and a.dtype == p.dtype for a in arrays) or p.dtype.kind != "f":
+        return update_reference(p, g, m, v, decay, beta1, beta2, step_size, bias_correction2_sqrt, eps)
+    t = p.dtype.type           # the reference's Python floats act in the arrays' dtype (NumPy's scalar rules)
+    _update(*(a.reshape(-1) for a in arrays), t(decay), t(1.0 - beta1), t(beta2), t(1.0 - beta2),
+            t(-step_size), t(bias_correction2_sqrt), t(eps), decay != 1.0)
 
