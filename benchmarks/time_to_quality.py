@@ -24,8 +24,7 @@ import peers
 import torch
 import torch.nn.functional as F
 
-from minillm import data, models, optim, train
-from minillm.nn import ops
+from minillm import data, models, optim, train, train_step
 from minillm.tokenizer import Tokenizer
 from minillm.tree import flatten
 
@@ -43,20 +42,15 @@ def prepared(opts, config):
 
 
 def minillm_steps(params, config, opts, train_ids, val, eval_every):
-    """One minillm training step per next(): yields (seconds it took, validation loss or None)."""
+    """One minillm training step (train_step.train_step, as `minillm train` runs it) per next(): yields
+    (seconds it took, validation loss or None)."""
     model = models.get_model("gpt")
     mask = optim.decay_mask(flatten(params), no_decay=model.NO_DECAY)
     state = optim.adamw_init(params)
-    rng = np.random.default_rng(opts.seed)
+    rngs = [np.random.default_rng(opts.seed)]       # stream 0: the batches of a one-process `minillm train`
     for step in itertools.count():
         started = time.perf_counter()
-        x, y = data.get_batch(train_ids, opts.batch_size, config["context"], rng)
-        logits, cache = model.forward(params, x, config)
-        loss, loss_cache = ops.cross_entropy_forward(logits, y)
-        grads = model.backward(ops.cross_entropy_backward(1.0, loss_cache), cache)
-        optim.clip_grad_norm(grads, opts.grad_clip)
-        lr = optim.lr_at(step, opts.lr, opts.warmup, opts.steps, opts.min_lr_ratio)
-        optim.adamw_step(params, grads, state, lr, weight_decay=opts.weight_decay, mask=mask)
+        train_step.train_step(model, params, config, train_ids, opts, rngs, state, step, mask)
         value = train.evaluate(model, params, config, val) if (step + 1) % eval_every == 0 else None
         yield time.perf_counter() - started, value
 

@@ -34,7 +34,7 @@ from transformers.utils import logging as hf_logging
 
 from minillm.models import gpt
 from minillm.nn import ops
-from minillm import optim, train
+from minillm import batch_parts, optim, train, train_step
 from minillm.device import array_module_for, to_device
 from minillm.tree import flatten
 
@@ -77,13 +77,13 @@ def bench_train(name, repeats, device="cpu"):
 
     state = optim.adamw_init(params)
 
-    def ours():
-        logits, cache = gpt.forward(params, x, config)
-        loss, lcache = ops.cross_entropy_forward(logits, y)
-        grads = gpt.backward(ops.cross_entropy_backward(1.0, lcache), cache)
-        optim.adamw_step(params, grads, state, LR, BETAS, EPS, WD)
+    parts = batch_parts.count(train.TrainOptions.batch_parts, batch, config, array_module_for(device))
+
+    def ours():                 # train_step's forward + backward: the batch in `parts` parts side by side
+        loss, _, _, grads = train_step.micro_batch(gpt, params, config, x, y, parts)
+        optim.adamw_step(params, {n: g / parts for n, g in grads.items()}, state, LR, BETAS, EPS, WD)
         _synchronize(device)
-        return loss
+        return loss / parts
 
     labels, fns = ["minillm"], [ours]
     init_params = gpt.init(config, np.random.default_rng(0))
@@ -118,7 +118,8 @@ def bench_train(name, repeats, device="cpu"):
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"\ntraining step on {where}, {name}: B={batch} T={config['context']} C={config['d_model']} "
           f"L={config['n_layer']} H={config['n_head']} V={config['vocab_size']}, float32, "
-          f"median of {repeats} (interleaved)")
+          f"median of {repeats} (interleaved); minillm in {parts} part(s) of the batch, "
+          f"{'side by side' if batch_parts.side_by_side(parts) else 'one after the other'} (batch_parts.py)")
     n_params = sum(a.size for n, a in flatten(init_params).items() if "wpe" not in n)
     per_token = harness.gpt_flops_per_token(n_params, config["n_layer"], config["d_model"], config["context"])
     print(f"  {harness.limits_line()}; 6N + 12LdT = {per_token / 1e6:.2f} MFLOP/token")
@@ -180,7 +181,8 @@ def bench_sampling(repeats, new_tokens=256):
 
 def profile_step(name, repeats):
     """Wall time per component of one minillm training step (best of `repeats`); nested rows include
-    their children (attention_forward includes its two dense layers)."""
+    their children (attention_forward includes its two dense layers). The batch runs as one part, on this
+    thread (in batch_parts' threads the parts' times would add into one another's)."""
     import collections
 
     from minillm.nn import attention, dense
