@@ -1,6 +1,7 @@
 """A micro-batch computed as a few equal parts, each on its own core: data parallelism inside one process.
 
     P = batch_parts.count(wanted, batch_size, config, xp)   how many parts a micro-batch is cut into (1: none)
+    n = batch_parts.independent(wanted, config, xp)          how many forwards may run side by side (evaluation)
     results = batch_parts.run(fn, jobs)                     [fn(*job) for job in jobs], the jobs side by side
 
 Why: at the default size (B 32, T 64, d 128) a step is some 500 calls of a few hundred microseconds each,
@@ -31,18 +32,24 @@ _LOCK = threading.Lock()
 
 
 def count(wanted, batch_size, config, xp):
-    """The parts to cut a micro-batch of batch_size sequences into: `wanted` where it divides the batch,
-    else 1. Also 1 for arrays that are not NumPy's (a GPU runs one part) and for two kinds of model whose
-    step is not a sum over sequences: a Mixture-of-Experts layer (its load-balancing loss is a product of
-    batch-wide fractions) and LoRA dropout (the parts would draw from one generator in a racing order)."""
+    """The parts to cut a micro-batch of batch_size sequences into: `wanted` where it divides the batch and
+    `independent` allows it, else 1."""
+    wanted = independent(wanted, config, xp)
+    return wanted if batch_size % wanted == 0 else 1
+
+
+def independent(wanted, config, xp):
+    """How many computations of this model may run side by side: `wanted`, but 1 for arrays that are not
+    NumPy's (a GPU runs one) and for two kinds of model whose step is not a sum over sequences: a
+    Mixture-of-Experts layer (its load-balancing loss is a product of batch-wide fractions) and LoRA dropout
+    with a generator (the parts would draw from it in a racing order)."""
     wanted = int(wanted)
     if wanted < 1:
         raise ValueError(f"batch_parts must be at least 1, got {wanted}")
     moe = int(config.get("n_experts", 0) or 0) > 0
-    lora_dropout = float((config.get("lora") or {}).get("dropout", 0.0) or 0.0) > 0.0
-    if wanted == 1 or batch_size % wanted or xp is not np or moe or lora_dropout:
-        return 1
-    return wanted
+    lora = config.get("lora") or {}
+    lora_dropout = float(lora.get("dropout", 0.0) or 0.0) > 0.0 and lora.get("dropout_rng") is not None
+    return 1 if xp is not np or moe or lora_dropout else wanted
 
 
 def _cores():

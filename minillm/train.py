@@ -22,8 +22,8 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from minillm import (checkpoint, data, device, distributed, heap, metrics, models, optim, resume, store, textfile,
-                     train_step, validate)
+from minillm import (batch_parts, checkpoint, data, device, distributed, heap, metrics, models, optim, resume, store,
+                     textfile, train_step, validate)
 from minillm.char_tokenizer import CharTokenizer, load_tokenizer
 from minillm.errors import Interrupted
 from minillm.nn import ops
@@ -101,12 +101,17 @@ def evaluate(model, params, config, batches, world=None):
     world = world or distributed.world()
     total, count = 0.0, 0
     xp = train_step.params_array_module(params)
-    for x, y in itertools.islice(batches, world.rank, None, world.size):
-        x, y = xp.asarray(x), xp.asarray(y)
-        logits, _ = model.forward(params, x, config)
-        loss, _ = ops.cross_entropy_forward(logits, y)
-        total += loss * y.size
-        count += y.size
+
+    def score(x, y):
+        logits, _ = model.forward(params, xp.asarray(x), config)
+        return ops.cross_entropy_forward(logits, xp.asarray(y))[0]
+
+    mine = iter(itertools.islice(batches, world.rank, None, world.size))
+    at_once = batch_parts.independent(TrainOptions.batch_parts, config, xp)   # side by side, a core each
+    while chunk := list(itertools.islice(mine, at_once)):
+        for (_, y), loss in zip(chunk, batch_parts.run(score, chunk)):   # summed in batch order
+            total += loss * y.size
+            count += y.size
     if world.size > 1:
         total, count = world.sum_floats([total, count])
     return total / count

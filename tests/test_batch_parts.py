@@ -26,8 +26,11 @@ def test_count_cuts_only_where_the_parts_are_equal_and_the_step_a_sum_over_seque
     assert batch_parts.count(4, 32, gpt_config, np) == 4
     assert batch_parts.count(2, 32, gpt_config, object()) == 1     # not NumPy (a GPU's arrays)
     assert batch_parts.count(2, 32, {"arch": "gpt", "n_experts": 4}, np) == 1
-    assert batch_parts.count(2, 32, {"arch": "llama", "lora": {"r": 4, "dropout": 0.1}}, np) == 1
-    assert batch_parts.count(2, 32, {"arch": "llama", "lora": {"r": 4, "dropout": 0.0}}, np) == 2
+    dropout = {"r": 4, "dropout": 0.1, "dropout_rng": np.random.default_rng(0)}
+    assert batch_parts.count(2, 32, {"arch": "llama", "lora": dropout}, np) == 1
+    assert batch_parts.count(2, 32, {"arch": "llama", "lora": {**dropout, "dropout": 0.0}}, np) == 2
+    assert batch_parts.count(2, 32, {"arch": "llama", "lora": {"r": 4, "dropout": 0.1}}, np) == 2  # no rng: off
+    assert batch_parts.independent(2, {"arch": "gpt"}, np) == 2
     with pytest.raises(ValueError, match="batch_parts must be at least 1"):
         batch_parts.count(0, 32, gpt_config, np)
 
@@ -130,3 +133,15 @@ def test_side_by_side_or_one_after_the_other_the_parts_give_the_same_gradients(m
         np.testing.assert_allclose(sequential[3][name], g, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
     for name, p in flatten(step_a).items():
         np.testing.assert_array_equal(flatten(step_b)[name], p, err_msg=name)
+
+
+def test_evaluate_scores_batches_side_by_side_and_weighs_them_by_tokens(side_by_side):
+    """Three batches (a pair side by side, then one alone) of unequal sizes: the token-weighted mean of the
+    batches' losses, each scored alone on this thread."""
+    config = models.build_config("gpt", **SMALL, dtype="float64")
+    params = gpt.init(config, np.random.default_rng(0))
+    rng = np.random.default_rng(3)
+    batches = [(rng.integers(0, 40, (b, 8)), rng.integers(0, 40, (b, 8))) for b in (3, 2, 5)]
+    alone = [ops.cross_entropy_forward(gpt.forward(params, x, config)[0], y)[0] for x, y in batches]
+    expected = sum(loss * y.size for loss, (_, y) in zip(alone, batches)) / sum(y.size for _, y in batches)
+    assert train.evaluate(gpt, params, config, iter(batches)) == pytest.approx(expected, rel=1e-12)
