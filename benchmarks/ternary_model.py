@@ -29,7 +29,8 @@ import tempfile
 import harness  # first: puts the checkout and tests/ on sys.path
 import numpy as np
 
-from minillm import checkpoint, generate, kernels, models, optim, quantize
+from minillm import batch_parts, checkpoint, generate, kernels, models, optim, quantize, train
+from minillm import train_step as minillm_train_step
 from minillm.models import gpt
 from minillm.nn import ops
 from minillm.tree import flatten
@@ -41,12 +42,13 @@ def sampler(params, config, n_tokens):
 
 
 def train_step(params, config, x, y, state):
-    """One training step: forward, cross-entropy, backward, AdamW (float32, updates params in place)."""
+    """One training step as `minillm train` runs it (the batch in parts side by side, minillm.batch_parts):
+    forward, cross-entropy, backward, AdamW (float32, updates params in place)."""
+    parts = batch_parts.count(train.TrainOptions.batch_parts, len(x), config, np)
+
     def step():
-        logits, cache = gpt.forward(params, x, config)
-        _, lcache = ops.cross_entropy_forward(logits, y)
-        grads = gpt.backward(ops.cross_entropy_backward(1.0, lcache), cache)
-        optim.adamw_step(params, grads, state, 3e-4, (0.9, 0.95), 1e-8, 0.1)
+        _, _, _, grads = minillm_train_step.micro_batch(gpt, params, config, x, y, parts)
+        optim.adamw_step(params, {n: g / parts for n, g in grads.items()}, state, 3e-4, (0.9, 0.95), 1e-8, 0.1)
     return step
 
 

@@ -22,6 +22,7 @@ os.environ["RAYON_NUM_THREADS"] = "1"  # before tokenizers starts its thread poo
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import argparse  # noqa: E402
+import sys  # noqa: E402
 
 import harness  # noqa: E402  (first: puts the checkout and tests/ on sys.path)
 import tiktoken  # noqa: E402
