@@ -181,8 +181,9 @@ def bench_sampling(repeats, new_tokens=256):
 
 def profile_step(name, repeats):
     """Wall time per component of one minillm training step (best of `repeats`); nested rows include
-    their children (attention_forward includes its two dense layers). The batch runs as one part, on this
-    thread (in batch_parts' threads the parts' times would add into one another's)."""
+    their children (attention_forward includes its two dense layers). What is timed is one part of the batch
+    (B / batch_parts sequences) as each of batch_parts' threads computes it, on one core
+    (`batch_parts.as_one_part`), then the AdamW update of the whole step on every core."""
     import collections
 
     from minillm.nn import attention, dense
@@ -193,7 +194,8 @@ def profile_step(name, repeats):
     config = {"arch": "gpt", **c, "dtype": "float32"}
     rng = np.random.default_rng(0)
     params = gpt.init(config, rng)
-    data = rng.integers(0, config["vocab_size"], (batch, config["context"] + 1))
+    n_parts = batch_parts.count(train.TrainOptions.batch_parts, batch, config, np)
+    data = rng.integers(0, config["vocab_size"], (batch // n_parts, config["context"] + 1))
     state = optim.adamw_init(params)
     spent = collections.defaultdict(float)
     wrapped = [(gpt, ["forward", "backward"]), (attention, ["attention_forward", "attention_backward",
@@ -220,9 +222,10 @@ def profile_step(name, repeats):
         for _ in range(repeats + 1):
             spent.clear()
             t0 = time.perf_counter()
-            logits, cache = gpt.forward(params, data[:, :-1], config)
-            loss, lcache = ops.cross_entropy_forward(logits, data[:, 1:])
-            grads = gpt.backward(ops.cross_entropy_backward(1.0, lcache), cache)
+            with batch_parts.as_one_part():
+                logits, cache = gpt.forward(params, data[:, :-1], config)
+                loss, lcache = ops.cross_entropy_forward(logits, data[:, 1:])
+                grads = gpt.backward(ops.cross_entropy_backward(1.0, lcache), cache)
             optim.adamw_step(params, grads, state, LR, BETAS, EPS, WD)
             total = time.perf_counter() - t0
             if best is None or total < best[0]:
@@ -231,7 +234,8 @@ def profile_step(name, repeats):
         for module, fn_name, fn in saved:
             setattr(module, fn_name, fn)
     total, parts = best
-    print(f"\nprofile of one minillm step, {name} (best of {repeats}): {total * 1e3:.1f} ms")
+    print(f"\nprofile of one minillm step, {name} (best of {repeats}; one part of {batch // n_parts} sequences, "
+          f"on one core, and AdamW): {total * 1e3:.1f} ms")
     for fn_name, t in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"  {fn_name:32s} {t * 1e3:8.1f} ms {100 * t / total:5.1f}%")
 

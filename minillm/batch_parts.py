@@ -3,6 +3,7 @@
     P = batch_parts.count(wanted, batch_size, config, xp)   how many parts a micro-batch is cut into (1: none)
     n = batch_parts.independent(wanted, config, xp)          how many forwards may run side by side (evaluation)
     results = batch_parts.run(fn, jobs)                     [fn(*job) for job in jobs], the jobs side by side
+    with batch_parts.as_one_part(): ...                      this thread computes as a part does (profiling)
 
 Why: at the default size (B 32, T 64, d 128) a step is some 500 calls of a few hundred microseconds each,
 and every one of them splits over the cores on its own (OpenBLAS, Numba's parallel loops), with a fork and
@@ -18,6 +19,7 @@ the same on every run of one machine (which way is a function of its core count)
 between the two ways: OpenBLAS's products round differently on one thread than on several.
 """
 
+import contextlib
 import functools
 import os
 import threading
@@ -80,7 +82,26 @@ def _worker_init():
     import numba
 
     numba.set_num_threads(1)         # thread-local: this thread's parallel kernels run on it alone
-    blas.serial_thread()
+
+
+def _as_part(fn, job):
+    with blas.serial_thread():
+        return fn(*job)
+
+
+@contextlib.contextmanager
+def as_one_part():
+    """Within the block this thread computes as `run`'s threads do: OpenBLAS and its Numba kernels on one
+    thread, bmm one plain matmul (for benchmarks/train_gpt.py --profile: where a part's time goes)."""
+    import numba
+
+    saved = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        with blas.single_threaded_blas(), blas.serial_thread():
+            yield
+    finally:
+        numba.set_num_threads(saved)
 
 
 def _pool(workers):
@@ -103,7 +124,7 @@ def run(fn, jobs):
         return [fn(*job) for job in jobs]
     pool = _pool(len(jobs))
     with blas.single_threaded_blas():
-        futures = [pool.submit(fn, *job) for job in jobs]
+        futures = [pool.submit(_as_part, fn, job) for job in jobs]
         errors = [f.exception() for f in futures]
     for error in errors:
         if error is not None:

@@ -2,7 +2,7 @@
 
     bmm(a, b, out=None) -> a @ b      a: (..., M, K), b: (..., K, N), leading axes equal; split over threads
     with single_threaded_blas(): ...  OpenBLAS on one thread inside the block (the decoding step)
-    serial_thread()                   this thread's bmm calls run as one plain matmul (batch_parts workers)
+    with serial_thread(): ...         this thread's bmm calls run as one plain matmul (batch_parts' threads)
 
 Used by nn/attention.py (GPT-2) and nn/gqa.py (grouped-query attention); the models' `step` functions
 take `single_threaded_blas` from there.
@@ -33,10 +33,16 @@ _BLAS_LOCK = threading.RLock()
 _THIS_THREAD = threading.local()
 
 
+@contextlib.contextmanager
 def serial_thread():
-    """From now on this thread's `bmm` is one plain matmul: for the worker threads of minillm.batch_parts,
+    """Within the block this thread's `bmm` is one plain matmul: for the threads of minillm.batch_parts,
     which run beside each other while OpenBLAS is held at one thread (by the thread that started them)."""
+    saved = getattr(_THIS_THREAD, "serial", False)
     _THIS_THREAD.serial = True
+    try:
+        yield
+    finally:
+        _THIS_THREAD.serial = saved
 
 
 def _find_openblas():
