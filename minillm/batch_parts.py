@@ -4,6 +4,7 @@
     n = batch_parts.independent(wanted, config, xp)          how many forwards may run side by side (evaluation)
     results = batch_parts.run(fn, jobs)                     [fn(*job) for job in jobs], the jobs side by side
     with batch_parts.as_one_part(): ...                      this thread computes as a part does (profiling)
+    groups = batch_parts.balanced(items, weights, n)       items in n consecutive groups of about equal weight
 
 Why: at the default size (B 32, T 64, d 128) a step is some 500 calls of a few hundred microseconds each,
 and every one of them splits over the cores on its own (OpenBLAS, Numba's parallel loops), with a fork and
@@ -27,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from minillm import kernels
 from minillm.nn import blas
 
 _POOL = {}
@@ -41,17 +43,30 @@ def count(wanted, batch_size, config, xp):
 
 
 def independent(wanted, config, xp):
-    """How many computations of this model may run side by side: `wanted`, but 1 for arrays that are not
-    NumPy's (a GPU runs one) and for two kinds of model whose step is not a sum over sequences: a
-    Mixture-of-Experts layer (its load-balancing loss is a product of batch-wide fractions) and LoRA dropout
-    with a generator (the parts would draw from it in a racing order)."""
+    """How many computations of this model may run side by side: `wanted`, but 1 where the kernels are not
+    the CPU's (a GPU runs one; the CUDA simulator, one kernel at a time) and for two kinds of model whose
+    step is not a sum over sequences: a Mixture-of-Experts layer (its load-balancing loss is a product of
+    batch-wide fractions) and LoRA dropout with a generator (the parts would draw from it in a racing order)."""
     wanted = int(wanted)
     if wanted < 1:
         raise ValueError(f"batch_parts must be at least 1, got {wanted}")
     moe = int(config.get("n_experts", 0) or 0) > 0
     lora = config.get("lora") or {}
     lora_dropout = float(lora.get("dropout", 0.0) or 0.0) > 0.0 and lora.get("dropout_rng") is not None
-    return 1 if xp is not np or moe or lora_dropout else wanted
+    gpu_kernels = xp is not np or kernels.implementation_for(np.empty(0)) == "cuda"   # (or the CUDA simulator's)
+    return 1 if gpu_kernels or moe or lora_dropout else wanted
+
+
+def balanced(items, weights, n):
+    """items in at most n consecutive, non-empty groups whose summed weights are about equal (a new group
+    starts at the item whose middle lies past the next k/n of the total weight)."""
+    total, groups, running = sum(weights), [[]], 0
+    for item, weight in zip(items, weights):
+        if groups[-1] and len(groups) < n and running + weight / 2 > total * len(groups) / n:
+            groups.append([])
+        groups[-1].append(item)
+        running += weight
+    return [g for g in groups if g]
 
 
 def _cores():

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from minillm import kernels
+from minillm import batch_parts, kernels
 from minillm.arrays import array_module
 from minillm.tree import flatten
 
@@ -22,6 +22,7 @@ from minillm.tree import flatten
 # embedding in GPT-2, and not a dense layer in our design either), and Mamba's A_log, which the
 # reference implementation (mamba_ssm) marks `_no_weight_decay`.
 NO_DECAY_NAMES = ("wte", "wpe", "embeddings", "embed", "lm_head", "A_log")
+PARALLEL_GROUPS = 2       # AdamW updates the tensors in this many groups side by side (where batch_parts may)
 
 
 def decay_mask(flat_params, no_decay=NO_DECAY_NAMES):
@@ -123,12 +124,19 @@ def adamw_step(params, grads, state, lr, betas=(0.9, 0.95), eps=1e-8, weight_dec
     bias_correction1 = 1.0 - b1 ** step
     bias_correction2_sqrt = math.sqrt(1.0 - b2 ** step)
     step_size = lr / bias_correction1
-    for name in names:
-        p, g = flat_p[name], flat_g[name]
-        m, v = state["m"][name], state["v"][name]
-        decayed = weight_decay != 0.0 and mask.get(name, False)
-        kernels.pick("adamw", "update", p)(p, g, m, v, 1.0 - lr * weight_decay if decayed else 1.0, b1, b2,
-                                            step_size, bias_correction2_sqrt, eps)
+
+    def update(group):
+        for name in group:
+            p, g = flat_p[name], flat_g[name]
+            m, v = state["m"][name], state["v"][name]
+            decayed = weight_decay != 0.0 and mask.get(name, False)
+            kernels.pick("adamw", "update", p)(p, g, m, v, 1.0 - lr * weight_decay if decayed else 1.0, b1, b2,
+                                                step_size, bias_correction2_sqrt, eps)
+
+    # Each tensor's update is elementwise, so splitting the tensors over threads changes no bits.
+    numba_kernel = bool(names) and kernels.implementation_for(flat_p[names[0]], "adamw") == "numba"
+    groups = batch_parts.balanced(names, [flat_p[n].size for n in names], PARALLEL_GROUPS if numba_kernel else 1)
+    batch_parts.run(update, [(group,) for group in groups])
     state["step"] = step
 
 

@@ -145,3 +145,42 @@ def test_evaluate_scores_batches_side_by_side_and_weighs_them_by_tokens(side_by_
     alone = [ops.cross_entropy_forward(gpt.forward(params, x, config)[0], y)[0] for x, y in batches]
     expected = sum(loss * y.size for loss, (_, y) in zip(alone, batches)) / sum(y.size for _, y in batches)
     assert train.evaluate(gpt, params, config, iter(batches)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_balanced_groups_are_consecutive_and_about_equal():
+    assert batch_parts.balanced("abcdef", [1] * 6, 2) == [list("abc"), list("def")]
+    assert batch_parts.balanced("abcd", [1, 1, 1, 10], 2) == [list("abc"), ["d"]]
+    assert batch_parts.balanced("abc", [10, 1, 1], 2) == [["a"], ["b", "c"]]
+    assert batch_parts.balanced("ab", [1, 1], 5) == [["a"], ["b"]]
+    assert batch_parts.balanced("", [], 2) == []
+
+
+def test_adamw_in_groups_side_by_side_gives_the_same_bits(side_by_side, monkeypatch):
+    """optim.adamw_step updates its tensors in PARALLEL_GROUPS groups on batch_parts' threads: elementwise
+    updates, so the same bits as one group on this thread."""
+    config = models.build_config("gpt", vocab_size=256, context=64, n_layer=1, n_head=4, d_model=128)
+    results = []
+    for groups in (1, 2):
+        monkeypatch.setattr(optim, "PARALLEL_GROUPS", groups)
+        params = gpt.init(config, np.random.default_rng(0))
+        grads = {n: np.random.default_rng(1).standard_normal(a.shape).astype(a.dtype)
+                 for n, a in flatten(params).items()}
+        state = optim.adamw_init(params)
+        for _ in range(2):
+            optim.adamw_step(params, grads, state, 1e-3, mask=optim.decay_mask(flatten(params)))
+        results.append((flatten(params), state))
+    (p1, s1), (p2, s2) = results
+    for name in p1:
+        np.testing.assert_array_equal(p1[name], p2[name], err_msg=name)
+        np.testing.assert_array_equal(s1["m"][name], s2["m"][name], err_msg=name)
+        np.testing.assert_array_equal(s1["v"][name], s2["v"][name], err_msg=name)
+
+
+def test_no_parts_where_the_cuda_kernels_run():
+    """Under kernels.forced("cuda") (the CUDA simulator on host arrays, which runs one kernel at a time)."""
+    from minillm import kernels
+
+    with kernels.forced("cuda"):
+        assert batch_parts.count(2, 32, {"arch": "gpt"}, np) == 1
+    with kernels.forced("reference"):
+        assert batch_parts.count(2, 32, {"arch": "gpt"}, np) == 2
