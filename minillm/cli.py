@@ -208,7 +208,7 @@ def log(message):
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in --out (instead of refusing).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cuda: CuPy arrays and numba.cuda kernels on an NVIDIA GPU (pip install \"minillm[cuda]\").")
-@loop_options(steps=1500, lr=3e-3, warmup=100, eval_every=250)
+@loop_options(steps=1550, lr=3e-3, warmup=100, eval_every=250)
 def train(file, tokenizer_path, documents, resume, overwrite, device, steps, batch_size, lr, warmup, weight_decay,
           grad_clip, seed, grad_accum, eval_every, out, quiet, **config):
     """Train a language model on FILE (one document per line, or --documents file), writing a checkpoint

@@ -33,7 +33,7 @@ from minillm.tree import flatten
 
 @dataclasses.dataclass
 class TrainOptions:
-    steps: int = 1500
+    steps: int = 1550
     batch_size: int = 32
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
