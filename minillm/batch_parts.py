@@ -14,8 +14,8 @@ GIL, as NumPy's matrix products do), and the parts meet once, when train_step su
 2-core AMD EPYC the default step went from 222-256 ms to 166-187 ms (medians of 60 steps, three runs each).
 
 Part p always holds rows p*B/P .. (p+1)*B/P of the micro-batch, and train_step adds the parts' gradients
-in part order, as it adds micro-batches'. With more cores than parts, `run` computes the parts one after
-the other, each with every core; side by side only where that is all the cores. Either way the result is
+in part order, as it adds micro-batches'. With more threads allowed than parts (or just one), `run` computes
+the parts one after the other, each with every thread; side by side only where that is all of them. Either way the result is
 the same on every run of one machine (which way is a function of its core count), but not bitwise the same
 between the two ways: OpenBLAS's products round differently on one thread than on several.
 """
@@ -76,11 +76,20 @@ def _cores():
         return os.cpu_count() or 1
 
 
+def _threads():
+    """The threads this process may use: its cores, no more than Numba and OpenBLAS were given (e.g. 1 each
+    under OMP_NUM_THREADS=1, as benchmarks/data_parallel.py runs its ranks)."""
+    import numba
+
+    blas_threads = blas.threads()
+    return min(_cores(), numba.config.NUMBA_NUM_THREADS, blas_threads or _cores())
+
+
 def side_by_side(parts):
-    """Whether `run` computes `parts` jobs on threads of their own: when there are at most that many cores,
-    and Numba's threading layer may be entered from several threads at once (omp or tbb; its fallback,
-    workqueue, aborts the process on a concurrent parallel loop)."""
-    return parts >= 2 and _cores() <= parts and _threadsafe_numba()
+    """Whether `run` computes `parts` jobs on threads of their own: when this process may use at least two
+    threads and at most `parts`, and Numba's threading layer may be entered from several threads at once
+    (omp or tbb; its fallback, workqueue, aborts the process on a concurrent parallel loop)."""
+    return 2 <= _threads() <= parts and _threadsafe_numba()
 
 
 @functools.cache

@@ -13,8 +13,8 @@ from minillm.tree import flatten
 
 @pytest.fixture
 def side_by_side(monkeypatch):
-    """Make `run` take its threaded path whatever this machine's core count."""
-    monkeypatch.setattr(batch_parts, "_cores", lambda: 1)
+    """Make `run` take its threaded path whatever this machine's thread count."""
+    monkeypatch.setattr(batch_parts, "_threads", lambda: 2)
     assert batch_parts.side_by_side(2), "Numba's threading layer here is not omp or tbb"
 
 
@@ -120,10 +120,10 @@ def test_side_by_side_or_one_after_the_other_the_parts_give_the_same_gradients(m
     config = models.build_config("gpt", **sizes, dtype="float32")
     params = gpt.init(config, np.random.default_rng(0))
     x, y = data.get_batch(np.random.default_rng(1).integers(0, 256, 5000), 8, 64, np.random.default_rng(2))
-    monkeypatch.setattr(batch_parts, "_cores", lambda: 1)
+    monkeypatch.setattr(batch_parts, "_threads", lambda: 2)
     threaded = [train_step.micro_batch(gpt, params, config, x, y, 2) for _ in range(2)]
     step_a, step_b = (_one_step(2, "float32", batch_size=8, sizes=sizes)[0] for _ in range(2))
-    monkeypatch.setattr(batch_parts, "_cores", lambda: 64)
+    monkeypatch.setattr(batch_parts, "_threads", lambda: 64)
     assert not batch_parts.side_by_side(2)
     sequential = train_step.micro_batch(gpt, params, config, x, y, 2)
     assert threaded[0][0] == threaded[1][0] == pytest.approx(sequential[0], rel=1e-6)
@@ -184,3 +184,15 @@ def test_no_parts_where_the_cuda_kernels_run():
         assert batch_parts.count(2, 32, {"arch": "gpt"}, np) == 1
     with kernels.forced("reference"):
         assert batch_parts.count(2, 32, {"arch": "gpt"}, np) == 2
+
+
+def test_side_by_side_only_with_two_threads_to_at_most_one_per_part(monkeypatch):
+    """One thread allowed (OMP_NUM_THREADS=1, or one core): one after the other; more threads than parts:
+    one after the other, each with all of them."""
+    import numba
+
+    monkeypatch.setattr(batch_parts, "_cores", lambda: 2)
+    assert batch_parts._threads() == min(2, numba.config.NUMBA_NUM_THREADS, blas.threads() or 2)
+    for threads, expected in ((1, False), (2, True), (3, False)):
+        monkeypatch.setattr(batch_parts, "_threads", lambda t=threads: t)
+        assert batch_parts.side_by_side(2) is expected, threads
