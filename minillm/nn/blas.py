@@ -3,7 +3,7 @@
     bmm(a, b, out=None) -> a @ b      a: (..., M, K), b: (..., K, N), leading axes equal; split over threads
     with single_threaded_blas(): ...  OpenBLAS on one thread inside the block (the decoding step)
     with serial_thread(): ...         this thread's bmm calls run as one plain matmul (batch_parts' threads)
-    threads() -> int or None          OpenBLAS's thread count (None without OpenBLAS)
+    threads() -> int or None          the threads bmm splits over (None without OpenBLAS)
 
 Used by nn/attention.py (GPT-2) and nn/gqa.py (grouped-query attention); the models' `step` functions
 take `single_threaded_blas` from there.
@@ -82,9 +82,10 @@ if hasattr(os, "register_at_fork"):       # a forked child has none of the pool'
 
 
 def threads():
-    """OpenBLAS's thread count now, or None without OpenBLAS."""
+    """The threads `bmm` splits a stack over: OpenBLAS's thread count when first asked, at most the cores and
+    8 (so not lowered inside `single_threaded_blas`); None without OpenBLAS."""
     api = _openblas()
-    return None if api is None else int(api[0]())
+    return None if api is None else api[3]
 
 
 @contextlib.contextmanager
