@@ -107,7 +107,7 @@ def micro_batch(model, params, config, x, y, parts=1, keep=None, step=0, world=N
     """Forward + backward of one micro-batch x, y: (B, T) in `parts` equal parts (minillm.batch_parts) ->
     (loss, aux loss, [model stats per part], gradients), each a sum over the parts (gradients added in part
     order: a mean needs / parts); keep: a predicate on the dotted names of the params to keep gradients of."""
-    keep = keep or (lambda name: True)
+    keep = optim.trainable_predicate(keep)
     world = world or distributed.world()
     rows = len(x) // parts
     jobs = [(model, params, config, x[i:i + rows], y[i:i + rows], keep, step, world) for i in range(0, len(x), rows)]
