@@ -77,7 +77,7 @@ def bench_train(name, repeats, device="cpu"):
 
     state = optim.adamw_init(params)
 
-    parts = batch_parts.count(train.TrainOptions.batch_parts, batch, config, array_module_for(device))
+    parts = batch_parts.count(train.TrainOptions.batch_parts, batch, config, x)
 
     def ours():                 # train_step's forward + backward: the batch in `parts` parts side by side
         loss, _, _, grads = train_step.micro_batch(gpt, params, config, x, y, parts)
@@ -194,7 +194,7 @@ def profile_step(name, repeats):
     config = {"arch": "gpt", **c, "dtype": "float32"}
     rng = np.random.default_rng(0)
     params = gpt.init(config, rng)
-    n_parts = batch_parts.count(train.TrainOptions.batch_parts, batch, config, np)
+    n_parts = batch_parts.count(train.TrainOptions.batch_parts, batch, config, np.empty(0))
     data = rng.integers(0, config["vocab_size"], (batch // n_parts, config["context"] + 1))
     state = optim.adamw_init(params)
     spent = collections.defaultdict(float)

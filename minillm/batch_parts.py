@@ -1,7 +1,8 @@
 """A micro-batch computed as a few equal parts, each on its own core: data parallelism inside one process.
 
-    P = batch_parts.count(wanted, batch_size, config, xp)   how many parts a micro-batch is cut into (1: none)
-    n = batch_parts.independent(wanted, config, xp)          how many forwards may run side by side (evaluation)
+    P = batch_parts.count(wanted, batch_size, config, like)   how many parts a micro-batch is cut into (1: none)
+    n = batch_parts.independent(wanted, config, like)          how many computations may run side by side
+    (like: an array of the computation; its kernels decide, as kernels.pick does)
     results = batch_parts.run(fn, jobs)                     [fn(*job) for job in jobs], the jobs side by side
     with batch_parts.as_one_part(): ...                      this thread computes as a part does (profiling)
     groups = batch_parts.balanced(items, weights, n)       items in n consecutive groups of about equal weight
@@ -15,9 +16,10 @@ GIL, as NumPy's matrix products do), and the parts meet once, when train_step su
 
 Part p always holds rows p*B/P .. (p+1)*B/P of the micro-batch, and train_step adds the parts' gradients
 in part order, as it adds micro-batches'. With more threads allowed than parts (or just one), `run` computes
-the parts one after the other, each with every thread; side by side only where that is all of them. Either way the result is
-the same on every run of one machine (which way is a function of its core count), but not bitwise the same
-between the two ways: OpenBLAS's products round differently on one thread than on several.
+the parts one after the other, each with every thread; side by side only where that is all of them. Either
+way the result is the same on every run of one machine (which way is a function of its thread budget), but
+not bitwise the same between the two ways: OpenBLAS's products round differently on one thread than on
+several.
 """
 
 import contextlib
@@ -35,16 +37,17 @@ _POOL = {}
 _LOCK = threading.Lock()
 
 
-def count(wanted, batch_size, config, xp):
+def count(wanted, batch_size, config, like):
     """The parts to cut a micro-batch of batch_size sequences into: `wanted` where it divides the batch and
     `independent` allows it, else 1."""
-    wanted = independent(wanted, config, xp)
+    wanted = independent(wanted, config, like)
     return wanted if batch_size % wanted == 0 else 1
 
 
-def independent(wanted, config, xp):
-    """How many computations of this model may run side by side: `wanted`, but 1 where the kernels are not
-    the CPU's (a GPU runs one; the CUDA simulator, one kernel at a time) and for two kinds of model whose
+def independent(wanted, config, like):
+    """How many computations of this model on arrays like `like` may run side by side: `wanted`, but 1 where
+    the CUDA kernels would run (a GPU's arrays, the CUDA simulator's, or kernels.forced("cuda"): a GPU runs
+    one, the simulator one kernel at a time) and for two kinds of model whose
     step is not a sum over sequences: a Mixture-of-Experts layer (its load-balancing loss is a product of
     batch-wide fractions) and LoRA dropout with a generator (the parts would draw from it in a racing order)."""
     wanted = int(wanted)
@@ -53,8 +56,7 @@ def independent(wanted, config, xp):
     moe = int(config.get("n_experts", 0) or 0) > 0
     lora = config.get("lora") or {}
     lora_dropout = float(lora.get("dropout", 0.0) or 0.0) > 0.0 and lora.get("dropout_rng") is not None
-    gpu_kernels = xp is not np or kernels.implementation_for(np.empty(0)) == "cuda"   # (or the CUDA simulator's)
-    return 1 if gpu_kernels or moe or lora_dropout else wanted
+    return 1 if kernels.implementation_for(like) == "cuda" or moe or lora_dropout else wanted
 
 
 def balanced(items, weights, n):

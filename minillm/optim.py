@@ -134,8 +134,8 @@ def adamw_step(params, grads, state, lr, betas=(0.9, 0.95), eps=1e-8, weight_dec
                                                 step_size, bias_correction2_sqrt, eps)
 
     # Each tensor's update is elementwise, so splitting the tensors over threads changes no bits.
-    numba_kernel = bool(names) and kernels.implementation_for(flat_p[names[0]], "adamw") == "numba"
-    groups = batch_parts.balanced(names, [flat_p[n].size for n in names], PARALLEL_GROUPS if numba_kernel else 1)
+    side_by_side = batch_parts.independent(PARALLEL_GROUPS, {}, flat_p[names[0]]) if names else 1
+    groups = batch_parts.balanced(names, [flat_p[n].size for n in names], side_by_side)
     batch_parts.run(update, [(group,) for group in groups])
     state["step"] = step
 

@@ -107,7 +107,7 @@ def evaluate(model, params, config, batches, world=None):
         return ops.cross_entropy_forward(logits, xp.asarray(y))[0]
 
     mine = iter(itertools.islice(batches, world.rank, None, world.size))
-    at_once = batch_parts.independent(TrainOptions.batch_parts, config, xp)   # side by side, a core each
+    at_once = batch_parts.independent(TrainOptions.batch_parts, config, xp.empty(0))   # side by side
     while chunk := list(itertools.islice(mine, at_once)):
         for (_, y), loss in zip(chunk, batch_parts.run(score, chunk)):   # summed in batch order
             total += loss * y.size

@@ -140,7 +140,7 @@ def train_step(model, params, config, train_ids, opts, rngs, opt_state, step, ma
     world = world or distributed.world()
     xp = params_array_module(params)
     keep = optim.trainable_predicate(trainable)
-    parts = batch_parts.count(getattr(opts, "batch_parts", 1), opts.batch_size, config, xp)
+    parts = batch_parts.count(getattr(opts, "batch_parts", 1), opts.batch_size, config, xp.empty(0))
     total, losses, auxes, stats = None, [], [], []
     for rng in rngs:
         x, y = (xp.asarray(a) for a in data.get_batch(train_ids, opts.batch_size, config["context"], rng))

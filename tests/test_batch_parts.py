@@ -18,21 +18,29 @@ def side_by_side(monkeypatch):
     assert batch_parts.side_by_side(2), "Numba's threading layer here is not omp or tbb"
 
 
+HOST = np.empty(0)
+
+
+class _GpuArray:
+    """What kernels.on_gpu takes for a GPU array (CuPy and numba device arrays have this attribute)."""
+    __cuda_array_interface__ = {}
+
+
 def test_count_cuts_only_where_the_parts_are_equal_and_the_step_a_sum_over_sequences():
     gpt_config = {"arch": "gpt"}
-    assert batch_parts.count(2, 32, gpt_config, np) == 2
-    assert batch_parts.count(2, 33, gpt_config, np) == 1           # unequal parts would weigh rows unequally
-    assert batch_parts.count(1, 32, gpt_config, np) == 1
-    assert batch_parts.count(4, 32, gpt_config, np) == 4
-    assert batch_parts.count(2, 32, gpt_config, object()) == 1     # not NumPy (a GPU's arrays)
-    assert batch_parts.count(2, 32, {"arch": "gpt", "n_experts": 4}, np) == 1
+    assert batch_parts.count(2, 32, gpt_config, HOST) == 2
+    assert batch_parts.count(2, 33, gpt_config, HOST) == 1           # unequal parts would weigh rows unequally
+    assert batch_parts.count(1, 32, gpt_config, HOST) == 1
+    assert batch_parts.count(4, 32, gpt_config, HOST) == 4
+    assert batch_parts.count(2, 32, gpt_config, _GpuArray()) == 1  # a GPU's arrays
+    assert batch_parts.count(2, 32, {"arch": "gpt", "n_experts": 4}, HOST) == 1
     dropout = {"r": 4, "dropout": 0.1, "dropout_rng": np.random.default_rng(0)}
-    assert batch_parts.count(2, 32, {"arch": "llama", "lora": dropout}, np) == 1
-    assert batch_parts.count(2, 32, {"arch": "llama", "lora": {**dropout, "dropout": 0.0}}, np) == 2
-    assert batch_parts.count(2, 32, {"arch": "llama", "lora": {"r": 4, "dropout": 0.1}}, np) == 2  # no rng: off
-    assert batch_parts.independent(2, {"arch": "gpt"}, np) == 2
+    assert batch_parts.count(2, 32, {"arch": "llama", "lora": dropout}, HOST) == 1
+    assert batch_parts.count(2, 32, {"arch": "llama", "lora": {**dropout, "dropout": 0.0}}, HOST) == 2
+    assert batch_parts.count(2, 32, {"arch": "llama", "lora": {"r": 4, "dropout": 0.1}}, HOST) == 2  # no rng: off
+    assert batch_parts.independent(2, {"arch": "gpt"}, HOST) == 2
     with pytest.raises(ValueError, match="batch_parts must be at least 1"):
-        batch_parts.count(0, 32, gpt_config, np)
+        batch_parts.count(0, 32, gpt_config, HOST)
 
 
 def test_run_side_by_side_returns_in_job_order_on_other_threads(side_by_side):
@@ -181,9 +189,9 @@ def test_no_parts_where_the_cuda_kernels_run():
     from minillm import kernels
 
     with kernels.forced("cuda"):
-        assert batch_parts.count(2, 32, {"arch": "gpt"}, np) == 1
+        assert batch_parts.count(2, 32, {"arch": "gpt"}, HOST) == 1
     with kernels.forced("reference"):
-        assert batch_parts.count(2, 32, {"arch": "gpt"}, np) == 2
+        assert batch_parts.count(2, 32, {"arch": "gpt"}, HOST) == 2
 
 
 def test_side_by_side_only_with_two_threads_to_at_most_one_per_part(monkeypatch):
