@@ -30,6 +30,19 @@ from minillm import heap  # noqa: E402  (after the path set-up)
 HEAP_KEPT = heap.keep_freed_memory()
 
 
+def minillm_step(model, params, config, x, y, state, *adamw_args, **adamw_kw):
+    """One training step on the batch x, y: (B, T) as `minillm train` takes it: train_step.micro_batch (the
+    batch in batch_parts' parts, side by side where they may be), then optim.adamw_step(params, mean gradients,
+    state, *adamw_args, **adamw_kw). -> the batch's mean loss. (Imports inside: see the module docstring.)"""
+    from minillm import batch_parts, optim, train, train_step
+
+    parts = batch_parts.count(train.TrainOptions.batch_parts, len(x), config, x)
+    loss, _, _, grads = train_step.micro_batch(model, params, config, x, y, parts)
+    optim.adamw_step(params, grads if parts == 1 else {n: g / parts for n, g in grads.items()}, state,
+                     *adamw_args, **adamw_kw)
+    return loss / parts
+
+
 def _per_fn(value, n):
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging as hf_logging
 
-from minillm import batch_parts, optim, train, train_step
+from minillm import optim
 from minillm.models import llama
 from minillm.nn import ops
 from minillm.tree import flatten
@@ -50,12 +50,8 @@ def _ours(params, config, x, y):
     state = optim.adamw_init(params)
     mask = optim.decay_mask(flatten(params), no_decay=llama.NO_DECAY)
 
-    parts = batch_parts.count(train.TrainOptions.batch_parts, len(x), config, np)
-
     def step():                 # as `minillm train` runs it: the batch in parts side by side (batch_parts.py)
-        loss, _, _, grads = train_step.micro_batch(llama, params, config, x, y, parts)
-        optim.adamw_step(params, {n: g / parts for n, g in grads.items()}, state, LR, BETAS, EPS, WD, mask=mask)
-        return loss / parts
+        return harness.minillm_step(llama, params, config, x, y, state, LR, BETAS, EPS, WD, mask=mask)
     return step
 
 

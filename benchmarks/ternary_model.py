@@ -29,8 +29,7 @@ import tempfile
 import harness  # first: puts the checkout and tests/ on sys.path
 import numpy as np
 
-from minillm import batch_parts, checkpoint, generate, kernels, models, optim, quantize, train
-from minillm import train_step as minillm_train_step
+from minillm import checkpoint, generate, kernels, models, optim, quantize
 from minillm.models import gpt
 from minillm.nn import ops
 from minillm.tree import flatten
@@ -44,11 +43,8 @@ def sampler(params, config, n_tokens):
 def train_step(params, config, x, y, state):
     """One training step as `minillm train` runs it (the batch in parts side by side, minillm.batch_parts):
     forward, cross-entropy, backward, AdamW (float32, updates params in place)."""
-    parts = batch_parts.count(train.TrainOptions.batch_parts, len(x), config, np)
-
     def step():
-        _, _, _, grads = minillm_train_step.micro_batch(gpt, params, config, x, y, parts)
-        optim.adamw_step(params, {n: g / parts for n, g in grads.items()}, state, 3e-4, (0.9, 0.95), 1e-8, 0.1)
+        harness.minillm_step(gpt, params, config, x, y, state, 3e-4, (0.9, 0.95), 1e-8, 0.1)
     return step
 
 

@@ -34,7 +34,7 @@ from transformers.utils import logging as hf_logging
 
 from minillm.models import gpt
 from minillm.nn import ops
-from minillm import batch_parts, optim, train, train_step
+from minillm import batch_parts, optim, train
 from minillm.device import array_module_for, to_device
 from minillm.tree import flatten
 
@@ -77,13 +77,12 @@ def bench_train(name, repeats, device="cpu"):
 
     state = optim.adamw_init(params)
 
-    parts = batch_parts.count(train.TrainOptions.batch_parts, batch, config, x)
+    parts = batch_parts.count(train.TrainOptions.batch_parts, batch, config, x)   # as harness.minillm_step
 
-    def ours():                 # train_step's forward + backward: the batch in `parts` parts side by side
-        loss, _, _, grads = train_step.micro_batch(gpt, params, config, x, y, parts)
-        optim.adamw_step(params, {n: g / parts for n, g in grads.items()}, state, LR, BETAS, EPS, WD)
+    def ours():
+        loss = harness.minillm_step(gpt, params, config, x, y, state, LR, BETAS, EPS, WD)
         _synchronize(device)
-        return loss / parts
+        return loss
 
     labels, fns = ["minillm"], [ours]
     init_params = gpt.init(config, np.random.default_rng(0))
